@@ -1,0 +1,233 @@
+//! Key types, private keys and the public keys meshca accepts.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SignatureAlgorithm};
+use serde::{Deserialize, Serialize};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use crate::PkiError;
+
+/// The key types meshca generates and accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum KeyType {
+    /// ECDSA on P-256 with SHA-256 (the default).
+    #[default]
+    EcdsaP256,
+    /// ECDSA on P-384 with SHA-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+    /// RSA, 2048-bit modulus, PKCS#1 v1.5 with SHA-256.
+    Rsa2048,
+    /// RSA, 3072-bit modulus.
+    Rsa3072,
+    /// RSA, 4096-bit modulus.
+    Rsa4096,
+}
+
+impl KeyType {
+    /// Every key type.
+    pub const ALL: [KeyType; 6] = [
+        KeyType::EcdsaP256,
+        KeyType::EcdsaP384,
+        KeyType::Ed25519,
+        KeyType::Rsa2048,
+        KeyType::Rsa3072,
+        KeyType::Rsa4096,
+    ];
+
+    /// The name as written on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::Ed25519 => "ed25519",
+            KeyType::Rsa2048 => "rsa-2048",
+            KeyType::Rsa3072 => "rsa-3072",
+            KeyType::Rsa4096 => "rsa-4096",
+        }
+    }
+
+    /// Whether this is an RSA key (which also gets keyEncipherment).
+    pub fn is_rsa(self) -> bool {
+        matches!(self, KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096)
+    }
+
+    fn algorithm(self) -> &'static SignatureAlgorithm {
+        match self {
+            KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            KeyType::Ed25519 => &rcgen::PKCS_ED25519,
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => &rcgen::PKCS_RSA_SHA256,
+        }
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyType {
+    type Err = PkiError;
+    /// Accepts the canonical names and the usual short forms (`p256`, `ec`,
+    /// `rsa2048`, `rsa` for 2048 bits).
+    fn from_str(s: &str) -> Result<Self, PkiError> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "ecdsa-p256" | "p256" | "p-256" | "ec" | "ecdsa" | "ecdsa-p-256" => KeyType::EcdsaP256,
+            "ecdsa-p384" | "p384" | "p-384" | "ecdsa-p-384" => KeyType::EcdsaP384,
+            "ed25519" => KeyType::Ed25519,
+            "rsa-2048" | "rsa2048" | "rsa" => KeyType::Rsa2048,
+            "rsa-3072" | "rsa3072" => KeyType::Rsa3072,
+            "rsa-4096" | "rsa4096" => KeyType::Rsa4096,
+            _ => return Err(PkiError::UnknownKeyType(s.to_owned())),
+        })
+    }
+}
+
+impl TryFrom<String> for KeyType {
+    type Error = PkiError;
+    fn try_from(s: String) -> Result<Self, PkiError> {
+        s.parse()
+    }
+}
+
+impl From<KeyType> for String {
+    fn from(k: KeyType) -> String {
+        k.as_str().to_owned()
+    }
+}
+
+/// A private key. Its `Debug` never prints key material.
+pub struct PrivateKey {
+    pub(crate) pair: KeyPair,
+    key_type: KeyType,
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivateKey")
+            .field("key_type", &self.key_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrivateKey {
+    /// Generates a fresh key of the given type.
+    pub fn generate(key_type: KeyType) -> Result<Self, PkiError> {
+        let pair = match key_type {
+            KeyType::Rsa2048 => KeyPair::generate_rsa_for(key_type.algorithm(), RsaKeySize::_2048),
+            KeyType::Rsa3072 => KeyPair::generate_rsa_for(key_type.algorithm(), RsaKeySize::_3072),
+            KeyType::Rsa4096 => KeyPair::generate_rsa_for(key_type.algorithm(), RsaKeySize::_4096),
+            _ => KeyPair::generate_for(key_type.algorithm()),
+        }
+        .map_err(crate::error::signing)?;
+        Ok(PrivateKey { pair, key_type })
+    }
+
+    /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1) of a supported type.
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
+        let pair =
+            KeyPair::from_pem(pem).map_err(|e| PkiError::MalformedKey(e.to_string()))?;
+        let key_type = key_type_of_spki(&pair.subject_public_key_info())?;
+        Ok(PrivateKey { pair, key_type })
+    }
+
+    /// The key's type.
+    pub fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+
+    /// PKCS#8 PEM. This is secret: write it only to a 0600 file.
+    pub fn to_pem(&self) -> String {
+        self.pair.serialize_pem()
+    }
+
+    /// The DER SubjectPublicKeyInfo.
+    pub fn public_key_der(&self) -> Vec<u8> {
+        self.pair.subject_public_key_info()
+    }
+}
+
+/// Reads the key type from a DER SubjectPublicKeyInfo, refusing what meshca
+/// does not issue for: RSA below 2048 bits or of an odd size, curves other
+/// than P-256 and P-384, and unknown algorithms.
+pub fn key_type_of_spki(spki_der: &[u8]) -> Result<KeyType, PkiError> {
+    let (_, spki) = SubjectPublicKeyInfo::from_der(spki_der)
+        .map_err(|e| PkiError::RejectedKey(format!("unparsable public key: {e}")))?;
+    key_type_of(&spki)
+}
+
+pub(crate) fn key_type_of(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyType, PkiError> {
+    let parsed = spki
+        .parsed()
+        .map_err(|e| PkiError::RejectedKey(format!("unparsable public key: {e}")))?;
+    match parsed {
+        PublicKey::RSA(rsa) => match rsa.key_size() {
+            n if n < 2048 => Err(PkiError::RejectedKey(format!(
+                "RSA key of {n} bits; at least 2048 bits are required"
+            ))),
+            2048 => Ok(KeyType::Rsa2048),
+            3072 => Ok(KeyType::Rsa3072),
+            4096 => Ok(KeyType::Rsa4096),
+            n => Err(PkiError::RejectedKey(format!(
+                "RSA key of {n} bits; use 2048, 3072 or 4096"
+            ))),
+        },
+        PublicKey::EC(_) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some("1.2.840.10045.3.1.7") => Ok(KeyType::EcdsaP256),
+                Some("1.3.132.0.34") => Ok(KeyType::EcdsaP384),
+                other => Err(PkiError::RejectedKey(format!(
+                    "elliptic curve {} not supported; use P-256 or P-384",
+                    other.unwrap_or("(none given)")
+                ))),
+            }
+        }
+        _ if spki.algorithm.algorithm.to_id_string() == "1.3.101.112" => Ok(KeyType::Ed25519),
+        _ => Err(PkiError::RejectedKey(format!(
+            "algorithm {} not supported; use ECDSA P-256/P-384, Ed25519 or RSA",
+            spki.algorithm.algorithm.to_id_string()
+        ))),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_type_generates_and_round_trips() {
+        for kt in KeyType::ALL {
+            let k = PrivateKey::generate(kt).unwrap();
+            assert_eq!(k.key_type(), kt);
+            let again = PrivateKey::from_pem(&k.to_pem()).unwrap();
+            assert_eq!(again.key_type(), kt);
+            assert_eq!(again.public_key_der(), k.public_key_der());
+            assert_eq!(key_type_of_spki(&k.public_key_der()).unwrap(), kt);
+            assert!(!format!("{k:?}").contains("BEGIN"));
+        }
+    }
+
+    #[test]
+    fn key_type_names() {
+        for kt in KeyType::ALL {
+            assert_eq!(kt.as_str().parse::<KeyType>().unwrap(), kt);
+        }
+        assert!("dsa".parse::<KeyType>().unwrap_err().to_string().contains("dsa"));
+        assert!(PrivateKey::from_pem("not a key").is_err());
+    }
+}
