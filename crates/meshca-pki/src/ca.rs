@@ -12,11 +12,11 @@ use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
+use crate::PkiError;
 use crate::error::signing;
 use crate::identity::TrustDomain;
 use crate::keys::{KeyType, PrivateKey};
 use crate::serial::Serial;
-use crate::PkiError;
 
 /// How far notBefore is set in the past, so that peers whose clocks run a
 /// little behind accept a certificate issued a moment ago.
@@ -47,7 +47,9 @@ fn ca_params(
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(Serial::random()?.as_bytes()));
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(
+        Serial::random()?.as_bytes(),
+    ));
     params.not_before = not_before;
     params.not_after = not_after;
     Ok(params)
@@ -69,7 +71,11 @@ pub fn generate_root(
         now - BACKDATE,
         now + ttl,
     )?;
-    Ok(params.self_signed(&key.pair).map_err(signing)?.der().to_vec())
+    Ok(params
+        .self_signed(&key.pair)
+        .map_err(signing)?
+        .der()
+        .to_vec())
 }
 
 /// Generates an intermediate under `root`: CA:TRUE, pathlen 0. Its notAfter
@@ -254,9 +260,8 @@ pub fn check_signed_by(child: &[u8], parent: &[u8], what: &str) -> Result<(), Pk
             p.subject()
         )));
     }
-    c.verify_signature(Some(p.public_key())).map_err(|_| {
-        PkiError::ChainInvalid(format!("{what} is not signed by \"{}\"", p.subject()))
-    })
+    c.verify_signature(Some(p.public_key()))
+        .map_err(|_| PkiError::ChainInvalid(format!("{what} is not signed by \"{}\"", p.subject())))
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
+use crate::PkiError;
 use crate::keys::{KeyType, key_type_of};
 use crate::leaf::LeafPublicKey;
-use crate::PkiError;
 
 /// Largest CSR accepted, PEM or DER. A P-256 CSR is under 1 KiB and an RSA-4096
 /// one under 2 KiB; anything near this is not a CSR.
@@ -44,8 +44,8 @@ pub fn csr_der(input: &[u8]) -> Result<Vec<u8>, PkiError> {
     }
     let trimmed = input.trim_ascii_start();
     if trimmed.starts_with(b"-----BEGIN") {
-        let block = pem::parse(trimmed)
-            .map_err(|e| PkiError::MalformedCsr(format!("bad PEM: {e}")))?;
+        let block =
+            pem::parse(trimmed).map_err(|e| PkiError::MalformedCsr(format!("bad PEM: {e}")))?;
         match block.tag() {
             "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST" => Ok(block.into_contents()),
             other => Err(PkiError::MalformedCsr(format!(
@@ -74,7 +74,8 @@ pub fn parse_csr(input: &[u8]) -> Result<VerifiedCsr, PkiError> {
     // Policy on the key comes first so that a weak key gets the clearer error.
     let spki = &csr.certification_request_info.subject_pki;
     let key_type = key_type_of(spki)?;
-    csr.verify_signature().map_err(|_| PkiError::BadCsrSignature)?;
+    csr.verify_signature()
+        .map_err(|_| PkiError::BadCsrSignature)?;
     let key = LeafPublicKey::from_spki_der(spki.raw, key_type)?;
     Ok(VerifiedCsr { key })
 }
@@ -87,7 +88,8 @@ mod tests {
 
     fn csr_for(kt: KeyType) -> (String, Vec<u8>) {
         let key = PrivateKey::generate(kt).unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["evil.example.com".to_owned()]).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["evil.example.com".to_owned()]).unwrap();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
@@ -98,7 +100,12 @@ mod tests {
 
     #[test]
     fn accepts_pem_and_der_of_every_key_type() {
-        for kt in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Ed25519, KeyType::Rsa2048] {
+        for kt in [
+            KeyType::EcdsaP256,
+            KeyType::EcdsaP384,
+            KeyType::Ed25519,
+            KeyType::Rsa2048,
+        ] {
             let (pem, der) = csr_for(kt);
             assert_eq!(parse_csr(pem.as_bytes()).unwrap().key_type(), kt);
             assert_eq!(parse_csr(&der).unwrap().key_type(), kt);
@@ -111,7 +118,10 @@ mod tests {
         let n = der.len();
         der[n - 5] ^= 0x01;
         let e = parse_csr(&der).unwrap_err();
-        assert!(matches!(e, PkiError::BadCsrSignature | PkiError::MalformedCsr(_)), "{e}");
+        assert!(
+            matches!(e, PkiError::BadCsrSignature | PkiError::MalformedCsr(_)),
+            "{e}"
+        );
         // Flip a bit in the signed part (the subject) instead.
         let (_, mut der) = csr_for(KeyType::EcdsaP256);
         let pos = der.windows(5).position(|w| w == b"admin").unwrap();
@@ -121,8 +131,14 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        assert!(matches!(parse_csr(b"hello"), Err(PkiError::MalformedCsr(_))));
-        assert!(matches!(parse_csr(&[0x30, 0x03, 1, 2, 3]), Err(PkiError::MalformedCsr(_))));
+        assert!(matches!(
+            parse_csr(b"hello"),
+            Err(PkiError::MalformedCsr(_))
+        ));
+        assert!(matches!(
+            parse_csr(&[0x30, 0x03, 1, 2, 3]),
+            Err(PkiError::MalformedCsr(_))
+        ));
         assert!(matches!(
             parse_csr(&vec![0x30; MAX_CSR_BYTES + 1]),
             Err(PkiError::MalformedCsr(_))

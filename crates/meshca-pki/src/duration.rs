@@ -227,7 +227,10 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("300ms").unwrap(), Duration::from_millis(300));
-        assert_eq!(parse_duration("2h45m10.5s").unwrap(), Duration::from_millis(9_910_500));
+        assert_eq!(
+            parse_duration("2h45m10.5s").unwrap(),
+            Duration::from_millis(9_910_500)
+        );
         assert_eq!(parse_duration(".5s").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1µs").unwrap(), Duration::from_micros(1));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
@@ -237,7 +240,18 @@ mod tests {
     #[test]
     fn bad_durations_quote_the_input() {
         for bad in [
-            "", "h", "1", "1x", "1 h", "-1h", "1h-", "1..5h", ".h", "1hh", "24H", "999999999999h",
+            "",
+            "h",
+            "1",
+            "1x",
+            "1 h",
+            "-1h",
+            "1h-",
+            "1..5h",
+            ".h",
+            "1hh",
+            "24H",
+            "999999999999h",
             "1e3s",
         ] {
             let e = parse_duration(bad).unwrap_err();

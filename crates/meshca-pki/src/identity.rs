@@ -79,13 +79,11 @@ pub fn validate_dns_name(value: &str) -> Result<String, PkiError> {
     for label in value.split('.') {
         if label.is_empty() {
             return Err(bad(
-                "empty label (a leading, trailing or doubled '.')".into(),
+                "empty label (a leading, trailing or doubled '.')".into()
             ));
         }
         if label.len() > MAX_LABEL {
-            return Err(bad(format!(
-                "label {label:?} is longer than 63 characters"
-            )));
+            return Err(bad(format!("label {label:?} is longer than 63 characters")));
         }
         if let Some(c) = label
             .chars()
@@ -281,7 +279,12 @@ mod tests {
         assert_eq!(id.spiffe_id(&td), "spiffe://cluster.local/ns/shop/sa/web");
         assert_eq!(
             id.dns_names(&td),
-            ["web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local"]
+            [
+                "web",
+                "web.shop",
+                "web.shop.svc",
+                "web.shop.svc.cluster.local"
+            ]
         );
         assert_eq!(id.common_name(&td).unwrap(), "web.shop.svc.cluster.local");
         let long = Identity::new("n".repeat(50).as_str(), "web").unwrap();
@@ -290,7 +293,18 @@ mod tests {
 
     #[test]
     fn labels_refuse_what_could_escape() {
-        for bad in ["", "Web", "a/b", "..", "a.b", "-a", "a-", "a b", "é", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Web",
+            "a/b",
+            "..",
+            "a.b",
+            "-a",
+            "a-",
+            "a b",
+            "é",
+            &"a".repeat(64),
+        ] {
             let e = Identity::new("default", bad).unwrap_err();
             assert!(e.to_string().contains("invalid name"), "{bad}: {e}");
             let e = Identity::new(bad, "web").unwrap_err();
@@ -302,14 +316,32 @@ mod tests {
     #[test]
     fn dns_names_follow_rfc1035() {
         let long_label = "a".repeat(64);
-        let long_name = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63)].join(".");
+        let long_name = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(63),
+        ]
+        .join(".");
         for bad in [
-            "a b", "a..b", ".a", "a.", "*.example.com", "-a.com", "a-.com", "a_b.com", "",
-            long_label.as_str(), long_name.as_str(),
+            "a b",
+            "a..b",
+            ".a",
+            "a.",
+            "*.example.com",
+            "-a.com",
+            "a-.com",
+            "a_b.com",
+            "",
+            long_label.as_str(),
+            long_name.as_str(),
         ] {
             assert!(validate_dns_name(bad).is_err(), "{bad}");
         }
-        assert_eq!(validate_dns_name("API.Example.com").unwrap(), "api.example.com");
+        assert_eq!(
+            validate_dns_name("API.Example.com").unwrap(),
+            "api.example.com"
+        );
         assert!(validate_dns_name("a-1.b2.c").is_ok());
     }
 

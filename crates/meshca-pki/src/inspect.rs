@@ -9,11 +9,11 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
+use crate::PkiError;
 use crate::ca::rfc3339;
 use crate::duration::humanize;
 use crate::keys::key_type_of;
 use crate::serial::Serial;
-use crate::PkiError;
 
 /// Largest certificate file `parse_certs` accepts.
 pub const MAX_CERT_FILE_BYTES: usize = 1024 * 1024;
@@ -62,9 +62,8 @@ pub fn parse_certs(input: &[u8]) -> Result<Vec<Vec<u8>>, PkiError> {
         ));
     }
     for (i, der) in ders.iter().enumerate() {
-        let (rest, _) = X509Certificate::from_der(der).map_err(|e| {
-            PkiError::MalformedCertificate(format!("certificate #{}: {e}", i + 1))
-        })?;
+        let (rest, _) = X509Certificate::from_der(der)
+            .map_err(|e| PkiError::MalformedCertificate(format!("certificate #{}: {e}", i + 1)))?;
         if !rest.is_empty() {
             return Err(PkiError::MalformedCertificate(format!(
                 "certificate #{}: trailing data",
@@ -301,7 +300,10 @@ pub fn verify_chain(
     let secs = u64::try_from(now.unix_timestamp()).unwrap_or(0);
     let time = UnixTime::since_unix_epoch(Duration::from_secs(secs));
     let mut last = None;
-    for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
+    for usage in [
+        webpki::KeyUsage::server_auth(),
+        webpki::KeyUsage::client_auth(),
+    ] {
         match ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
@@ -333,10 +335,9 @@ fn verify_ca_links(
         if roots.contains(&current) {
             return Ok(());
         }
-        let parent = chain
-            .iter()
-            .chain(roots.iter())
-            .find(|p| **p != current && crate::ca::check_signed_by(&current, p, "certificate").is_ok());
+        let parent = chain.iter().chain(roots.iter()).find(|p| {
+            **p != current && crate::ca::check_signed_by(&current, p, "certificate").is_ok()
+        });
         match parent {
             Some(p) => current = p.clone(),
             None => {

@@ -133,8 +133,7 @@ impl PrivateKey {
 
     /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1) of a supported type.
     pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
-        let pair =
-            KeyPair::from_pem(pem).map_err(|e| PkiError::MalformedKey(e.to_string()))?;
+        let pair = KeyPair::from_pem(pem).map_err(|e| PkiError::MalformedKey(e.to_string()))?;
         let key_type = key_type_of_spki(&pair.subject_public_key_info())?;
         Ok(PrivateKey { pair, key_type })
     }
@@ -227,7 +226,13 @@ mod tests {
         for kt in KeyType::ALL {
             assert_eq!(kt.as_str().parse::<KeyType>().unwrap(), kt);
         }
-        assert!("dsa".parse::<KeyType>().unwrap_err().to_string().contains("dsa"));
+        assert!(
+            "dsa"
+                .parse::<KeyType>()
+                .unwrap_err()
+                .to_string()
+                .contains("dsa")
+        );
         assert!(PrivateKey::from_pem("not a key").is_err());
     }
 }

@@ -9,13 +9,13 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use crate::PkiError;
 use crate::ca::SigningCa;
 use crate::error::signing;
 use crate::identity::{Identity, SanSet, TrustDomain};
 use crate::keys::{KeyType, PrivateKey};
 use crate::profile::Profile;
 use crate::serial::Serial;
-use crate::PkiError;
 
 /// The public key a leaf certifies: from a verified CSR or a key the CA made.
 #[derive(Debug, Clone)]
@@ -133,7 +133,9 @@ impl SigningCa {
             rcgen::string::Ia5String::try_from(s)
                 .map_err(|e| PkiError::Signing(format!("SAN {s:?}: {e}")))
         };
-        params.subject_alt_names.push(SanType::URI(ia5(&spec.sans.uri)?));
+        params
+            .subject_alt_names
+            .push(SanType::URI(ia5(&spec.sans.uri)?));
         for d in &spec.sans.dns {
             params.subject_alt_names.push(SanType::DnsName(ia5(d)?));
         }
@@ -174,7 +176,7 @@ impl SigningCa {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::ca::{generate_root, DEFAULT_ROOT_TTL};
+    use crate::ca::{DEFAULT_ROOT_TTL, generate_root};
 
     #[test]
     fn ttl_rules() {
@@ -183,14 +185,18 @@ mod tests {
             check_ttl(None, Profile::Service, max).unwrap(),
             Duration::from_secs(86_400)
         );
-        assert!(check_ttl(Some(Duration::ZERO), Profile::Service, max)
-            .unwrap_err()
-            .to_string()
-            .contains("greater than zero"));
-        assert!(check_ttl(Some(max * 2), Profile::Service, max)
-            .unwrap_err()
-            .to_string()
-            .contains("maximum"));
+        assert!(
+            check_ttl(Some(Duration::ZERO), Profile::Service, max)
+                .unwrap_err()
+                .to_string()
+                .contains("greater than zero")
+        );
+        assert!(
+            check_ttl(Some(max * 2), Profile::Service, max)
+                .unwrap_err()
+                .to_string()
+                .contains("maximum")
+        );
         // A profile default above a lower maximum is refused, not silently cut.
         assert!(check_ttl(None, Profile::Bootstrap, Duration::from_secs(3600)).is_err());
     }
@@ -213,11 +219,16 @@ mod tests {
             serial: Serial::random().unwrap(),
         };
         let key = PrivateKey::generate(KeyType::Rsa2048).unwrap();
-        let leaf = ca.sign_leaf(&LeafPublicKey::of(&key).unwrap(), &spec, now).unwrap();
+        let leaf = ca
+            .sign_leaf(&LeafPublicKey::of(&key).unwrap(), &spec, now)
+            .unwrap();
         assert!(leaf.clipped);
         assert_eq!(leaf.not_after, ca.not_after());
         let info = crate::inspect::describe(&leaf.der, now).unwrap();
-        assert_eq!(info.spiffe_id.as_deref(), Some("spiffe://cluster.local/ns/default/sa/web"));
+        assert_eq!(
+            info.spiffe_id.as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/web")
+        );
         assert!(info.dns_names.contains(&"web.example.com".to_owned()));
         assert_eq!(info.ip_addresses, ["10.1.2.3"]);
         assert_eq!(info.key_usage, ["digitalSignature", "keyEncipherment"]);

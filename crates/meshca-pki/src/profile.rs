@@ -52,7 +52,10 @@ impl Profile {
 
     /// Whether the certificate may authenticate a TLS client.
     pub fn client_auth(self) -> bool {
-        matches!(self, Profile::Service | Profile::Client | Profile::Bootstrap)
+        matches!(
+            self,
+            Profile::Service | Profile::Client | Profile::Bootstrap
+        )
     }
 
     /// The profile's name as written on the command line.
@@ -95,8 +98,17 @@ mod tests {
             assert!(p.server_auth() || p.client_auth());
         }
         assert!("Service".parse::<Profile>().is_err());
-        assert!("admin".parse::<Profile>().unwrap_err().to_string().contains("admin"));
-        assert_eq!(Profile::Bootstrap.default_ttl(), Duration::from_secs(87_600 * 3600));
+        assert!(
+            "admin"
+                .parse::<Profile>()
+                .unwrap_err()
+                .to_string()
+                .contains("admin")
+        );
+        assert_eq!(
+            Profile::Bootstrap.default_ttl(),
+            Duration::from_secs(87_600 * 3600)
+        );
         assert!(!Profile::Client.server_auth() && !Profile::Server.client_auth());
     }
 }

@@ -1,0 +1,244 @@
+//! Policy, serials and records around an [`Issuer`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshca_pki::{
+    Identity, KeyType, LeafPublicKey, LeafSpec, PrivateKey, Profile, SanSet, Serial, TrustDomain,
+    VerifiedCsr, check_ttl, fingerprint, to_pem,
+};
+use meshca_store::{CertStatus, CertificateRecord, Store};
+use time::OffsetDateTime;
+
+use crate::{Issuer, IssuerError};
+
+/// Default ceiling on any lifetime: the bootstrap and webhook profiles' 87600h.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(87_600 * 3600);
+
+/// What the authority allows.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The trust domain of every SPIFFE ID and CN.
+    pub trust_domain: TrustDomain,
+    /// No certificate lives longer than this.
+    pub max_ttl: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            trust_domain: TrustDomain::default(),
+            max_ttl: DEFAULT_MAX_TTL,
+        }
+    }
+}
+
+/// Where the leaf's key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// The workload's own key, from a CSR whose signature verified.
+    Csr(VerifiedCsr),
+    /// A key the CA generates and returns with the certificate.
+    Generate(KeyType),
+}
+
+/// A request for a certificate.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    identity: Identity,
+    profile: Profile,
+    dns: Vec<String>,
+    ips: Vec<String>,
+    ttl: Option<Duration>,
+    key: KeySource,
+}
+
+impl IssueRequest {
+    /// A request for identity `namespace/name` (each must be a DNS label),
+    /// with the defaults: `service` profile, its default lifetime, no extra
+    /// names, a generated ECDSA P-256 key.
+    pub fn new(namespace: &str, name: &str) -> Result<Self, IssuerError> {
+        Ok(IssueRequest {
+            identity: Identity::new(namespace, name)?,
+            profile: Profile::Service,
+            dns: Vec::new(),
+            ips: Vec::new(),
+            ttl: None,
+            key: KeySource::Generate(KeyType::EcdsaP256),
+        })
+    }
+
+    /// Sets the profile.
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// Adds extra DNS SANs (validated when issuing).
+    pub fn dns(mut self, dns: Vec<String>) -> Self {
+        self.dns = dns;
+        self
+    }
+
+    /// Adds extra IP SANs (validated when issuing).
+    pub fn ips(mut self, ips: Vec<String>) -> Self {
+        self.ips = ips;
+        self
+    }
+
+    /// Asks for a lifetime (else the profile's default).
+    pub fn ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Certifies the key of a verified CSR.
+    pub fn csr(mut self, csr: VerifiedCsr) -> Self {
+        self.key = KeySource::Csr(csr);
+        self
+    }
+
+    /// Has the CA generate a key of this type.
+    pub fn generate_key(mut self, key_type: KeyType) -> Self {
+        self.key = KeySource::Generate(key_type);
+        self
+    }
+
+    /// The identity asked for.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+/// An issued certificate, recorded.
+#[derive(Debug)]
+pub struct Issued {
+    /// The store record.
+    pub record: CertificateRecord,
+    /// The leaf then its chain, PEM (the `tls.crt` file).
+    pub certificate_pem: String,
+    /// The trust bundle, PEM (the `ca.crt` file).
+    pub ca_bundle_pem: String,
+    /// The generated key, when the CA generated one.
+    pub private_key: Option<PrivateKey>,
+    /// The lifetime the request asked for (or the profile default).
+    pub requested_ttl: Duration,
+    /// True when notAfter was cut to the issuing CA's own notAfter.
+    pub clipped: bool,
+}
+
+/// Applies policy, signs through an issuer, records. See the crate docs.
+#[derive(Debug, Clone)]
+pub struct Authority {
+    issuer: Arc<dyn Issuer>,
+    store: Arc<dyn Store>,
+    policy: Policy,
+}
+
+impl Authority {
+    /// Wires an issuer, a store and a policy.
+    pub fn new(issuer: Arc<dyn Issuer>, store: Arc<dyn Store>, policy: Policy) -> Self {
+        Authority {
+            issuer,
+            store,
+            policy,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The issuer.
+    pub fn issuer(&self) -> &Arc<dyn Issuer> {
+        &self.issuer
+    }
+
+    /// The trust bundle as PEM.
+    pub async fn trust_bundle_pem(&self) -> Result<String, IssuerError> {
+        Ok(self
+            .issuer
+            .trust_bundle()
+            .await?
+            .iter()
+            .map(|d| to_pem("CERTIFICATE", d))
+            .collect())
+    }
+
+    /// Issues and records a certificate. Every check happens before anything
+    /// is signed; the record is committed before the certificate is returned.
+    pub async fn issue(&self, req: IssueRequest) -> Result<Issued, IssuerError> {
+        let requested_ttl = check_ttl(req.ttl, req.profile, self.policy.max_ttl)?;
+        let sans = SanSet::build(&req.identity, &self.policy.trust_domain, &req.dns, &req.ips)?;
+        let (public_key, private_key) = match req.key {
+            KeySource::Csr(csr) => (csr.public_key().clone(), None),
+            KeySource::Generate(kt) => {
+                // RSA generation takes up to a second: keep it off the reactor.
+                let key = tokio::task::spawn_blocking(move || PrivateKey::generate(kt))
+                    .await
+                    .map_err(|e| {
+                        IssuerError::Policy(format!("key generation task failed: {e}"))
+                    })??;
+                (LeafPublicKey::of(&key)?, Some(key))
+            }
+        };
+        let mut spec = LeafSpec {
+            identity: req.identity,
+            trust_domain: self.policy.trust_domain.clone(),
+            profile: req.profile,
+            sans,
+            ttl: requested_ttl,
+            serial: Serial::random()?,
+        };
+        for _attempt in 0..4 {
+            let signed = self.issuer.sign(&public_key, &spec).await?;
+            let leaf = &signed.leaf;
+            let mut certificate_pem = to_pem("CERTIFICATE", &leaf.der);
+            for c in &signed.chain {
+                certificate_pem.push_str(&to_pem("CERTIFICATE", c));
+            }
+            let record = CertificateRecord {
+                serial: leaf.serial.clone(),
+                namespace: spec.identity.namespace().to_owned(),
+                name: spec.identity.name().to_owned(),
+                profile: spec.profile,
+                spiffe_id: spec.sans.uri.clone(),
+                dns_names: spec.sans.dns.clone(),
+                ip_addresses: spec.sans.ips.iter().map(|ip| ip.to_string()).collect(),
+                key_type: public_key.key_type(),
+                hierarchy_id: signed.hierarchy_id.clone(),
+                issued_at: OffsetDateTime::now_utc(),
+                not_before: leaf.not_before,
+                not_after: leaf.not_after,
+                fingerprint: fingerprint(&leaf.der),
+                status: CertStatus::Active,
+                revoked_at: None,
+                revocation_reason: None,
+                certificate_pem: to_pem("CERTIFICATE", &leaf.der),
+            };
+            match self.store.insert_certificate(&record).await {
+                Ok(()) => {
+                    return Ok(Issued {
+                        record,
+                        certificate_pem,
+                        ca_bundle_pem: self.trust_bundle_pem().await?,
+                        private_key,
+                        requested_ttl,
+                        clipped: leaf.clipped,
+                    });
+                }
+                Err(e) if e.is_conflict() => spec.serial = Serial::random()?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IssuerError::Policy(
+            "could not find an unused serial number after 4 attempts".into(),
+        ))
+    }
+}

@@ -1,0 +1,526 @@
+//! The built-in CA: hierarchies generated or imported by `init`, keys in
+//! 0600 files of the data directory, records in the store.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use meshca_files::{
+    PUBLIC_MODE, SECRET_MODE, create_private_dir, read_limited, read_secret, sync_dir, write_atomic,
+};
+use meshca_pki::{
+    KeyType, LeafPublicKey, LeafSpec, PkiError, PrivateKey, Profile, Serial, SigningCa,
+    TrustDomain, check_ca_cert, check_signed_by, fingerprint, generate_intermediate, generate_root,
+    intermediate_ttl, parse_certs, to_pem,
+};
+use meshca_store::{EmbeddedStore, HierarchyRecord, HierarchyStatus, Store};
+use time::OffsetDateTime;
+
+use crate::{Authority, IssueRequest, Issuer, IssuerError, Policy, Signed};
+
+const MAX_FILE: u64 = 1024 * 1024;
+
+/// The admin certificate's identity and lifetime.
+pub const ADMIN_NAMESPACE: &str = "meshca-system";
+/// The admin certificate's name.
+pub const ADMIN_NAME: &str = "admin";
+const ADMIN_TTL: Duration = Duration::from_secs(8760 * 3600);
+
+/// The layout of a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// The data directory at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `meshca.toml`: the configuration written by `init`.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("meshca.toml")
+    }
+
+    /// `store.redb`: the embedded store.
+    pub fn store_path(&self) -> PathBuf {
+        self.root.join("store.redb")
+    }
+
+    /// `ca/<id>/`: one hierarchy's certificates and keys.
+    pub fn hierarchy_dir(&self, id: &str) -> PathBuf {
+        self.root.join("ca").join(id)
+    }
+
+    /// `admin/`: the admin client certificate in kubernetes.io/tls layout.
+    pub fn admin_dir(&self) -> PathBuf {
+        self.root.join("admin")
+    }
+
+    /// Whether anything of a CA is here.
+    pub fn holds_ca(&self) -> bool {
+        self.config_path().exists() || self.store_path().exists() || self.root.join("ca").exists()
+    }
+
+    /// Fails with a clear [`IssuerError::NoCa`] unless a CA is here.
+    pub fn require_ca(&self) -> Result<(), IssuerError> {
+        let no_ca = |reason: &str| IssuerError::NoCa {
+            dir: self.root.clone(),
+            reason: reason.to_owned(),
+        };
+        if !self.root.exists() {
+            return Err(no_ca("the directory does not exist"));
+        }
+        if !self.root.is_dir() {
+            return Err(no_ca("it is not a directory"));
+        }
+        if !self.config_path().exists() {
+            return Err(no_ca("there is no meshca.toml"));
+        }
+        if !self.store_path().exists() {
+            return Err(no_ca("there is no store.redb"));
+        }
+        Ok(())
+    }
+}
+
+/// The built-in issuer: the active hierarchy's intermediate signs.
+#[derive(Debug)]
+pub struct BuiltinIssuer {
+    signing: Arc<SigningCa>,
+    hierarchy_id: String,
+    bundle: Vec<Vec<u8>>,
+}
+
+impl BuiltinIssuer {
+    /// Loads the active hierarchy from the store and its intermediate key from
+    /// `dir/ca/<id>/intermediate.key` (refused unless 0600 or stricter).
+    pub async fn open(dir: &Path, store: Arc<dyn Store>) -> Result<Self, IssuerError> {
+        let data = DataDir::new(dir);
+        let hierarchies = store.list_hierarchies().await?;
+        let active = hierarchies
+            .iter()
+            .find(|h| h.status == HierarchyStatus::Active)
+            .ok_or_else(|| IssuerError::NoCa {
+                dir: dir.to_owned(),
+                reason: "the store holds no active CA hierarchy".into(),
+            })?;
+        let hdir = data.hierarchy_dir(&active.id);
+        let key_path = hdir.join("intermediate.key");
+        let key_pem = read_secret(&key_path, MAX_FILE)?;
+        let key = PrivateKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
+            IssuerError::Import {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let int_der = first_cert(active.intermediate_pem.as_bytes(), &hdir)?;
+        let signing = SigningCa::new(
+            int_der,
+            key,
+            &format!("intermediate of hierarchy {}", active.id),
+            OffsetDateTime::now_utc(),
+        )?;
+        let bundle = bundle_of(&hierarchies, &hdir)?;
+        Ok(BuiltinIssuer {
+            signing: Arc::new(signing),
+            hierarchy_id: active.id.clone(),
+            bundle,
+        })
+    }
+
+    /// The id of the hierarchy that signs.
+    pub fn hierarchy_id(&self) -> &str {
+        &self.hierarchy_id
+    }
+}
+
+fn first_cert(pem: &[u8], context: &Path) -> Result<Vec<u8>, IssuerError> {
+    parse_certs(pem)
+        .map_err(|e| IssuerError::Import {
+            path: context.to_owned(),
+            reason: e.to_string(),
+        })?
+        .into_iter()
+        .next()
+        .ok_or_else(|| IssuerError::Import {
+            path: context.to_owned(),
+            reason: "no certificate".into(),
+        })
+}
+
+fn bundle_of(hierarchies: &[HierarchyRecord], context: &Path) -> Result<Vec<Vec<u8>>, IssuerError> {
+    let mut bundle = Vec::new();
+    // Active first, then the others still in the bundle.
+    let mut ordered: Vec<&HierarchyRecord> = hierarchies.iter().collect();
+    ordered.sort_by_key(|h| h.status != HierarchyStatus::Active);
+    for h in ordered.into_iter().filter(|h| h.status.in_bundle()) {
+        let root = first_cert(h.root_pem.as_bytes(), context)?;
+        if !bundle.contains(&root) {
+            bundle.push(root);
+        }
+    }
+    Ok(bundle)
+}
+
+#[async_trait]
+impl Issuer for BuiltinIssuer {
+    fn kind(&self) -> &'static str {
+        "builtin"
+    }
+
+    async fn sign(&self, key: &LeafPublicKey, spec: &LeafSpec) -> Result<Signed, IssuerError> {
+        let signing = self.signing.clone();
+        let (key, spec) = (key.clone(), spec.clone());
+        // One signature is tens of microseconds (RSA: milliseconds): off the reactor.
+        let leaf = tokio::task::spawn_blocking(move || {
+            signing.sign_leaf(&key, &spec, OffsetDateTime::now_utc())
+        })
+        .await
+        .map_err(|e| IssuerError::Policy(format!("signing task failed: {e}")))??;
+        Ok(Signed {
+            leaf,
+            chain: vec![self.signing.cert_der().to_vec()],
+            hierarchy_id: self.hierarchy_id.clone(),
+        })
+    }
+
+    async fn trust_bundle(&self) -> Result<Vec<Vec<u8>>, IssuerError> {
+        Ok(self.bundle.clone())
+    }
+}
+
+/// An existing CA to adopt instead of generating one.
+#[derive(Debug, Clone, Default)]
+pub struct ImportSpec {
+    /// The root certificate (PEM or DER).
+    pub root_cert: PathBuf,
+    /// The root's key (PEM). Needed unless an intermediate is imported too.
+    pub root_key: Option<PathBuf>,
+    /// An intermediate under the root.
+    pub intermediate_cert: Option<PathBuf>,
+    /// The intermediate's key.
+    pub intermediate_key: Option<PathBuf>,
+}
+
+/// What `init` creates.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Key type of generated CA keys and of the admin key.
+    pub key_type: KeyType,
+    /// The root's lifetime (the intermediate gets half).
+    pub root_ttl: Duration,
+    /// Adopt an existing CA instead.
+    pub import: Option<ImportSpec>,
+    /// The configuration file to write (`meshca.toml`).
+    pub config_toml: String,
+    /// The policy the admin certificate is issued under.
+    pub max_ttl: Duration,
+}
+
+/// What `init` did.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    /// The new hierarchy's id.
+    pub hierarchy_id: String,
+    /// SHA-256 of the root, hex: what agents pin.
+    pub root_fingerprint: String,
+    /// The root's notAfter.
+    pub root_not_after: OffsetDateTime,
+    /// The intermediate's notAfter.
+    pub intermediate_not_after: OffsetDateTime,
+    /// Where the admin credentials are.
+    pub admin_dir: PathBuf,
+    /// Whether the CA was imported.
+    pub imported: bool,
+}
+
+struct Material {
+    root_der: Vec<u8>,
+    root_key: Option<PrivateKey>,
+    intermediate: SigningCa,
+    intermediate_key_pem: String,
+    imported: bool,
+}
+
+fn import_err(path: &Path, e: impl std::fmt::Display) -> IssuerError {
+    IssuerError::Import {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_cert_file(path: &Path) -> Result<Vec<u8>, IssuerError> {
+    let bytes = read_limited(path, MAX_FILE).map_err(|e| import_err(path, e))?;
+    let certs = parse_certs(&bytes).map_err(|e| import_err(path, e))?;
+    if certs.len() != 1 {
+        return Err(import_err(
+            path,
+            format!("expected one certificate, found {}", certs.len()),
+        ));
+    }
+    Ok(certs.into_iter().next().unwrap_or_default())
+}
+
+fn read_key_file(path: &Path) -> Result<PrivateKey, IssuerError> {
+    let bytes = read_secret(path, MAX_FILE)?;
+    PrivateKey::from_pem(&String::from_utf8_lossy(&bytes)).map_err(|e| import_err(path, e))
+}
+
+fn build_material(
+    opts: &InitOptions,
+    id: &str,
+    now: OffsetDateTime,
+) -> Result<Material, IssuerError> {
+    let Some(import) = &opts.import else {
+        let root_key = PrivateKey::generate(opts.key_type)?;
+        let root_der = generate_root(&root_key, &opts.trust_domain, id, opts.root_ttl, now)?;
+        let root_pem = root_key.to_pem();
+        let root = SigningCa::new(root_der.clone(), root_key, "new root", now)?;
+        let int_key = PrivateKey::generate(opts.key_type)?;
+        let int_der = generate_intermediate(
+            &int_key,
+            &root,
+            &opts.trust_domain,
+            id,
+            intermediate_ttl(opts.root_ttl),
+            now,
+        )?;
+        let intermediate_key_pem = int_key.to_pem();
+        let intermediate = SigningCa::new(int_der, int_key, "new intermediate", now)?;
+        return Ok(Material {
+            root_der,
+            root_key: Some(PrivateKey::from_pem(&root_pem)?),
+            intermediate,
+            intermediate_key_pem,
+            imported: false,
+        });
+    };
+    let root_path = &import.root_cert;
+    let root_der = read_cert_file(root_path)?;
+    check_ca_cert(&root_der, "root certificate", now).map_err(|e| import_err(root_path, e))?;
+    check_signed_by(&root_der, &root_der, "root certificate")
+        .map_err(|e| import_err(root_path, format!("not a self-signed root: {e}")))?;
+    let root_key = match &import.root_key {
+        Some(p) => {
+            let key = read_key_file(p)?;
+            let pem = key.to_pem();
+            SigningCa::new(root_der.clone(), key, "root certificate", now)
+                .map_err(|e| import_err(p, e))?;
+            Some(PrivateKey::from_pem(&pem)?)
+        }
+        None => None,
+    };
+    match (&import.intermediate_cert, &import.intermediate_key) {
+        (Some(cert_path), Some(key_path)) => {
+            let int_der = read_cert_file(cert_path)?;
+            check_signed_by(&int_der, &root_der, "intermediate certificate")
+                .map_err(|e| import_err(cert_path, e))?;
+            let key = read_key_file(key_path)?;
+            let intermediate_key_pem = key.to_pem();
+            let intermediate = SigningCa::new(int_der, key, "intermediate certificate", now)
+                .map_err(|e| match e {
+                    PkiError::KeyMismatch { .. } => import_err(key_path, e),
+                    other => import_err(cert_path, other),
+                })?;
+            Ok(Material {
+                root_der,
+                root_key,
+                intermediate,
+                intermediate_key_pem,
+                imported: true,
+            })
+        }
+        (None, None) => {
+            let Some(root_key) = root_key else {
+                return Err(import_err(
+                    root_path,
+                    "the root's key is needed to create an intermediate: give --import-key, or import an intermediate and its key too",
+                ));
+            };
+            let root_key_pem = root_key.to_pem();
+            let root = SigningCa::new(root_der.clone(), root_key, "root certificate", now)?;
+            let int_key = PrivateKey::generate(opts.key_type)?;
+            let ttl = intermediate_ttl(opts.root_ttl);
+            let int_der = generate_intermediate(&int_key, &root, &opts.trust_domain, id, ttl, now)?;
+            let intermediate_key_pem = int_key.to_pem();
+            let intermediate = SigningCa::new(int_der, int_key, "new intermediate", now)?;
+            Ok(Material {
+                root_der,
+                root_key: Some(PrivateKey::from_pem(&root_key_pem)?),
+                intermediate,
+                intermediate_key_pem,
+                imported: true,
+            })
+        }
+        (Some(p), None) | (None, Some(p)) => Err(import_err(
+            p,
+            "an intermediate is imported as a pair: give both --import-intermediate and --import-intermediate-key",
+        )),
+    }
+}
+
+fn hierarchy_id() -> Result<String, IssuerError> {
+    Ok(Serial::random()?.to_hex()[..8].to_owned())
+}
+
+/// Creates a CA in `dir`: hierarchy, keys, store, admin credentials, config.
+///
+/// Everything is built in a staging directory inside `dir` and moved into
+/// place only when all of it succeeded, so a failure leaves `dir` as it was.
+/// A directory that already holds a CA is refused untouched.
+pub async fn init_data_dir(dir: &Path, opts: InitOptions) -> Result<InitReport, IssuerError> {
+    let data = DataDir::new(dir);
+    if data.holds_ca() {
+        return Err(IssuerError::AlreadyInitialised {
+            dir: dir.to_owned(),
+        });
+    }
+    let now = OffsetDateTime::now_utc();
+    let id = hierarchy_id()?;
+    // Every check and all key generation happen before anything is written.
+    let opts2 = opts.clone();
+    let id2 = id.clone();
+    let material = tokio::task::spawn_blocking(move || build_material(&opts2, &id2, now))
+        .await
+        .map_err(|e| IssuerError::Policy(format!("CA generation task failed: {e}")))??;
+
+    let existed = dir.exists();
+    create_private_dir(dir)?;
+    let staging = dir.join(format!(".init-{id}"));
+    let result = write_staged(&staging, &data, &id, &opts, material, now).await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            if !existed {
+                let _ = fs::remove_dir(dir);
+            }
+            return Err(e);
+        }
+    };
+    // Move into place; the config file last, as it marks a complete CA.
+    let moves = ["ca", "store.redb", "admin", "meshca.toml"];
+    for name in moves {
+        fs::rename(staging.join(name), dir.join(name)).map_err(|e| {
+            IssuerError::File(meshca_files::FileError::Io {
+                path: dir.join(name),
+                op: "move into place",
+                reason: e.to_string(),
+                kind: e.kind(),
+            })
+        })?;
+    }
+    let _ = fs::remove_dir_all(&staging);
+    sync_dir(dir)?;
+    Ok(InitReport {
+        admin_dir: data.admin_dir(),
+        ..report
+    })
+}
+
+async fn write_staged(
+    staging: &Path,
+    data: &DataDir,
+    id: &str,
+    opts: &InitOptions,
+    m: Material,
+    now: OffsetDateTime,
+) -> Result<InitReport, IssuerError> {
+    create_private_dir(staging)?;
+    let stage = DataDir::new(staging);
+    let hdir = stage.hierarchy_dir(id);
+    create_private_dir(&staging.join("ca"))?;
+    create_private_dir(&hdir)?;
+    let root_pem = to_pem("CERTIFICATE", &m.root_der);
+    let int_pem = to_pem("CERTIFICATE", m.intermediate.cert_der());
+    write_atomic(&hdir.join("root.crt"), root_pem.as_bytes(), PUBLIC_MODE)?;
+    if let Some(k) = &m.root_key {
+        write_atomic(&hdir.join("root.key"), k.to_pem().as_bytes(), SECRET_MODE)?;
+    }
+    write_atomic(
+        &hdir.join("intermediate.crt"),
+        int_pem.as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    write_atomic(
+        &hdir.join("intermediate.key"),
+        m.intermediate_key_pem.as_bytes(),
+        SECRET_MODE,
+    )?;
+
+    let root_not_after = check_ca_cert(&m.root_der, "root", now)?.1;
+    let record = HierarchyRecord {
+        id: id.to_owned(),
+        status: HierarchyStatus::Active,
+        root_pem,
+        intermediate_pem: int_pem,
+        key_type: m.intermediate.key_type(),
+        has_root_key: m.root_key.is_some(),
+        created_at: now,
+        root_not_after,
+        intermediate_not_after: m.intermediate.not_after(),
+    };
+    // Records are the CA's business (and later hold token hashes): 0600.
+    let store = Arc::new(EmbeddedStore::open(&stage.store_path())?);
+    meshca_files::restrict(&stage.store_path())?;
+    store.create_hierarchy(&record).await?;
+    let issuer = Arc::new(BuiltinIssuer {
+        signing: Arc::new(m.intermediate),
+        hierarchy_id: id.to_owned(),
+        bundle: vec![m.root_der.clone()],
+    });
+    let policy = Policy {
+        trust_domain: opts.trust_domain.clone(),
+        max_ttl: opts.max_ttl,
+    };
+    let authority = Authority::new(issuer, store.clone(), policy);
+    let admin = authority
+        .issue(
+            IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+                .profile(Profile::Client)
+                .ttl(Some(ADMIN_TTL.min(opts.max_ttl)))
+                .generate_key(opts.key_type),
+        )
+        .await?;
+    drop(authority);
+    drop(store);
+    let admin_dir = stage.admin_dir();
+    create_private_dir(&admin_dir)?;
+    if let Some(key) = &admin.private_key {
+        write_atomic(
+            &admin_dir.join("tls.key"),
+            key.to_pem().as_bytes(),
+            SECRET_MODE,
+        )?;
+    }
+    write_atomic(
+        &admin_dir.join("tls.crt"),
+        admin.certificate_pem.as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    write_atomic(
+        &admin_dir.join("ca.crt"),
+        admin.ca_bundle_pem.as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    write_atomic(&stage.config_path(), opts.config_toml.as_bytes(), 0o600)?;
+    Ok(InitReport {
+        hierarchy_id: id.to_owned(),
+        root_fingerprint: fingerprint(&m.root_der),
+        root_not_after,
+        intermediate_not_after: record.intermediate_not_after,
+        admin_dir: data.admin_dir(),
+        imported: m.imported,
+    })
+}

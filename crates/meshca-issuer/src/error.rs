@@ -1,0 +1,106 @@
+//! The one error type of `meshca-issuer`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use meshca_files::FileError;
+use meshca_pki::PkiError;
+use meshca_store::StoreError;
+
+/// What can go wrong while setting up a CA or issuing.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum IssuerError {
+    /// Bad input or a certificate problem (see [`PkiError`]).
+    Pki(PkiError),
+    /// The store failed.
+    Store(StoreError),
+    /// A file could not be read or written.
+    File(FileError),
+    /// The data directory does not exist or holds no CA.
+    NoCa {
+        /// The data directory.
+        dir: PathBuf,
+        /// What is missing.
+        reason: String,
+    },
+    /// `init` on a directory that already holds a CA.
+    AlreadyInitialised {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// An imported certificate or key failed a check.
+    Import {
+        /// The file given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A caller asked for something the policy does not allow.
+    Policy(String),
+}
+
+impl IssuerError {
+    /// True when the caller's input is at fault (a 4xx, not a 5xx).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            IssuerError::Pki(e) => e.is_bad_input(),
+            IssuerError::Policy(_) | IssuerError::Import { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for IssuerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IssuerError::Pki(e) => e.fmt(f),
+            IssuerError::Store(e) => e.fmt(f),
+            IssuerError::File(e) => e.fmt(f),
+            IssuerError::NoCa { dir, reason } => write!(
+                f,
+                "no CA in {}: {reason}; run `meshca init --dir {}` first (or give the right --dir / MESHCA_DIR)",
+                dir.display(),
+                dir.display()
+            ),
+            IssuerError::AlreadyInitialised { dir } => write!(
+                f,
+                "{} already holds a CA; nothing was changed (use another --dir, or `meshca ca rotate` to replace the root)",
+                dir.display()
+            ),
+            IssuerError::Import { path, reason } => {
+                write!(f, "cannot import {}: {reason}", path.display())
+            }
+            IssuerError::Policy(why) => write!(f, "refused by policy: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for IssuerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            IssuerError::Pki(e) => Some(e),
+            IssuerError::Store(e) => Some(e),
+            IssuerError::File(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<PkiError> for IssuerError {
+    fn from(e: PkiError) -> Self {
+        IssuerError::Pki(e)
+    }
+}
+
+impl From<StoreError> for IssuerError {
+    fn from(e: StoreError) -> Self {
+        IssuerError::Store(e)
+    }
+}
+
+impl From<FileError> for IssuerError {
+    fn from(e: FileError) -> Self {
+        IssuerError::File(e)
+    }
+}

@@ -1,0 +1,87 @@
+//! Where meshca keeps its state: the [`Store`] trait and its backends.
+//!
+//! # Design
+//! A store holds records, not keys: certificate records (one per issuance,
+//! keyed by serial) and CA hierarchy records (one per root/intermediate pair,
+//! each with an id and a [`HierarchyStatus`], so that an old and a new
+//! hierarchy can live side by side during a root rotation). The trait is
+//! object-safe, `Debug + Send + Sync`, and held as `Arc<dyn Store>`; every
+//! backend passes the same behaviour tests.
+//!
+//! Writes that must not race are expressed as conditional operations the
+//! backend makes atomic: [`Store::insert_certificate`] fails with
+//! [`StoreError::Conflict`] when the serial exists, [`Store::create_hierarchy`]
+//! when the id exists, [`Store::set_hierarchy_status`] when the status is not
+//! the expected one. The embedded backend ([`EmbeddedStore`]) is redb: ACID,
+//! copy-on-write B-trees, an fsync on each commit, so an answered issuance is
+//! on disk and a crash at any moment leaves the last committed state.
+//!
+//! # Example
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use meshca_store::{EmbeddedStore, Store, CertFilter};
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+//! assert!(store.list_certificates(&CertFilter::default()).await.unwrap().is_empty());
+//! # });
+//! ```
+#![forbid(unsafe_code)]
+
+mod embedded;
+mod error;
+mod record;
+
+use async_trait::async_trait;
+use meshca_pki::Serial;
+use time::OffsetDateTime;
+
+pub use embedded::EmbeddedStore;
+pub use error::StoreError;
+pub use record::{
+    CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus, RevocationReason,
+    RevokeOutcome,
+};
+
+/// The state of a meshca CA. See the crate docs.
+#[async_trait]
+pub trait Store: std::fmt::Debug + Send + Sync {
+    /// Records a new hierarchy; [`StoreError::Conflict`] when its id exists.
+    async fn create_hierarchy(&self, record: &HierarchyRecord) -> Result<(), StoreError>;
+
+    /// Every hierarchy, oldest first.
+    async fn list_hierarchies(&self) -> Result<Vec<HierarchyRecord>, StoreError>;
+
+    /// Moves hierarchy `id` from status `from` to `to`, atomically;
+    /// [`StoreError::Conflict`] when its status is not `from`.
+    async fn set_hierarchy_status(
+        &self,
+        id: &str,
+        from: HierarchyStatus,
+        to: HierarchyStatus,
+    ) -> Result<HierarchyRecord, StoreError>;
+
+    /// Records an issued certificate; [`StoreError::Conflict`] when the serial
+    /// is already recorded (the caller picks a new serial and signs again).
+    async fn insert_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError>;
+
+    /// Whether a serial is recorded.
+    async fn serial_exists(&self, serial: &Serial) -> Result<bool, StoreError>;
+
+    /// One certificate record; [`StoreError::NotFound`] when unknown.
+    async fn get_certificate(&self, serial: &Serial) -> Result<CertificateRecord, StoreError>;
+
+    /// Certificate records matching `filter`, soonest expiry first.
+    async fn list_certificates(
+        &self,
+        filter: &CertFilter,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Marks a certificate revoked (once: a second call reports
+    /// [`RevokeOutcome::AlreadyRevoked`] and changes nothing).
+    async fn revoke_certificate(
+        &self,
+        serial: &Serial,
+        reason: RevocationReason,
+        at: OffsetDateTime,
+    ) -> Result<RevokeOutcome, StoreError>;
+}

@@ -1,0 +1,216 @@
+//! The records a store holds.
+
+use std::fmt;
+use std::str::FromStr;
+
+use meshca_pki::{KeyType, Profile, Serial};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Where a CA hierarchy is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HierarchyStatus {
+    /// Created and in the trust bundle, not yet signing (rotation: prepared).
+    Prepared,
+    /// Signs new leaves; in the trust bundle.
+    Active,
+    /// No longer signs; still in the trust bundle until its leaves are gone.
+    Retiring,
+    /// Out of the trust bundle.
+    Retired,
+}
+
+impl HierarchyStatus {
+    /// Whether its root belongs in the trust bundle.
+    pub fn in_bundle(self) -> bool {
+        !matches!(self, HierarchyStatus::Retired)
+    }
+}
+
+/// A root and intermediate pair. The private keys are not in the record: the
+/// embedded deployment keeps them in 0600 files next to the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HierarchyRecord {
+    /// Short unique id, also in the CAs' common names.
+    pub id: String,
+    /// Where it is in its life.
+    pub status: HierarchyStatus,
+    /// The root, PEM.
+    pub root_pem: String,
+    /// The intermediate, PEM.
+    pub intermediate_pem: String,
+    /// The intermediate's key type (the signature algorithm of leaves).
+    pub key_type: KeyType,
+    /// Whether the root's key is held (false when only an intermediate was imported).
+    pub has_root_key: bool,
+    /// When it was created or imported.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The root's notAfter.
+    #[serde(with = "time::serde::rfc3339")]
+    pub root_not_after: OffsetDateTime,
+    /// The intermediate's notAfter.
+    #[serde(with = "time::serde::rfc3339")]
+    pub intermediate_not_after: OffsetDateTime,
+}
+
+/// Whether a certificate is still good as far as the CA is concerned.
+/// (Expiry is not a stored status: it is read from `not_after`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertStatus {
+    /// Issued and not revoked.
+    Active,
+    /// Revoked.
+    Revoked,
+}
+
+/// RFC 5280 revocation reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum RevocationReason {
+    /// No reason given.
+    #[default]
+    Unspecified,
+    /// The key was exposed.
+    KeyCompromise,
+    /// The CA's key was exposed.
+    CaCompromise,
+    /// The holder's details changed.
+    AffiliationChanged,
+    /// Replaced by another certificate.
+    Superseded,
+    /// No longer needed.
+    CessationOfOperation,
+    /// The identity was released.
+    PrivilegeWithdrawn,
+}
+
+impl RevocationReason {
+    const ALL: [(RevocationReason, &'static str); 7] = [
+        (RevocationReason::Unspecified, "unspecified"),
+        (RevocationReason::KeyCompromise, "keyCompromise"),
+        (RevocationReason::CaCompromise, "cACompromise"),
+        (RevocationReason::AffiliationChanged, "affiliationChanged"),
+        (RevocationReason::Superseded, "superseded"),
+        (
+            RevocationReason::CessationOfOperation,
+            "cessationOfOperation",
+        ),
+        (RevocationReason::PrivilegeWithdrawn, "privilegeWithdrawn"),
+    ];
+
+    /// The RFC 5280 name.
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(r, _)| *r == self)
+            .map_or("unspecified", |(_, n)| n)
+    }
+}
+
+impl fmt::Display for RevocationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RevocationReason {
+    type Err = String;
+    /// Case-insensitive, `-` and `_` ignored: `key-compromise` works.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let norm = |x: &str| x.to_ascii_lowercase().replace(['-', '_'], "");
+        let wanted = norm(s);
+        Self::ALL
+            .iter()
+            .find(|(_, n)| norm(n) == wanted)
+            .map(|(r, _)| *r)
+            .ok_or_else(|| {
+                format!(
+                    "unknown revocation reason {s:?}: use one of {}",
+                    Self::ALL.map(|(_, n)| n).join(", ")
+                )
+            })
+    }
+}
+
+/// One issued certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRecord {
+    /// Serial, lower-case hex.
+    pub serial: Serial,
+    /// The identity's namespace.
+    pub namespace: String,
+    /// The identity's name.
+    pub name: String,
+    /// The profile it was issued for.
+    pub profile: Profile,
+    /// The SPIFFE ID.
+    pub spiffe_id: String,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// IP SANs.
+    pub ip_addresses: Vec<String>,
+    /// The leaf's key type.
+    pub key_type: KeyType,
+    /// The hierarchy that signed it.
+    pub hierarchy_id: String,
+    /// When it was issued.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    /// notBefore.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// SHA-256 of the DER, lower-case hex.
+    pub fingerprint: String,
+    /// Active or revoked.
+    pub status: CertStatus,
+    /// When it was revoked.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Why it was revoked.
+    #[serde(default)]
+    pub revocation_reason: Option<RevocationReason>,
+    /// The certificate, PEM (the leaf only).
+    pub certificate_pem: String,
+}
+
+/// Which certificates to list. Every set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct CertFilter {
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// Only this name.
+    pub name: Option<String>,
+    /// Only this status.
+    pub status: Option<CertStatus>,
+    /// Only those whose notAfter is before this (and not yet past when
+    /// `exclude_expired_before` is set).
+    pub not_after_before: Option<OffsetDateTime>,
+    /// Leave out certificates that expired before this instant.
+    pub exclude_expired_before: Option<OffsetDateTime>,
+}
+
+impl CertFilter {
+    /// Whether `r` passes the filter.
+    pub fn matches(&self, r: &CertificateRecord) -> bool {
+        self.namespace.as_ref().is_none_or(|ns| *ns == r.namespace)
+            && self.name.as_ref().is_none_or(|n| *n == r.name)
+            && self.status.is_none_or(|s| s == r.status)
+            && self.not_after_before.is_none_or(|t| r.not_after < t)
+            && self.exclude_expired_before.is_none_or(|t| r.not_after >= t)
+    }
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone)]
+pub enum RevokeOutcome {
+    /// It is revoked now.
+    Revoked(CertificateRecord),
+    /// It was revoked before; nothing changed.
+    AlreadyRevoked(CertificateRecord),
+}

@@ -1,0 +1,201 @@
+//! The behaviour every `Store` backend must have. Each backend gets the same
+//! checks through `check_all`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshca_pki::{KeyType, Profile, Serial};
+use meshca_store::*;
+use time::OffsetDateTime;
+
+fn cert(serial: &Serial, name: &str, not_after: OffsetDateTime) -> CertificateRecord {
+    CertificateRecord {
+        serial: serial.clone(),
+        namespace: "default".into(),
+        name: name.into(),
+        profile: Profile::Service,
+        spiffe_id: format!("spiffe://cluster.local/ns/default/sa/{name}"),
+        dns_names: vec![name.into()],
+        ip_addresses: vec![],
+        key_type: KeyType::EcdsaP256,
+        hierarchy_id: "h1".into(),
+        issued_at: OffsetDateTime::now_utc(),
+        not_before: OffsetDateTime::now_utc(),
+        not_after,
+        fingerprint: "00".into(),
+        status: CertStatus::Active,
+        revoked_at: None,
+        revocation_reason: None,
+        certificate_pem: String::new(),
+    }
+}
+
+fn hierarchy(id: &str) -> HierarchyRecord {
+    let now = OffsetDateTime::now_utc();
+    HierarchyRecord {
+        id: id.into(),
+        status: HierarchyStatus::Active,
+        root_pem: String::new(),
+        intermediate_pem: String::new(),
+        key_type: KeyType::EcdsaP256,
+        has_root_key: true,
+        created_at: now,
+        root_not_after: now,
+        intermediate_not_after: now,
+    }
+}
+
+async fn check_all(store: Arc<dyn Store>) {
+    let now = OffsetDateTime::now_utc();
+    // Certificates: insert is insert-if-absent.
+    let s1 = Serial::random().unwrap();
+    let s2 = Serial::random().unwrap();
+    store
+        .insert_certificate(&cert(&s1, "web", now + Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    store
+        .insert_certificate(&cert(&s2, "db", now + Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let dup = store
+        .insert_certificate(&cert(&s1, "other", now))
+        .await
+        .unwrap_err();
+    assert!(dup.is_conflict(), "{dup}");
+    assert_eq!(store.get_certificate(&s1).await.unwrap().name, "web");
+    assert!(store.serial_exists(&s1).await.unwrap());
+    let unknown = Serial::random().unwrap();
+    assert!(!store.serial_exists(&unknown).await.unwrap());
+    assert!(
+        store
+            .get_certificate(&unknown)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+
+    // Listing: soonest expiry first, filters combine.
+    let all = store
+        .list_certificates(&CertFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["db", "web"]
+    );
+    let soon = CertFilter {
+        not_after_before: Some(now + Duration::from_secs(600)),
+        ..Default::default()
+    };
+    assert_eq!(store.list_certificates(&soon).await.unwrap().len(), 1);
+    let by_name = CertFilter {
+        name: Some("web".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.list_certificates(&by_name).await.unwrap()[0].serial,
+        s1
+    );
+
+    // Revocation happens once.
+    match store
+        .revoke_certificate(&s1, RevocationReason::KeyCompromise, now)
+        .await
+        .unwrap()
+    {
+        RevokeOutcome::Revoked(r) => assert_eq!(r.status, CertStatus::Revoked),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.revoke_certificate(&s1, RevocationReason::Superseded, now).await.unwrap(),
+        RevokeOutcome::AlreadyRevoked(r) if r.revocation_reason == Some(RevocationReason::KeyCompromise)
+    ));
+    assert!(
+        store
+            .revoke_certificate(&unknown, RevocationReason::Unspecified, now)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    let revoked = CertFilter {
+        status: Some(CertStatus::Revoked),
+        ..Default::default()
+    };
+    assert_eq!(store.list_certificates(&revoked).await.unwrap().len(), 1);
+
+    // Hierarchies: create once, status changes are compare-and-swap.
+    store.create_hierarchy(&hierarchy("h1")).await.unwrap();
+    assert!(
+        store
+            .create_hierarchy(&hierarchy("h1"))
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
+    store
+        .set_hierarchy_status("h1", HierarchyStatus::Active, HierarchyStatus::Retiring)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .set_hierarchy_status("h1", HierarchyStatus::Active, HierarchyStatus::Retired)
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
+    assert!(
+        store
+            .set_hierarchy_status("nope", HierarchyStatus::Active, HierarchyStatus::Retired)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    let hs = store.list_hierarchies().await.unwrap();
+    assert_eq!(hs.len(), 1);
+    assert_eq!(hs[0].status, HierarchyStatus::Retiring);
+
+    // Concurrent inserts of one serial: exactly one wins.
+    let s3 = Serial::random().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        let rec = cert(&s3, &format!("racer{i}"), now);
+        tasks.push(tokio::spawn(
+            async move { store.insert_certificate(&rec).await },
+        ));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        if t.await.unwrap().is_ok() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_behaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    check_all(Arc::new(EmbeddedStore::open(&path).unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let serial = Serial::random().unwrap();
+    {
+        let store = EmbeddedStore::open(&path).unwrap();
+        store
+            .insert_certificate(&cert(&serial, "web", OffsetDateTime::now_utc()))
+            .await
+            .unwrap();
+    }
+    let store = EmbeddedStore::open_existing(&path).unwrap();
+    assert_eq!(store.get_certificate(&serial).await.unwrap().name, "web");
+    let missing = EmbeddedStore::open_existing(&dir.path().join("nope.redb")).unwrap_err();
+    assert!(missing.is_unavailable() && missing.to_string().contains("nope.redb"));
+}

@@ -1,0 +1,110 @@
+//! `meshca issue`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use meshca_files::{PUBLIC_MODE, SECRET_MODE, create_private_dir, read_limited, write_atomic};
+use meshca_issuer::IssueRequest;
+use meshca_pki::{
+    KeyType, MAX_CSR_BYTES, Profile, format_duration, humanize, parse_csr, parse_duration, rfc3339,
+};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::IssueArgs;
+
+pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
+    // Every argument is checked before the CA is touched or a file written.
+    if a.out.exists() && !a.out.is_dir() {
+        bail!(
+            "--out {} is a file; give a directory to write tls.crt, tls.key and ca.crt into",
+            a.out.display()
+        );
+    }
+    let profile: Profile = a.profile.parse()?;
+    let ttl = a.ttl.as_deref().map(parse_duration).transpose()?;
+    let key_type: Option<KeyType> = a.key_type.as_deref().map(str::parse).transpose()?;
+    let csr = match &a.csr {
+        Some(path) => {
+            let bytes = read_limited(path, MAX_CSR_BYTES as u64)
+                .with_context(|| format!("reading the CSR {}", path.display()))?;
+            Some(parse_csr(&bytes).with_context(|| format!("CSR {}", path.display()))?)
+        }
+        None => None,
+    };
+    let mut req = IssueRequest::new(&a.namespace, &a.name)?
+        .profile(profile)
+        .ttl(ttl)
+        .dns(a.dns)
+        .ips(a.ips);
+
+    let (config, authority) = super::open_authority(dir).await?;
+    req = match csr {
+        Some(csr) => req.csr(csr),
+        None => req.generate_key(key_type.unwrap_or(config.key_type)),
+    };
+    let issued = authority.issue(req).await?;
+
+    create_private_dir(&a.out)?;
+    let key_path = a.out.join("tls.key");
+    let crt_path = a.out.join("tls.crt");
+    let ca_path = a.out.join("ca.crt");
+    // The key first: a reader that sees the new certificate finds its key.
+    if let Some(key) = &issued.private_key {
+        write_atomic(&key_path, key.to_pem().as_bytes(), SECRET_MODE)?;
+    } else if key_path.exists() {
+        eprintln!(
+            "warning: {} is from an earlier certificate and does not match the new tls.crt; the CSR's key belongs with it",
+            key_path.display()
+        );
+    }
+    write_atomic(&crt_path, issued.certificate_pem.as_bytes(), PUBLIC_MODE)?;
+    write_atomic(&ca_path, issued.ca_bundle_pem.as_bytes(), PUBLIC_MODE)?;
+
+    let r = &issued.record;
+    if issued.clipped {
+        eprintln!(
+            "warning: the ttl of {} reaches past the issuing CA's own expiry; notAfter was cut to {}",
+            format_duration(issued.requested_ttl),
+            rfc3339(r.not_after)
+        );
+    }
+    if a.json {
+        super::print_json(&json!({
+            "serial": r.serial,
+            "namespace": r.namespace,
+            "name": r.name,
+            "profile": r.profile,
+            "spiffe_id": r.spiffe_id,
+            "dns_names": r.dns_names,
+            "ip_addresses": r.ip_addresses,
+            "not_before": rfc3339(r.not_before),
+            "not_after": rfc3339(r.not_after),
+            "clipped": issued.clipped,
+            "fingerprint": r.fingerprint,
+            "files": {
+                "certificate": crt_path,
+                "key": issued.private_key.as_ref().map(|_| &key_path),
+                "ca_bundle": ca_path,
+            },
+        }))?;
+    } else {
+        let left = (r.not_after - OffsetDateTime::now_utc()).unsigned_abs();
+        println!(
+            "Issued {} for {}/{} ({}), serial {}",
+            r.spiffe_id, r.namespace, r.name, r.profile, r.serial
+        );
+        println!(
+            "  expires {} ({} from now)",
+            rfc3339(r.not_after),
+            humanize(left)
+        );
+        println!("  wrote {}", crt_path.display());
+        if issued.private_key.is_some() {
+            println!("  wrote {} (mode 0600)", key_path.display());
+        }
+        println!("  wrote {}", ca_path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

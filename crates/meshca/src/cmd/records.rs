@@ -1,0 +1,126 @@
+//! `meshca list` and `meshca revoke`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use meshca_pki::{Serial, parse_duration, rfc3339};
+use meshca_store::{CertFilter, CertStatus, RevocationReason, RevokeOutcome};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::{ListArgs, RevokeArgs};
+
+pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
+    let now = OffsetDateTime::now_utc();
+    let within = a
+        .expiring_within
+        .as_deref()
+        .map(parse_duration)
+        .transpose()?;
+    let status = match a.status.as_deref() {
+        None => None,
+        Some("active") => Some(CertStatus::Active),
+        Some("revoked") => Some(CertStatus::Revoked),
+        Some(other) => {
+            return Err(anyhow!("unknown --status {other:?}: use active or revoked"));
+        }
+    };
+    let filter = CertFilter {
+        namespace: a.namespace,
+        name: a.name,
+        status: if within.is_some() {
+            Some(CertStatus::Active)
+        } else {
+            status
+        },
+        not_after_before: within.map(|d| now + d),
+        exclude_expired_before: within.map(|_| now),
+    };
+    let (_, store) = super::open_store(dir)?;
+    let records = store.list_certificates(&filter).await?;
+    if a.json {
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                json!({
+                    "serial": r.serial,
+                    "namespace": r.namespace,
+                    "name": r.name,
+                    "profile": r.profile,
+                    "spiffe_id": r.spiffe_id,
+                    "dns_names": r.dns_names,
+                    "ip_addresses": r.ip_addresses,
+                    "key_type": r.key_type,
+                    "not_before": rfc3339(r.not_before),
+                    "not_after": rfc3339(r.not_after),
+                    "status": status_text(r.status, r.not_after, now),
+                    "fingerprint": r.fingerprint,
+                    "hierarchy_id": r.hierarchy_id,
+                    "revocation_reason": r.revocation_reason,
+                })
+            })
+            .collect();
+        super::print_json(&rows)?;
+    } else {
+        println!(
+            "{:<34} {:<32} {:<9} {:<20} STATUS",
+            "SERIAL", "IDENTITY", "PROFILE", "NOT AFTER"
+        );
+        for r in &records {
+            println!(
+                "{:<34} {:<32} {:<9} {:<20} {}",
+                r.serial,
+                format!("{}/{}", r.namespace, r.name),
+                r.profile,
+                rfc3339(r.not_after),
+                status_text(r.status, r.not_after, now)
+            );
+        }
+        eprintln!("{} certificate(s)", records.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_text(s: CertStatus, not_after: OffsetDateTime, now: OffsetDateTime) -> &'static str {
+    match s {
+        CertStatus::Revoked => "revoked",
+        CertStatus::Active if not_after <= now => "expired",
+        CertStatus::Active => "active",
+    }
+}
+
+pub async fn revoke(dir: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
+    let serial: Serial = a.serial.parse()?;
+    let reason: RevocationReason = a.reason.parse().map_err(|e: String| anyhow!(e))?;
+    let (_, store) = super::open_store(dir)?;
+    let now = OffsetDateTime::now_utc();
+    let (record, fresh) = match store.revoke_certificate(&serial, reason, now).await? {
+        RevokeOutcome::Revoked(r) => (r, true),
+        RevokeOutcome::AlreadyRevoked(r) => (r, false),
+    };
+    if a.json {
+        super::print_json(&json!({
+            "serial": record.serial,
+            "namespace": record.namespace,
+            "name": record.name,
+            "revoked_at": record.revoked_at.map(rfc3339),
+            "reason": record.revocation_reason,
+            "already_revoked": !fresh,
+        }))?;
+    } else if fresh {
+        println!(
+            "Revoked {} ({}/{}), reason {}",
+            record.serial, record.namespace, record.name, reason
+        );
+    } else {
+        println!(
+            "{} ({}/{}) was already revoked at {}; nothing changed",
+            record.serial,
+            record.namespace,
+            record.name,
+            record.revoked_at.map(rfc3339).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

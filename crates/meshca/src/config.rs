@@ -1,0 +1,102 @@
+//! `meshca.toml`: parsed once, where it enters, into a validated struct.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshca_pki::{GoDuration, KeyType, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+/// The CA's configuration, as `init` writes it and every command reads it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The trust domain of every identity.
+    pub trust_domain: TrustDomain,
+    /// Key type for keys the CA generates when none is asked for.
+    #[serde(default)]
+    pub key_type: KeyType,
+    /// No certificate lives longer than this.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl: GoDuration,
+}
+
+fn default_max_ttl() -> GoDuration {
+    GoDuration(meshca_issuer::DEFAULT_MAX_TTL)
+}
+
+impl Config {
+    /// A config for a new CA.
+    pub fn new(trust_domain: TrustDomain, key_type: KeyType) -> Self {
+        Config {
+            trust_domain,
+            key_type,
+            max_ttl: default_max_ttl(),
+        }
+    }
+
+    /// Reads and validates `path`, naming the file and the field on error.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes = meshca_files::read_limited(path, 1024 * 1024)?;
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> anyhow::Result<()> {
+        if self.max_ttl.get() == Duration::ZERO {
+            bail!("{}: max_ttl must be greater than zero", path.display());
+        }
+        Ok(())
+    }
+
+    /// The file's text, with a header saying what it is.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        Ok(format!(
+            "# meshca configuration, written by `meshca init`.\n{}",
+            toml::to_string(self).context("cannot encode the configuration")?
+        ))
+    }
+
+    /// The issuing policy this config asks for.
+    pub fn policy(&self) -> meshca_issuer::Policy {
+        meshca_issuer::Policy {
+            trust_domain: self.trust_domain.clone(),
+            max_ttl: self.max_ttl.get(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meshca.toml");
+        let c = Config::new(TrustDomain::default(), KeyType::Ed25519);
+        std::fs::write(&p, c.to_toml().unwrap()).unwrap();
+        assert_eq!(Config::load(&p).unwrap(), c);
+
+        std::fs::write(
+            &p,
+            "trust_domain = \"cluster.local\"\nmax_ttl = \"forever\"\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", Config::load(&p).unwrap_err());
+        assert!(e.contains("meshca.toml") && e.contains("forever"), "{e}");
+
+        std::fs::write(&p, "trust_domain = \"cluster.local\"\nmax_tl = \"1h\"\n").unwrap();
+        let e = format!("{:#}", Config::load(&p).unwrap_err());
+        assert!(e.contains("max_tl"), "{e}");
+
+        std::fs::write(&p, "trust_domain = \"cluster.local\"\nmax_ttl = \"0s\"\n").unwrap();
+        let e = format!("{:#}", Config::load(&p).unwrap_err());
+        assert!(e.contains("max_ttl"), "{e}");
+    }
+}
