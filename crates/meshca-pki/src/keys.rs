@@ -144,14 +144,50 @@ impl PrivateKey {
     }
 
     /// PKCS#8 PEM. This is secret: write it only to a 0600 file.
+    ///
+    /// Ed25519 keys are written as PKCS#8 v1 (RFC 8410), which every TLS stack
+    /// reads: aws-lc emits v2 (with the public key appended), which OpenSSL
+    /// 3.0 refuses to load.
     pub fn to_pem(&self) -> String {
-        self.pair.serialize_pem()
+        let der = self.pair.serialized_der();
+        let der = match self.key_type {
+            KeyType::Ed25519 => ed25519_pkcs8_v1(der).unwrap_or_else(|| der.to_vec()),
+            _ => der.to_vec(),
+        };
+        pem::encode_config(
+            &pem::Pem::new("PRIVATE KEY", der),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        )
     }
 
     /// The DER SubjectPublicKeyInfo.
     pub fn public_key_der(&self) -> Vec<u8> {
         self.pair.subject_public_key_info()
     }
+}
+
+/// The PKCS#8 v1 prefix of an Ed25519 key: SEQUENCE { INTEGER 0,
+/// AlgorithmIdentifier { id-Ed25519 }, OCTET STRING { OCTET STRING (32) } }.
+const ED25519_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// Rewrites an Ed25519 PKCS#8 v2 document (RFC 5958, as aws-lc writes it) as
+/// v1 by keeping only the 32-byte seed. `None` when the input is not in the
+/// expected shape (the caller keeps it as it is).
+fn ed25519_pkcs8_v1(der: &[u8]) -> Option<Vec<u8>> {
+    // v2: SEQUENCE (0x51) { INTEGER 1, AlgorithmIdentifier, OCTET STRING { OCTET STRING (32) }, [1] pub }
+    const V2_PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    if der.starts_with(&ED25519_V1_PREFIX) {
+        return Some(der.to_vec());
+    }
+    let seed = der.strip_prefix(&V2_PREFIX)?.get(..32)?;
+    let mut out = ED25519_V1_PREFIX.to_vec();
+    out.extend_from_slice(seed);
+    Some(out)
 }
 
 /// Reads the key type from a DER SubjectPublicKeyInfo, refusing what meshca

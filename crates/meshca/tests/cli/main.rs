@@ -1,0 +1,12 @@
+//! Integration tests: the built `meshca` binary against real peers
+//! (openssl, curl, pkilint). One test binary, so one link for all of them.
+
+mod common;
+
+mod bad_input;
+mod import;
+mod init;
+mod issue;
+mod lint;
+mod records;
+mod tls;
