@@ -40,7 +40,7 @@ fn pkilint_finds_no_errors() {
         for profile in ["service", "server", "client", "bootstrap", "webhook"] {
             let out = ca.issue(
                 "web",
-                &format!("{profile}"),
+                profile,
                 &[
                     "--profile",
                     profile,
