@@ -8,7 +8,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
 use crate::PkiError;
-use crate::keys::{KeyType, key_type_of};
+use crate::keys::{KeyType, PrivateKey, key_type_of};
 use crate::leaf::LeafPublicKey;
 
 /// Largest CSR accepted, PEM or DER. A P-256 CSR is under 1 KiB and an RSA-4096
@@ -31,6 +31,17 @@ impl VerifiedCsr {
     pub fn key_type(&self) -> KeyType {
         self.key.key_type()
     }
+}
+
+/// Builds a minimal CSR (no subject, no extensions) signed by `key`: all a
+/// meshca CA reads from a CSR is the proof of possession of the key.
+pub fn build_csr(key: &PrivateKey) -> Result<Vec<u8>, PkiError> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key.pair)
+        .map_err(crate::error::signing)?;
+    Ok(csr.der().to_vec())
 }
 
 /// Turns PEM (`CERTIFICATE REQUEST` or `NEW CERTIFICATE REQUEST`) or DER into
@@ -84,7 +95,6 @@ pub fn parse_csr(input: &[u8]) -> Result<VerifiedCsr, PkiError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::keys::PrivateKey;
 
     fn csr_for(kt: KeyType) -> (String, Vec<u8>) {
         let key = PrivateKey::generate(kt).unwrap();
@@ -109,6 +119,15 @@ mod tests {
             let (pem, der) = csr_for(kt);
             assert_eq!(parse_csr(pem.as_bytes()).unwrap().key_type(), kt);
             assert_eq!(parse_csr(&der).unwrap().key_type(), kt);
+        }
+    }
+
+    #[test]
+    fn built_csrs_parse() {
+        for kt in [KeyType::EcdsaP256, KeyType::Ed25519, KeyType::Rsa2048] {
+            let key = PrivateKey::generate(kt).unwrap();
+            let csr = parse_csr(&build_csr(&key).unwrap()).unwrap();
+            assert_eq!(csr.key_type(), kt);
         }
     }
 

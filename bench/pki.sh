@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Leaf certificates signed per second on one core, against the machine's own
+# crypto limit as `openssl speed` measures it, in one run.
+#
+#   bench/pki.sh            # 3 rounds of 2 s per figure (medians)
+#   ROUNDS=5 SECONDS_PER_ROUND=3 bench/pki.sh
+#
+# Limits: a certificate from a CSR costs one signature verification (the CSR)
+# and one signature (the leaf): limit = 1 / (1/verify + 1/sign). A certificate
+# with a CA-generated key costs one key generation and one signature; a key
+# generation is one fixed-base scalar multiplication, the same work as a
+# signature, so limit = sign / 2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS="${ROUNDS:-3}"
+SECS="${SECONDS_PER_ROUND:-2}"
+CORE="${BENCH_CORE:-0}"
+pin() { if command -v taskset >/dev/null; then taskset -c "$CORE" "$@"; else "$@"; fi; }
+
+cargo build --release --quiet -p meshca-pki --example pki_bench
+bench_bin=target/release/examples/pki_bench
+
+echo "== openssl speed (one core, $SECS s per op, median of $ROUNDS)"
+declare -A SIGN VERIFY
+for alg in ecdsap256 ed25519; do
+  signs=(); verifies=()
+  for _ in $(seq "$ROUNDS"); do
+    line=$(pin openssl speed -seconds "$SECS" "$alg" 2>/dev/null | grep -E 'nistp256|Ed25519' | tail -1)
+    signs+=("$(awk '{print $(NF-1)}' <<<"$line")")
+    verifies+=("$(awk '{print $NF}' <<<"$line")")
+  done
+  SIGN[$alg]=$(printf '%s\n' "${signs[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  VERIFY[$alg]=$(printf '%s\n' "${verifies[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  printf '  %-10s sign %10.0f/s   verify %10.0f/s\n' "$alg" "${SIGN[$alg]}" "${VERIFY[$alg]}"
+done
+
+echo "== meshca-pki (one core)"
+declare -A RATE
+while read -r name rate; do
+  RATE[$name]=$rate
+done < <(ROUNDS="$ROUNDS" BENCH_SECONDS="$SECS" pin "$bench_bin")
+
+report() { # name alg kind
+  local name=$1 alg=$2 kind=$3 limit
+  if [ "$kind" = csr ]; then
+    limit=$(awk -v s="${SIGN[$alg]}" -v v="${VERIFY[$alg]}" 'BEGIN {print 1/(1/s + 1/v)}')
+  else
+    limit=$(awk -v s="${SIGN[$alg]}" 'BEGIN {print s/2}')
+  fi
+  awk -v n="$name" -v r="${RATE[$name]}" -v l="$limit" \
+    'BEGIN {printf "  %-12s %9.0f certs/s   limit %9.0f/s   ratio %5.0f%%\n", n, r, l, 100*r/l}'
+}
+report csr_p256 ecdsap256 csr
+report gen_p256 ecdsap256 gen
+report csr_ed25519 ed25519 csr
+report gen_ed25519 ed25519 gen
+echo "(target: at least 60% of the limit)"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one test command. Installs what the tests need when it is missing
+# (idempotent), then runs every test: unit, property, integration (the real
+# binary against openssl, curl and pkilint), doc tests, and a fuzz smoke run.
+#
+#   ./test.sh                 # everything
+#   FUZZ_SECONDS=0 ./test.sh  # skip the fuzz smoke run
+set -euo pipefail
+cd "$(dirname "$0")"
+
+have() { command -v "$1" >/dev/null 2>&1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif have sudo; then sudo "$@"; else "$@"; fi; }
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+# --- what the tests need ----------------------------------------------------
+have openssl || apt_install openssl
+have curl || apt_install curl
+# pip installs console scripts next to the interpreter: make sure they are found.
+PY_SCRIPTS=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+USER_SCRIPTS=$(python3 -c 'import site, os; print(os.path.join(site.getuserbase(), "bin"))')
+export PATH="$PY_SCRIPTS:$USER_SCRIPTS:$PATH"
+have lint_pkix_cert || python3 -m pip install --quiet --disable-pip-version-check pkilint
+have lint_pkix_cert || { echo "test.sh: pkilint did not install (lint_pkix_cert not on PATH)"; exit 1; }
+
+# --- the tests ----------------------------------------------------------------
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --lib --bins --tests
+fi
+cargo test --workspace --doc --quiet
+
+if [ "${FUZZ_SECONDS:-20}" != 0 ]; then
+  fuzz/smoke.sh
+fi
+echo "test.sh: all tests passed"
