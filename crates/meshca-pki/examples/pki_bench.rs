@@ -57,8 +57,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let secs: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let secs: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
     let now = OffsetDateTime::now_utc();
     let td = TrustDomain::default();
     let id = Identity::new("default", "web").unwrap();
@@ -84,7 +90,9 @@ fn main() {
                 rate(secs, |_| {
                     let key = PrivateKey::generate(kt).unwrap();
                     let s = spec(&td, &id);
-                    let leaf = ca.sign_leaf(&LeafPublicKey::of(&key).unwrap(), &s, now).unwrap();
+                    let leaf = ca
+                        .sign_leaf(&LeafPublicKey::of(&key).unwrap(), &s, now)
+                        .unwrap();
                     std::hint::black_box((leaf, key.to_pem()));
                 })
             })

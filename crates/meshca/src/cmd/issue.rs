@@ -46,7 +46,11 @@ pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
     };
     let issued = authority.issue(req).await?;
 
-    create_private_dir(&a.out)?;
+    // A directory meshca creates is 0700 (it holds a key); an existing one
+    // keeps the mode its owner gave it.
+    if !a.out.exists() {
+        create_private_dir(&a.out)?;
+    }
     let key_path = a.out.join("tls.key");
     let crt_path = a.out.join("tls.crt");
     let ca_path = a.out.join("ca.crt");
@@ -71,24 +75,14 @@ pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if a.json {
-        super::print_json(&json!({
-            "serial": r.serial,
-            "namespace": r.namespace,
-            "name": r.name,
-            "profile": r.profile,
-            "spiffe_id": r.spiffe_id,
-            "dns_names": r.dns_names,
-            "ip_addresses": r.ip_addresses,
-            "not_before": rfc3339(r.not_before),
-            "not_after": rfc3339(r.not_after),
-            "clipped": issued.clipped,
-            "fingerprint": r.fingerprint,
-            "files": {
-                "certificate": crt_path,
-                "key": issued.private_key.as_ref().map(|_| &key_path),
-                "ca_bundle": ca_path,
-            },
-        }))?;
+        let mut v = super::record_json(r, OffsetDateTime::now_utc());
+        v["clipped"] = json!(issued.clipped);
+        v["files"] = json!({
+            "certificate": crt_path,
+            "key": issued.private_key.as_ref().map(|_| &key_path),
+            "ca_bundle": ca_path,
+        });
+        super::print_json(&v)?;
     } else {
         let left = (r.not_after - OffsetDateTime::now_utc()).unsigned_abs();
         println!(

@@ -40,27 +40,7 @@ pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
     let (_, store) = super::open_store(dir)?;
     let records = store.list_certificates(&filter).await?;
     if a.json {
-        let rows: Vec<_> = records
-            .iter()
-            .map(|r| {
-                json!({
-                    "serial": r.serial,
-                    "namespace": r.namespace,
-                    "name": r.name,
-                    "profile": r.profile,
-                    "spiffe_id": r.spiffe_id,
-                    "dns_names": r.dns_names,
-                    "ip_addresses": r.ip_addresses,
-                    "key_type": r.key_type,
-                    "not_before": rfc3339(r.not_before),
-                    "not_after": rfc3339(r.not_after),
-                    "status": status_text(r.status, r.not_after, now),
-                    "fingerprint": r.fingerprint,
-                    "hierarchy_id": r.hierarchy_id,
-                    "revocation_reason": r.revocation_reason,
-                })
-            })
-            .collect();
+        let rows: Vec<_> = records.iter().map(|r| super::record_json(r, now)).collect();
         super::print_json(&rows)?;
     } else {
         println!(
@@ -82,7 +62,7 @@ pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn status_text(s: CertStatus, not_after: OffsetDateTime, now: OffsetDateTime) -> &'static str {
+pub fn status_text(s: CertStatus, not_after: OffsetDateTime, now: OffsetDateTime) -> &'static str {
     match s {
         CertStatus::Revoked => "revoked",
         CertStatus::Active if not_after <= now => "expired",
