@@ -23,6 +23,13 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
 }
 
+/// The DER SubjectPublicKeyInfo of a certificate (to match it with a key).
+pub fn cert_spki(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let (_, x) = X509Certificate::from_der(der)
+        .map_err(|e| PkiError::MalformedCertificate(e.to_string()))?;
+    Ok(x.public_key().raw.to_vec())
+}
+
 /// Encodes DER as PEM with the given tag (`CERTIFICATE`).
 pub fn to_pem(tag: &str, der: &[u8]) -> String {
     pem::encode_config(

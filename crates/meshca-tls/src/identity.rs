@@ -1,0 +1,103 @@
+//! Who is on the other end of a connection.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::PeerMatcher;
+
+/// The verified identity of a peer, read from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerIdentity {
+    /// The SPIFFE ID (URI SAN), if the certificate has one.
+    pub spiffe_id: Option<String>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// The certificate's serial, hex.
+    pub serial: String,
+}
+
+impl PeerIdentity {
+    /// Reads the identity of a DER certificate.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let info = meshca_pki::describe(der, time::OffsetDateTime::now_utc()).ok()?;
+        Some(PeerIdentity {
+            spiffe_id: info.spiffe_id,
+            dns_names: info.dns_names,
+            serial: info.serial,
+        })
+    }
+
+    /// Whether any rule of `allow` matches (an empty list allows everyone).
+    pub fn allowed_by(&self, allow: &[PeerMatcher]) -> bool {
+        allow.is_empty()
+            || allow
+                .iter()
+                .any(|m| m.matches(self.spiffe_id.as_deref(), &self.dns_names))
+    }
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.spiffe_id, self.dns_names.first()) {
+            (Some(id), _) => f.write_str(id),
+            (None, Some(dns)) => write!(f, "dns:{dns}"),
+            (None, None) => write!(f, "serial:{}", self.serial),
+        }
+    }
+}
+
+/// Why a connection has no verified peer identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoPeerIdentity {
+    /// The listener does not do TLS.
+    TlsOff,
+    /// The client spoke plaintext (permissive mode).
+    Plaintext,
+    /// TLS without a client certificate (tls mode, or permissive without one).
+    NoClientCertificate,
+}
+
+impl NoPeerIdentity {
+    /// A short label, for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoPeerIdentity::TlsOff => "tls_off",
+            NoPeerIdentity::Plaintext => "plaintext",
+            NoPeerIdentity::NoClientCertificate => "no_client_certificate",
+        }
+    }
+}
+
+impl fmt::Display for NoPeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a handler learns about its connection: TLS or not, and who.
+/// Inserted into every request's extensions by [`serve`](crate::serve); in
+/// axum, take it with `Extension<Peer>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The verified identity, or why there is none.
+    pub identity: Result<PeerIdentity, NoPeerIdentity>,
+}
+
+impl Peer {
+    /// The verified identity, if any.
+    pub fn identity(&self) -> Option<&PeerIdentity> {
+        self.identity.as_ref().ok()
+    }
+
+    /// The identity as text, or `anonymous`.
+    pub fn describe(&self) -> String {
+        match &self.identity {
+            Ok(id) => id.to_string(),
+            Err(_) => "anonymous".to_owned(),
+        }
+    }
+}

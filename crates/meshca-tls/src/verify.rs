@@ -1,0 +1,193 @@
+//! Certificate verifiers: the server's client verifier with an allow-list,
+//! and the client's server verifier that checks a SPIFFE ID or DNS name.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::{PeerIdentity, PeerMatcher};
+
+/// Wraps rustls's WebPKI client verifier and refuses, during the handshake,
+/// a client whose identity is not on the allow-list.
+#[derive(Debug)]
+pub(crate) struct AllowListVerifier {
+    pub(crate) inner: Arc<dyn ClientCertVerifier>,
+    pub(crate) allow: Vec<PeerMatcher>,
+}
+
+impl ClientCertVerifier for AllowListVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let identity = PeerIdentity::from_der(end_entity).ok_or(
+            rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
+        )?;
+        if !identity.allowed_by(&self.allow) {
+            tracing::warn!(peer = %identity, "refused a client outside the allow-list");
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What a client expects the server to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerIdentity {
+    /// A DNS name among the server certificate's SANs (normal hostname check).
+    Dns(String),
+    /// A SPIFFE ID (or a prefix rule, `spiffe://td/ns/shop/*`).
+    Spiffe(PeerMatcher),
+}
+
+impl ServerIdentity {
+    /// `spiffe://...` is a SPIFFE ID (a trailing `*` makes it a prefix);
+    /// anything else is a DNS name.
+    pub fn parse(s: &str) -> Result<Self, crate::TlsError> {
+        if s.starts_with("spiffe://") {
+            Ok(ServerIdentity::Spiffe(PeerMatcher::new(s)?))
+        } else {
+            meshca_pki::validate_dns_name(s)
+                .map(ServerIdentity::Dns)
+                .map_err(|e| crate::TlsError::Config(e.to_string()))
+        }
+    }
+}
+
+/// Verifies the server's chain against the bundle, then its identity.
+#[derive(Debug)]
+pub(crate) struct IdentityServerVerifier {
+    pub(crate) roots: Vec<rustls_pki_types::TrustAnchor<'static>>,
+    pub(crate) expected: ServerIdentity,
+    pub(crate) provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for IdentityServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            rustls::Error::InvalidCertificate(match e {
+                webpki::Error::CertExpired { .. } => CertificateError::Expired,
+                webpki::Error::UnknownIssuer => CertificateError::UnknownIssuer,
+                _ => CertificateError::BadSignature,
+            })
+        })?;
+        match &self.expected {
+            ServerIdentity::Dns(name) => {
+                let name = ServerName::try_from(name.as_str()).map_err(|_| {
+                    rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+                })?;
+                cert.verify_is_valid_for_subject_name(&name).map_err(|_| {
+                    rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+                })?;
+            }
+            ServerIdentity::Spiffe(rule) => {
+                let id = PeerIdentity::from_der(end_entity).ok_or(
+                    rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
+                )?;
+                if !rule.matches(id.spiffe_id.as_deref(), &[]) {
+                    return Err(rustls::Error::InvalidCertificate(
+                        CertificateError::NotValidForName,
+                    ));
+                }
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
