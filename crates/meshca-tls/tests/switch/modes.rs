@@ -1,0 +1,202 @@
+//! Each mode against curl and openssl.
+
+use std::time::Duration;
+
+use meshca_pki::Profile;
+use meshca_tls::{PeerMatcher, TlsConfig, TlsMode, TlsVersion};
+use time::OffsetDateTime;
+
+use crate::pki::*;
+
+fn config(mode: TlsMode, certs: &std::path::Path) -> TlsConfig {
+    TlsConfig {
+        mode,
+        certs: Some(certs.to_owned()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_and_tls_modes() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "default", "web");
+    let off = start(&TlsConfig::default()).await;
+    let (ok, body, _) = curl(&format!("http://{off}/"), &[]).await;
+    assert!(ok && body == "anonymous (plaintext)\n", "{body}");
+
+    let tls = start(&config(TlsMode::Tls, &dir.join("server"))).await;
+    let url = format!("https://localhost:{}/", tls.port());
+    let ca = vec!["--cacert".to_owned(), p(&dir.join("server/ca.crt"))];
+    let (ok, body, err) = curl(&url, &ca).await;
+    assert!(ok, "{err}");
+    assert_eq!(body, "anonymous (tls)\n");
+    // Plain HTTP to a TLS port gets nowhere.
+    let (ok, _, _) = curl(&format!("http://{tls}/"), &[]).await;
+    assert!(!ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_refuses_everyone_it_should() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "shop", "web");
+    pki.service(&dir.join("allowed"), "shop", "cart");
+    pki.service(&dir.join("outsider"), "bank", "teller");
+    let now = OffsetDateTime::now_utc();
+    pki.write(
+        &dir.join("expired"),
+        "shop",
+        "old",
+        Profile::Client,
+        now - Duration::from_secs(2 * 86_400),
+        Duration::from_secs(3600),
+    );
+    let stranger_pki = Pki::new();
+    stranger_pki.service(&dir.join("stranger"), "shop", "cart");
+
+    let mut cfg = config(TlsMode::Mtls, &dir.join("server"));
+    cfg.allow = vec![PeerMatcher::new("spiffe://cluster.local/ns/shop/*").unwrap()];
+    let addr = start(&cfg).await;
+    let url = format!("https://localhost:{}/", addr.port());
+    let ca = vec!["--cacert".to_owned(), p(&dir.join("server/ca.crt"))];
+
+    let (ok, body, err) = curl(&url, &client_args(&dir.join("allowed"))).await;
+    assert!(ok, "allowed client refused: {err}");
+    assert_eq!(body, "spiffe://cluster.local/ns/shop/sa/cart (tls)\n");
+
+    // Refused in the handshake; curl reports it variously (an alert, or a
+    // reset), so only the refusal is checked.
+    let (ok, _, _) = curl(&url, &ca).await;
+    assert!(!ok, "a client without a certificate got through");
+    for who in ["outsider", "expired"] {
+        let (ok, _, err) = curl(&url, &client_args(&dir.join(who))).await;
+        assert!(!ok, "{who} got through: {err}");
+    }
+    // A certificate from another CA (its own ca.crt would not trust our server either).
+    let mut args = ca.clone();
+    args.extend([
+        "--cert".into(),
+        p(&dir.join("stranger/tls.crt")),
+        "--key".into(),
+        p(&dir.join("stranger/tls.key")),
+    ]);
+    let (ok, _, err) = curl(&url, &args).await;
+    assert!(!ok, "stranger got through: {err}");
+
+    // openssl s_client, too, completes an mTLS handshake as an allowed peer.
+    let (_, out, _) = run(
+        "openssl",
+        vec![
+            "s_client".into(),
+            "-connect".into(),
+            addr.to_string(),
+            "-servername".into(),
+            "web.shop.svc".into(),
+            "-verify_return_error".into(),
+            "-CAfile".into(),
+            p(&dir.join("server/ca.crt")),
+            "-cert".into(),
+            p(&dir.join("allowed/tls.crt")),
+            "-key".into(),
+            p(&dir.join("allowed/tls.key")),
+            "-cert_chain".into(),
+            p(&dir.join("allowed/tls.crt")),
+        ],
+    )
+    .await;
+    assert!(
+        out.contains("Verify return code: 0 (ok)") && out.contains("TLSv1.3"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_only_when_configured() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "default", "web");
+    let s_client = |addr: std::net::SocketAddr| {
+        vec![
+            "s_client".to_owned(),
+            "-connect".into(),
+            addr.to_string(),
+            "-tls1_2".into(),
+            "-CAfile".into(),
+            p(&dir.join("server/ca.crt")),
+        ]
+    };
+    let strict = start(&config(TlsMode::Tls, &dir.join("server"))).await;
+    let (_, out, err) = run("openssl", s_client(strict)).await;
+    assert!(
+        err.contains("alert protocol version") || !out.contains("Cipher is ECDHE"),
+        "TLS 1.2 accepted by default: {out}"
+    );
+    let mut cfg = config(TlsMode::Tls, &dir.join("server"));
+    cfg.min_version = TlsVersion::V1_2;
+    let lax = start(&cfg).await;
+    let (_, out, _) = run("openssl", s_client(lax)).await;
+    assert!(
+        out.contains("Protocol  : TLSv1.2") && out.contains("Verify return code: 0 (ok)"),
+        "{out}"
+    );
+    // curl agrees.
+    let ca = vec![
+        "--cacert".to_owned(),
+        p(&dir.join("server/ca.crt")),
+        "--tls-max".into(),
+        "1.2".into(),
+    ];
+    assert!(
+        !curl(&format!("https://localhost:{}/", strict.port()), &ca)
+            .await
+            .0
+    );
+    assert!(
+        curl(&format!("https://localhost:{}/", lax.port()), &ca)
+            .await
+            .0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_serves_plaintext_and_tls_on_one_port() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "default", "web");
+    pki.service(&dir.join("client"), "default", "cli");
+    let addr = start(&config(TlsMode::Permissive, &dir.join("server"))).await;
+    let (ok, body, _) = curl(&format!("http://127.0.0.1:{}/", addr.port()), &[]).await;
+    assert!(ok && body == "anonymous (plaintext)\n", "{body}");
+    let url = format!("https://localhost:{}/", addr.port());
+    let (ok, body, err) = curl(&url, &["--cacert".into(), p(&dir.join("server/ca.crt"))]).await;
+    assert!(ok && body == "anonymous (tls)\n", "{body} {err}");
+    let (ok, body, _) = curl(&url, &client_args(&dir.join("client"))).await;
+    assert!(
+        ok && body == "spiffe://cluster.local/ns/default/sa/cli (tls)\n",
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_listener_sends_301_to_https() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "default", "web");
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = plain.local_addr().unwrap().port();
+    tokio::spawn(meshca_tls::serve_redirect(plain, 9443));
+    let (_, out, _) = run(
+        "curl",
+        vec![
+            "-s".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code} %{redirect_url}".into(),
+            format!("http://localhost:{port}/a/b?c=d"),
+        ],
+    )
+    .await;
+    assert_eq!(out, "301 https://localhost:9443/a/b?c=d");
+}
