@@ -16,28 +16,21 @@ use meshca_tls::{Peer, PeerMatcher, TlsAcceptor, TlsConfig, TlsMode, TlsVersion}
 
 #[derive(Parser)]
 struct Args {
-    /// off, tls, mtls or permissive.
-    #[arg(long, default_value = "off")]
+    #[arg(long, default_value = "off", help = "off, tls, mtls or permissive")]
     mode: TlsMode,
-    /// Directory with tls.crt, tls.key and ca.crt.
-    #[arg(long)]
+    #[arg(long, help = "directory with tls.crt, tls.key and ca.crt")]
     certs: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
-    /// A plain listener that redirects to HTTPS.
-    #[arg(long)]
+    #[arg(long, help = "a plain listener that redirects to HTTPS")]
     redirect: Option<SocketAddr>,
-    /// Allowed peers (SPIFFE IDs or DNS names; a trailing * is a prefix).
-    #[arg(long)]
+    #[arg(
+        long,
+        help = "allowed peer: SPIFFE ID or DNS name, a trailing * is a prefix"
+    )]
     allow: Vec<PeerMatcher>,
-    /// Oldest TLS version: 1.3 or 1.2.
-    #[arg(long, default_value = "1.3")]
+    #[arg(long, default_value = "1.3", help = "oldest TLS version: 1.3 or 1.2")]
     min_version: TlsVersion,
-}
-
-#[derive(serde::Deserialize)]
-struct Bulk {
-    bytes: usize,
 }
 
 async fn hello(Extension(peer): Extension<Peer>) -> String {
@@ -45,28 +38,37 @@ async fn hello(Extension(peer): Extension<Peer>) -> String {
     format!("{} ({how})\n", peer.describe())
 }
 
-async fn bulk(Query(q): Query<Bulk>) -> Vec<u8> {
-    vec![b'x'; q.bytes.min(1 << 30)]
+/// Serves N bytes from one shared buffer (grown on demand, never copied).
+async fn bulk(Query(q): Query<std::collections::HashMap<String, usize>>) -> axum::body::Bytes {
+    static BUF: std::sync::Mutex<axum::body::Bytes> =
+        std::sync::Mutex::new(axum::body::Bytes::new());
+    let n = q.get("bytes").copied().unwrap_or(0).min(1 << 30);
+    let mut buf = BUF.lock().unwrap_or_else(|e| e.into_inner());
+    if buf.len() < n {
+        *buf = vec![b'x'; n].into();
+    }
+    buf.slice(..n)
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter("info")
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    let (mode, certs, min_version, redirect, allow) =
+        (a.mode, a.certs, a.min_version, a.redirect, a.allow);
     let config = TlsConfig {
-        mode: a.mode,
-        certs: a.certs,
-        min_version: a.min_version,
-        redirect: a.redirect,
-        allow: a.allow,
+        mode,
+        certs,
+        min_version,
+        redirect,
+        allow,
     };
     match run(config, a.listen).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e}"); // a bad certificate set is named here: file and problem
             std::process::ExitCode::FAILURE
         }
     }
@@ -76,16 +78,15 @@ async fn run(config: TlsConfig, listen: SocketAddr) -> Result<(), Box<dyn std::e
     let acceptor = Arc::new(TlsAcceptor::new(&config)?);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     if let Some(addr) = config.redirect {
-        let plain = tokio::net::TcpListener::bind(addr).await?;
+        let port = listener.local_addr()?.port();
         tokio::spawn(meshca_tls::serve_redirect(
-            plain,
-            listener.local_addr()?.port(),
+            tokio::net::TcpListener::bind(addr).await?,
+            port,
         ));
     }
     let app = Router::new()
         .route("/", get(hello))
         .route("/bulk", get(bulk));
     eprintln!("hello: {} on {}", config.mode, listener.local_addr()?);
-    meshca_tls::serve(listener, acceptor, app).await?;
-    Ok(())
+    Ok(meshca_tls::serve(listener, acceptor, app).await?)
 }
