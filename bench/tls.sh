@@ -85,6 +85,9 @@ hs() { target/release/examples/tls_load --addr "127.0.0.1:$1" --certs "$work/cli
 bulk() { curl -sS --fail -o /dev/null -w '%{speed_download}' --cacert "$work/client/ca.crt" \
            --cert "$work/client/tls.crt" --key "$work/client/tls.key" "$1"; }
 
+# Warm up both (meshca's hello allocates its bulk buffer on first use).
+bulk "https://localhost:$MESHCA_PORT/bulk?bytes=$((BULK_MB * 1024 * 1024))" >/dev/null
+bulk "https://localhost:$NGINX_PORT/bulk" >/dev/null
 m_hs=(); n_hs=(); m_bulk=(); n_bulk=()
 for r in $(seq "$ROUNDS"); do
   m_hs+=("$(hs "$MESHCA_PORT")"); n_hs+=("$(hs "$NGINX_PORT")")

@@ -5,5 +5,6 @@
 mod pki;
 
 mod modes;
+mod raw;
 mod reload;
 mod startup;
