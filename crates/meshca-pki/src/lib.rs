@@ -68,4 +68,26 @@ pub use inspect::{
 pub use keys::{KeyType, PrivateKey, key_type_of_spki};
 pub use leaf::{IssuedLeaf, LeafPublicKey, LeafSpec, check_ttl};
 pub use profile::Profile;
+
+/// Compares two secrets (or their hashes) in time that does not depend on
+/// where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    #[allow(deprecated)]
+    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// `n` bytes from the system CSPRNG.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, PkiError> {
+    let mut v = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut v).map_err(|_| PkiError::Random)?;
+    Ok(v)
+}
 pub use serial::Serial;

@@ -39,7 +39,7 @@ pub use embedded::EmbeddedStore;
 pub use error::StoreError;
 pub use record::{
     CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus, RevocationReason,
-    RevokeOutcome,
+    RevokeOutcome, TokenRecord, TokenRefusal,
 };
 
 /// The state of a meshca CA. See the crate docs.
@@ -75,6 +75,29 @@ pub trait Store: std::fmt::Debug + Send + Sync {
         &self,
         filter: &CertFilter,
     ) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Records a new join token; [`StoreError::Conflict`] when its id exists.
+    async fn create_token(&self, record: &TokenRecord) -> Result<(), StoreError>;
+
+    /// Every join token.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Deletes a token; [`StoreError::NotFound`] when unknown.
+    async fn delete_token(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Uses a token once, atomically: checks the secret's hash in constant
+    /// time, the expiry and the uses left, and counts the use, all in one
+    /// transaction, so two concurrent uses of a one-use token cannot both pass.
+    async fn consume_token(
+        &self,
+        id: &str,
+        secret_sha256: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError>;
+
+    /// Gives back a use taken by [`Store::consume_token`] when the
+    /// certificate could not be issued after all.
+    async fn refund_token(&self, id: &str) -> Result<(), StoreError>;
 
     /// Marks a certificate revoked (once: a second call reports
     /// [`RevokeOutcome::AlreadyRevoked`] and changes nothing).

@@ -214,3 +214,66 @@ pub enum RevokeOutcome {
     /// It was revoked before; nothing changed.
     AlreadyRevoked(CertificateRecord),
 }
+
+/// A join token: lets one workload get its first certificate for exactly one
+/// identity. Only the SHA-256 of the secret is stored.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The public id (the part before the `.` in the token).
+    pub id: String,
+    /// SHA-256 of the secret part, hex.
+    pub secret_sha256: String,
+    /// The identity's namespace.
+    pub namespace: String,
+    /// The identity's name.
+    pub name: String,
+    /// When it was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it stops working.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// How many certificates it may get.
+    pub uses_allowed: u32,
+    /// How many it got.
+    pub uses: u32,
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("id", &self.id)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("expires_at", &self.expires_at)
+            .field("uses", &self.uses)
+            .field("uses_allowed", &self.uses_allowed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a token was not accepted. The caller gets one message for all of
+/// them (an attacker learns nothing); the audit log gets the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No token with that id.
+    Unknown,
+    /// The secret does not match.
+    WrongSecret,
+    /// Past its expiry.
+    Expired,
+    /// Every use is spent.
+    UsedUp,
+}
+
+impl TokenRefusal {
+    /// A label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRefusal::Unknown => "unknown",
+            TokenRefusal::WrongSecret => "wrong_secret",
+            TokenRefusal::Expired => "expired",
+            TokenRefusal::UsedUp => "used_up",
+        }
+    }
+}

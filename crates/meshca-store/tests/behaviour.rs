@@ -173,6 +173,155 @@ async fn check_all(store: Arc<dyn Store>) {
         }
     }
     assert_eq!(wins, 1);
+
+    check_tokens(store.clone()).await;
+    check_group_commit(store).await;
+}
+
+fn token(id: &str, secret: &[u8], uses: u32, ttl: Duration) -> TokenRecord {
+    let now = OffsetDateTime::now_utc();
+    TokenRecord {
+        id: id.into(),
+        secret_sha256: meshca_pki::fingerprint(secret),
+        namespace: "default".into(),
+        name: "web".into(),
+        created_at: now,
+        expires_at: now + ttl,
+        uses_allowed: uses,
+        uses: 0,
+    }
+}
+
+async fn check_tokens(store: Arc<dyn Store>) {
+    let now = OffsetDateTime::now_utc();
+    let hour = Duration::from_secs(3600);
+    store
+        .create_token(&token("t1", b"s1", 1, hour))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .create_token(&token("t1", b"x", 1, hour))
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
+    let h = |s: &[u8]| meshca_pki::sha256(s);
+    assert_eq!(
+        store
+            .consume_token("t1", &h(b"wrong"), now)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        TokenRefusal::WrongSecret
+    );
+    assert_eq!(
+        store
+            .consume_token("nope", &h(b"s1"), now)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        TokenRefusal::Unknown
+    );
+    let used = store
+        .consume_token("t1", &h(b"s1"), now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((used.uses, used.name.as_str()), (1, "web"));
+    assert_eq!(
+        store
+            .consume_token("t1", &h(b"s1"), now)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        TokenRefusal::UsedUp
+    );
+    store.refund_token("t1").await.unwrap();
+    assert!(
+        store
+            .consume_token("t1", &h(b"s1"), now)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    assert_eq!(
+        store
+            .consume_token("t1", &h(b"s1"), now)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        TokenRefusal::UsedUp
+    );
+    store
+        .create_token(&token("t2", b"s2", 5, hour))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .consume_token("t2", &h(b"s2"), now + hour * 2)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        TokenRefusal::Expired
+    );
+    // Two (or eight) concurrent uses of a one-use token: exactly one passes.
+    store
+        .create_token(&token("once", b"s", 1, hour))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .consume_token("once", &meshca_pki::sha256(b"s"), now)
+                    .await
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for t in tasks {
+        if t.await.unwrap().unwrap().is_ok() {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 1);
+    assert_eq!(store.list_tokens().await.unwrap().len(), 3);
+    store.delete_token("t2").await.unwrap();
+    assert!(store.delete_token("t2").await.unwrap_err().is_not_found());
+    assert!(
+        !format!("{:?}", token("t", b"secret", 1, hour))
+            .contains(&meshca_pki::fingerprint(b"secret"))
+    );
+}
+
+/// Many concurrent inserts (committed in groups) are all durable and all distinct.
+async fn check_group_commit(store: Arc<dyn Store>) {
+    let before = store
+        .list_certificates(&CertFilter::default())
+        .await
+        .unwrap()
+        .len();
+    let now = OffsetDateTime::now_utc();
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let rec = cert(&Serial::random().unwrap(), &format!("bulk{i}"), now);
+                store.insert_certificate(&rec).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let after = store
+        .list_certificates(&CertFilter::default())
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(after, before + 500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
