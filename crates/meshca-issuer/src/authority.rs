@@ -108,6 +108,31 @@ impl IssueRequest {
     pub fn identity(&self) -> &Identity {
         &self.identity
     }
+
+    /// Extra DNS names asked for.
+    pub fn extra_dns(&self) -> &[String] {
+        &self.dns
+    }
+
+    /// Extra IPs asked for.
+    pub fn extra_ips(&self) -> &[String] {
+        &self.ips
+    }
+
+    /// The lifetime asked for, if any.
+    pub fn requested_ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    /// The profile asked for.
+    pub fn requested_profile(&self) -> Profile {
+        self.profile
+    }
+
+    /// Where the key comes from.
+    pub fn key_source(&self) -> &KeySource {
+        &self.key
+    }
 }
 
 /// An issued certificate, recorded.

@@ -196,6 +196,24 @@ impl Issuer for BuiltinIssuer {
     async fn trust_bundle(&self) -> Result<Vec<Vec<u8>>, IssuerError> {
         Ok(self.bundle.clone())
     }
+
+    async fn crl(
+        &self,
+        revoked: Vec<meshca_pki::RevokedEntry>,
+        crl_number: u64,
+        validity: Duration,
+    ) -> Result<Vec<u8>, IssuerError> {
+        let signing = self.signing.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            signing.sign_crl(&revoked, crl_number, OffsetDateTime::now_utc(), validity)
+        })
+        .await
+        .map_err(|e| IssuerError::Policy(format!("CRL task failed: {e}")))??)
+    }
+
+    fn issuing_ca(&self) -> (Vec<u8>, OffsetDateTime) {
+        (self.signing.cert_der().to_vec(), self.signing.not_after())
+    }
 }
 
 /// An existing CA to adopt instead of generating one.

@@ -35,9 +35,10 @@
 mod authority;
 mod builtin;
 mod error;
+mod policy;
 
 use async_trait::async_trait;
-use meshca_pki::{IssuedLeaf, LeafPublicKey, LeafSpec};
+use meshca_pki::{IssuedLeaf, LeafPublicKey, LeafSpec, RevokedEntry};
 
 pub use authority::{Authority, DEFAULT_MAX_TTL, IssueRequest, Issued, KeySource, Policy};
 pub use builtin::{
@@ -45,6 +46,7 @@ pub use builtin::{
     init_data_dir,
 };
 pub use error::IssuerError;
+pub use policy::{PolicyRule, check_workload};
 
 /// A signed leaf with the chain that goes with it.
 #[derive(Debug, Clone)]
@@ -68,4 +70,15 @@ pub trait Issuer: std::fmt::Debug + Send + Sync {
 
     /// The roots clients should trust (DER), current ones first.
     async fn trust_bundle(&self) -> Result<Vec<Vec<u8>>, IssuerError>;
+
+    /// A CRL (DER) of the issuing CA listing `revoked`, valid for `validity`.
+    async fn crl(
+        &self,
+        revoked: Vec<RevokedEntry>,
+        crl_number: u64,
+        validity: std::time::Duration,
+    ) -> Result<Vec<u8>, IssuerError>;
+
+    /// The issuing CA certificate (DER) and its notAfter, for status.
+    fn issuing_ca(&self) -> (Vec<u8>, time::OffsetDateTime);
 }

@@ -194,6 +194,61 @@ impl SigningCa {
     }
 }
 
+/// One revoked certificate, for a CRL.
+#[derive(Debug, Clone)]
+pub struct RevokedEntry {
+    /// Its serial.
+    pub serial: Serial,
+    /// When it was revoked.
+    pub revoked_at: OffsetDateTime,
+    /// RFC 5280 reason code (0 unspecified, 1 keyCompromise, 2 cACompromise,
+    /// 3 affiliationChanged, 4 superseded, 5 cessationOfOperation, 9 privilegeWithdrawn).
+    pub reason_code: u8,
+}
+
+impl SigningCa {
+    /// Signs a CRL listing `revoked`, valid from `now` for `validity`.
+    pub fn sign_crl(
+        &self,
+        revoked: &[RevokedEntry],
+        crl_number: u64,
+        now: OffsetDateTime,
+        validity: Duration,
+    ) -> Result<Vec<u8>, PkiError> {
+        use rcgen::{CertificateRevocationListParams, RevocationReason as R, RevokedCertParams};
+        let reason = |code: u8| match code {
+            1 => Some(R::KeyCompromise),
+            2 => Some(R::CaCompromise),
+            3 => Some(R::AffiliationChanged),
+            4 => Some(R::Superseded),
+            5 => Some(R::CessationOfOperation),
+            9 => Some(R::PrivilegeWithdrawn),
+            _ => Some(R::Unspecified),
+        };
+        let params = CertificateRevocationListParams {
+            this_update: now - BACKDATE,
+            next_update: now + validity,
+            crl_number: rcgen::SerialNumber::from_slice(&crl_number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|r| RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(r.serial.as_bytes()),
+                    revocation_time: r.revoked_at,
+                    reason_code: reason(r.reason_code),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params
+            .signed_by(&self.issuer)
+            .map_err(signing)?
+            .der()
+            .to_vec())
+    }
+}
+
 /// Formats a time as RFC 3339 (UTC, seconds).
 pub fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);

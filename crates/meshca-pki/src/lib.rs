@@ -51,8 +51,8 @@ mod profile;
 mod serial;
 
 pub use ca::{
-    BACKDATE, DEFAULT_ROOT_TTL, SigningCa, check_ca_cert, check_signed_by, generate_intermediate,
-    generate_root, intermediate_ttl, rfc3339,
+    BACKDATE, DEFAULT_ROOT_TTL, RevokedEntry, SigningCa, check_ca_cert, check_signed_by,
+    generate_intermediate, generate_root, intermediate_ttl, rfc3339,
 };
 pub use csr::{MAX_CSR_BYTES, VerifiedCsr, build_csr, csr_der, parse_csr};
 pub use duration::{GoDuration, format_duration, humanize, parse_duration};
