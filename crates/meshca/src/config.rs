@@ -19,6 +19,9 @@ pub struct Config {
     /// No certificate lives longer than this.
     #[serde(default = "default_max_ttl")]
     pub max_ttl: GoDuration,
+    /// What workloads may ask for (`[[policy]]` tables).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy: Vec<meshca_issuer::PolicyRule>,
 }
 
 fn default_max_ttl() -> GoDuration {
@@ -32,6 +35,7 @@ impl Config {
             trust_domain,
             key_type,
             max_ttl: default_max_ttl(),
+            policy: Vec::new(),
         }
     }
 
@@ -49,6 +53,10 @@ impl Config {
     fn validate(&self, path: &Path) -> anyhow::Result<()> {
         if self.max_ttl.get() == Duration::ZERO {
             bail!("{}: max_ttl must be greater than zero", path.display());
+        }
+        for (i, rule) in self.policy.iter().enumerate() {
+            rule.validate(i)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         }
         Ok(())
     }

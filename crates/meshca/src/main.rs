@@ -18,6 +18,22 @@ struct Cli {
     #[arg(long, global = true, env = "MESHCA_DIR", value_name = "DIR")]
     dir: Option<PathBuf>,
 
+    /// Talk to this meshca server (https://host:port) instead of the data directory.
+    #[arg(long, global = true, env = "MESHCA_SERVER", value_name = "URL")]
+    server: Option<String>,
+
+    /// Client certificate for --server [default: DIR/admin/tls.crt].
+    #[arg(long, global = true, value_name = "FILE")]
+    cert: Option<PathBuf>,
+
+    /// Client key for --server [default: DIR/admin/tls.key].
+    #[arg(long, global = true, value_name = "FILE")]
+    key: Option<PathBuf>,
+
+    /// CA bundle to verify --server with [default: DIR/admin/ca.crt].
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -34,6 +50,90 @@ enum Command {
     List(ListArgs),
     /// Revoke a certificate by serial.
     Revoke(RevokeArgs),
+    /// Run the CA service (initialises a CA first on an empty data directory).
+    Serve(ServeArgs),
+    /// Join tokens (online).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The CA hierarchy.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Ask the holders of one identity, or of all, to renew now (online).
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address of the HTTPS API.
+    #[arg(long, env = "MESHCA_LISTEN", default_value = "0.0.0.0:9443")]
+    listen: std::net::SocketAddr,
+    /// A plain HTTP listener that redirects to the API.
+    #[arg(long, value_name = "ADDR")]
+    http_redirect: Option<std::net::SocketAddr>,
+    /// Another DNS name for the server's certificate (repeatable).
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
+    /// Trust domain, when the data directory has no CA yet.
+    #[arg(long, default_value = meshca_pki::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token for one identity; prints the token alone on stdout.
+    Create(TokenCreateArgs),
+    /// List join tokens.
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a join token by id.
+    Delete {
+        /// The token's id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TokenCreateArgs {
+    /// The service name.
+    name: String,
+    /// The namespace.
+    #[arg(long, short = 'n', default_value = meshca_pki::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// How long the token works.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    /// How many certificates it may get.
+    #[arg(long, default_value = "1")]
+    uses: u32,
+    /// Print {token, ca_fingerprint, expires_at} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// The hierarchies, their expiry, the issuer in use.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RotateArgs {
+    /// The identity's name.
+    #[arg(required_unless_present = "all")]
+    name: Option<String>,
+    /// The namespace.
+    #[arg(long, short = 'n', default_value = meshca_pki::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Every live identity.
+    #[arg(long, conflicts_with = "name")]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -156,15 +256,38 @@ fn main() -> ExitCode {
     };
     let explicit_dir = cli.dir.is_some();
     let dir = cli.dir.unwrap_or_else(|| PathBuf::from("meshca-data"));
+    let online = cli.server.as_ref().map(|url| cmd::online::Target {
+        url: url.clone(),
+        cert: cli
+            .cert
+            .clone()
+            .unwrap_or_else(|| dir.join("admin/tls.crt")),
+        key: cli.key.clone().unwrap_or_else(|| dir.join("admin/tls.key")),
+        ca: cli.ca.clone().unwrap_or_else(|| dir.join("admin/ca.crt")),
+    });
+    if matches!(cli.command, Command::Serve(_)) {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Init(a) => cmd::init::run(&dir, a).await,
-            Command::Issue(a) => cmd::issue::run(&dir, a).await,
-            Command::Inspect(a) => {
-                cmd::inspect::run(explicit_dir.then_some(dir.as_path()), a).await
-            }
-            Command::List(a) => cmd::records::list(&dir, a).await,
-            Command::Revoke(a) => cmd::records::revoke(&dir, a).await,
+        match (cli.command, online) {
+            (Command::Init(a), _) => cmd::init::run(&dir, a).await,
+            (Command::Serve(a), _) => cmd::serve::run(&dir, a).await,
+            (Command::Inspect(a), _) => cmd::inspect::run(explicit_dir.then_some(dir.as_path()), a).await,
+            (Command::Issue(a), Some(t)) => cmd::online::issue(&t, a).await,
+            (Command::Issue(a), None) => cmd::issue::run(&dir, a).await,
+            (Command::List(a), Some(t)) => cmd::online::list(&t, a).await,
+            (Command::List(a), None) => cmd::records::list(&dir, a).await,
+            (Command::Revoke(a), Some(t)) => cmd::online::revoke(&t, a).await,
+            (Command::Revoke(a), None) => cmd::records::revoke(&dir, a).await,
+            (Command::Token(c), Some(t)) => cmd::online::token(&t, c).await,
+            (Command::Rotate(a), Some(t)) => cmd::online::rotate(&t, a).await,
+            (Command::Ca(c), Some(t)) => cmd::online::ca(&t, c).await,
+            (Command::Ca(c), None) => cmd::records::ca(&dir, c).await,
+            (Command::Token(_) | Command::Rotate(_), None) => Err(anyhow::anyhow!(
+                "this command talks to a running server: give --server https://HOST:9443 (or MESHCA_SERVER)"
+            )),
         }
     });
     match result {

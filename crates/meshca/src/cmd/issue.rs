@@ -46,25 +46,13 @@ pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
     };
     let issued = authority.issue(req).await?;
 
-    // A directory meshca creates is 0700 (it holds a key); an existing one
-    // keeps the mode its owner gave it.
-    if !a.out.exists() {
-        create_private_dir(&a.out)?;
-    }
-    let key_path = a.out.join("tls.key");
-    let crt_path = a.out.join("tls.crt");
-    let ca_path = a.out.join("ca.crt");
-    // The key first: a reader that sees the new certificate finds its key.
-    if let Some(key) = &issued.private_key {
-        write_atomic(&key_path, key.to_pem().as_bytes(), SECRET_MODE)?;
-    } else if key_path.exists() {
-        eprintln!(
-            "warning: {} is from an earlier certificate and does not match the new tls.crt; the CSR's key belongs with it",
-            key_path.display()
-        );
-    }
-    write_atomic(&crt_path, issued.certificate_pem.as_bytes(), PUBLIC_MODE)?;
-    write_atomic(&ca_path, issued.ca_bundle_pem.as_bytes(), PUBLIC_MODE)?;
+    let key_pem = issued.private_key.as_ref().map(|k| k.to_pem());
+    let (crt_path, key_path, ca_path) = write_out(
+        &a.out,
+        &issued.certificate_pem,
+        &issued.ca_bundle_pem,
+        key_pem.as_deref(),
+    )?;
 
     let r = &issued.record;
     if issued.clipped {
@@ -101,4 +89,34 @@ pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
         println!("  wrote {}", ca_path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `tls.crt`, `tls.key` (0600, when there is one) and `ca.crt` into
+/// `out`, the key first so that a reader seeing the new certificate finds its
+/// key. Returns the three paths.
+pub fn write_out(
+    out: &Path,
+    cert_pem: &str,
+    ca_pem: &str,
+    key_pem: Option<&str>,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    // A directory meshca creates is 0700 (it holds a key); an existing one
+    // keeps the mode its owner gave it.
+    if !out.exists() {
+        create_private_dir(out)?;
+    }
+    let key_path = out.join("tls.key");
+    let crt_path = out.join("tls.crt");
+    let ca_path = out.join("ca.crt");
+    if let Some(key) = key_pem {
+        write_atomic(&key_path, key.as_bytes(), SECRET_MODE)?;
+    } else if key_path.exists() {
+        eprintln!(
+            "warning: {} is from an earlier certificate and does not match the new tls.crt; the CSR's key belongs with it",
+            key_path.display()
+        );
+    }
+    write_atomic(&crt_path, cert_pem.as_bytes(), PUBLIC_MODE)?;
+    write_atomic(&ca_path, ca_pem.as_bytes(), PUBLIC_MODE)?;
+    Ok((crt_path, key_path, ca_path))
 }

@@ -4,7 +4,9 @@
 pub mod init;
 pub mod inspect;
 pub mod issue;
+pub mod online;
 pub mod records;
+pub mod serve;
 
 use std::path::Path;
 use std::sync::Arc;

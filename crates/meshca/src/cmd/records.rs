@@ -104,3 +104,56 @@ pub async fn revoke(dir: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `meshca ca status` on a data directory.
+pub async fn ca(dir: &Path, c: crate::CaCommand) -> anyhow::Result<ExitCode> {
+    let crate::CaCommand::Status { json } = c;
+    let (config, authority) = super::open_authority(dir).await?;
+    let hierarchies: Vec<serde_json::Value> = authority
+        .store()
+        .list_hierarchies()
+        .await?
+        .iter()
+        .map(|h| {
+            let fp = meshca_pki::parse_certs(h.root_pem.as_bytes()).ok().and_then(|c| c.first().map(|d| meshca_pki::fingerprint(d)));
+            json!({"id": h.id, "status": h.status, "key_type": h.key_type, "root_fingerprint": fp,
+                   "root_not_after": rfc3339(h.root_not_after), "intermediate_not_after": rfc3339(h.intermediate_not_after)})
+        })
+        .collect();
+    let (_, int_after) = authority.issuer().issuing_ca();
+    let v = json!({"issuer": authority.issuer().kind(), "healthy": int_after > OffsetDateTime::now_utc(),
+                   "trust_domain": config.trust_domain, "hierarchies": hierarchies, "issuing_ca_not_after": rfc3339(int_after)});
+    if json {
+        super::print_json(&v)?;
+    } else {
+        print_ca_status(&v);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a `/v1/ca` answer for people.
+pub fn print_ca_status(v: &serde_json::Value) {
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
+    println!(
+        "issuer: {} ({})",
+        s(&v["issuer"]),
+        if v["healthy"] == true {
+            "healthy"
+        } else {
+            "NOT healthy"
+        }
+    );
+    println!("trust domain: {}", s(&v["trust_domain"]));
+    println!("issuing CA expires: {}", s(&v["issuing_ca_not_after"]));
+    for h in v["hierarchies"].as_array().into_iter().flatten() {
+        println!(
+            "hierarchy {} [{}] {}: root {} (until {}), intermediate until {}",
+            s(&h["id"]),
+            s(&h["status"]),
+            s(&h["key_type"]),
+            s(&h["root_fingerprint"]),
+            s(&h["root_not_after"]),
+            s(&h["intermediate_not_after"])
+        );
+    }
+}

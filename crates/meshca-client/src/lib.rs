@@ -1,0 +1,355 @@
+//! A client of the meshca API, for the CLI and the agent.
+//!
+//! # Design
+//! One HTTPS request per call over its own connection (hyper's HTTP/1.1
+//! client on tokio-rustls): the CLI makes a handful of calls, and the agent
+//! renews once in hours. The server is verified against `ca.crt` and the
+//! URL's host; the caller is authenticated by a client certificate, a join
+//! token, or both absent for public endpoints. Error answers come back as
+//! [`ClientError::Api`] with the server's code and message.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), meshca_client::ClientError> {
+//! let client = meshca_client::Client::builder("https://localhost:9443")?
+//!     .trust_pem(&std::fs::read("meshca-data/admin/ca.crt").unwrap())?
+//!     .identity_pem(&std::fs::read("meshca-data/admin/tls.crt").unwrap(), &std::fs::read("meshca-data/admin/tls.key").unwrap())?
+//!     .build()?;
+//! let status = client.get("/v1/ca").await?;
+//! println!("{status}");
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use serde_json::Value;
+
+/// How long one call may take.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What can go wrong in a call.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server URL or credentials are unusable.
+    Config(String),
+    /// The server could not be reached or the TLS handshake failed.
+    Connect(String),
+    /// The server answered with an error.
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The server's error code.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The answer was not what the API promises.
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True when retrying later may help (unreachable, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect(_) => true,
+            ClientError::Api { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Config(e) => write!(f, "{e}"),
+            ClientError::Connect(e) => write!(f, "cannot reach the meshca server: {e}"),
+            ClientError::Api {
+                status,
+                code,
+                message,
+            } => write!(f, "the server refused ({status} {code}): {message}"),
+            ClientError::Protocol(e) => write!(f, "unexpected answer from the server: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// Builds a [`Client`].
+#[derive(Debug)]
+pub struct ClientBuilder {
+    host: String,
+    port: u16,
+    roots: rustls::RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    token: Option<String>,
+}
+
+impl ClientBuilder {
+    /// Trusts the CA certificates in this PEM bundle (the server's `ca.crt`).
+    pub fn trust_pem(mut self, pem: &[u8]) -> Result<Self, ClientError> {
+        for c in CertificateDer::pem_slice_iter(pem) {
+            let c = c.map_err(|e| ClientError::Config(format!("bad CA bundle: {e}")))?;
+            self.roots
+                .add(c)
+                .map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
+        }
+        if self.roots.is_empty() {
+            return Err(ClientError::Config(
+                "the CA bundle holds no certificate".into(),
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Presents this certificate chain and key.
+    pub fn identity_pem(mut self, cert: &[u8], key: &[u8]) -> Result<Self, ClientError> {
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Config(format!("bad client certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|e| ClientError::Config(format!("bad client key: {e}")))?;
+        self.identity = Some((chain, key));
+        Ok(self)
+    }
+
+    /// Sends `Authorization: Bearer <token>`.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    /// The client.
+    pub fn build(self) -> Result<Client, ClientError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .with_root_certificates(self.roots);
+        let config = match self.identity {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Config(format!("client certificate: {e}")))?,
+            None => builder.with_no_client_auth(),
+        };
+        let name = ServerName::try_from(
+            self.host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        )
+        .map_err(|e| ClientError::Config(format!("server host {:?}: {e}", self.host)))?;
+        Ok(Client {
+            addr: format!("{}:{}", self.host, self.port),
+            host: self.host,
+            name,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            token: self.token,
+        })
+    }
+}
+
+/// A meshca API client.
+#[derive(Clone)]
+pub struct Client {
+    addr: String,
+    host: String,
+    name: ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+    token: Option<String>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts building a client of `url` (`https://host[:port]`, port 9443 by default).
+    pub fn builder(url: &str) -> Result<ClientBuilder, ClientError> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| {
+                ClientError::Config(format!("server URL {url:?} must start with https://"))
+            })?
+            .trim_end_matches('/');
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| ClientError::Config(format!("bad server URL {url:?}")))?;
+            let port = after.strip_prefix(':').map(str::parse::<u16>).transpose();
+            (format!("[{h}]"), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), p.parse::<u16>().map(Some)),
+                None => (rest.to_owned(), Ok(None)),
+            }
+        };
+        let port = port
+            .map_err(|_| ClientError::Config(format!("bad port in server URL {url:?}")))?
+            .unwrap_or(9443);
+        if host.is_empty() || host.contains('/') {
+            return Err(ClientError::Config(format!(
+                "bad host in server URL {url:?}"
+            )));
+        }
+        Ok(ClientBuilder {
+            host,
+            port,
+            roots: rustls::RootCertStore::empty(),
+            identity: None,
+            token: None,
+        })
+    }
+
+    /// `GET path`, JSON answer.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.json(Method::GET, path, None).await
+    }
+
+    /// `POST path` with a JSON body, JSON answer.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.json(Method::POST, path, Some(body)).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        self.json(Method::DELETE, path, None).await
+    }
+
+    /// Any call with a JSON answer (an empty answer is `null`).
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let (status, bytes) = self
+            .raw(method, path, body.map(|b| b.to_string().into_bytes()), &[])
+            .await?;
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Protocol(format!("{status}: not JSON: {e}")))?
+        };
+        if status.is_success() {
+            Ok(value)
+        } else {
+            Err(ClientError::Api {
+                status: status.as_u16(),
+                code: value["error"]["code"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                message: value["error"]["message"]
+                    .as_str()
+                    .unwrap_or("(no message)")
+                    .to_owned(),
+            })
+        }
+    }
+
+    /// Any call; the status and body as they came.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        tokio::time::timeout(TIMEOUT, self.raw_inner(method, path, body, headers))
+            .await
+            .map_err(|_| {
+                ClientError::Connect(format!("no answer from {} within {TIMEOUT:?}", self.addr))
+            })?
+    }
+
+    async fn raw_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.addr)))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| ClientError::Connect(format!("TLS with {}: {e}", self.addr)))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.host);
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let b = Client::builder("https://localhost").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("localhost", 9443));
+        let b = Client::builder("https://[::1]:8443/").unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("[::1]", 8443));
+        assert!(Client::builder("http://localhost").is_err());
+        assert!(Client::builder("https://localhost:x").is_err());
+    }
+}

@@ -1,0 +1,830 @@
+//! The HTTP handlers of `/v1`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::StreamExt;
+use http::{HeaderMap, StatusCode, header};
+use meshca_issuer::{IssueRequest, Issued, check_workload};
+use meshca_pki::{KeyType, Profile, Serial, parse_csr, parse_duration, rfc3339, sha256};
+use meshca_store::{
+    CertFilter, CertStatus, CertificateRecord, RevocationReason, RevokeOutcome, TokenRecord,
+};
+use meshca_tls::Peer;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use crate::auth::{Caller, authenticate};
+use crate::{ApiError, AppState};
+
+/// Largest CSR accepted in a request.
+pub const MAX_CSR: usize = 16 * 1024;
+/// Most extra SANs in one request.
+pub const MAX_SANS: usize = 100;
+
+type S = State<Arc<AppState>>;
+
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn caller(state: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    authenticate(state, peer, headers).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertRequest {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+    #[serde(default)]
+    csr: Option<String>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    profile: Option<String>,
+    #[serde(default)]
+    key_type: Option<String>,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    ips: Vec<String>,
+}
+
+fn default_ns() -> String {
+    meshca_pki::DEFAULT_NAMESPACE.to_owned()
+}
+
+fn cert_json(issued: &Issued) -> Value {
+    let mut v = json!({
+        "certificate": issued.certificate_pem,
+        "ca_bundle": issued.ca_bundle_pem,
+        "serial": issued.record.serial,
+        "not_after": rfc3339(issued.record.not_after),
+        "spiffe_id": issued.record.spiffe_id,
+    });
+    if let Some(k) = &issued.private_key {
+        v["private_key"] = json!(k.to_pem());
+    }
+    v
+}
+
+/// `POST /v1/sign` and `POST /v1/issue`.
+async fn certificate(
+    state: &AppState,
+    peer: &Peer,
+    headers: &HeaderMap,
+    body: &Bytes,
+    from_csr: bool,
+) -> Result<Value, ApiError> {
+    let started = Instant::now();
+    let who = caller(state, peer, headers).await?;
+    let r: CertRequest = parse_json(body)?;
+    let action = if from_csr { "sign" } else { "issue" };
+    let identity_text = format!("{}/{}", r.namespace, r.name);
+    let refuse = |e: ApiError| {
+        state.audit.record(
+            action,
+            &who.describe(),
+            Some(&identity_text),
+            None,
+            "refused",
+            Some(&e.message),
+        );
+        state.metrics.issuance(e.code);
+        e
+    };
+    if r.dns.len() + r.ips.len() > MAX_SANS {
+        return Err(refuse(ApiError::bad_request(format!(
+            "{} extra SANs asked for; at most {MAX_SANS}",
+            r.dns.len() + r.ips.len()
+        ))));
+    }
+    let mut req = IssueRequest::new(&r.namespace, &r.name)
+        .map_err(|e| refuse(e.into()))?
+        .dns(r.dns.clone())
+        .ips(r.ips.clone());
+    if let Some(p) = &r.profile {
+        req = req.profile(p.parse::<Profile>().map_err(|e| refuse(e.into()))?);
+    }
+    if let Some(t) = &r.ttl {
+        req = req.ttl(Some(parse_duration(t).map_err(|e| refuse(e.into()))?));
+    }
+    req = if from_csr {
+        if r.key_type.is_some() {
+            return Err(refuse(ApiError::bad_request(
+                "key_type is for /v1/issue; a CSR brings its own key",
+            )));
+        }
+        let csr = r
+            .csr
+            .as_deref()
+            .ok_or_else(|| refuse(ApiError::bad_request("missing field `csr` (PEM)")))?;
+        if csr.len() > MAX_CSR {
+            return Err(refuse(ApiError::too_large(format!(
+                "the CSR is {} bytes; at most {MAX_CSR}",
+                csr.len()
+            ))));
+        }
+        req.csr(parse_csr(csr.as_bytes()).map_err(|e| refuse(e.into()))?)
+    } else {
+        if r.csr.is_some() {
+            return Err(refuse(ApiError::bad_request(
+                "csr is for /v1/sign; /v1/issue generates the key",
+            )));
+        }
+        let kt = match &r.key_type {
+            Some(k) => k.parse::<KeyType>().map_err(|e| refuse(e.into()))?,
+            None => state.key_type,
+        };
+        req.generate_key(kt)
+    };
+
+    // Authorization: the admin may ask for anything within the global limit;
+    // a workload or token only for its own identity, within the policy.
+    let mut token_used: Option<String> = None;
+    match &who {
+        Caller::Admin => {}
+        Caller::Workload(id) => {
+            if !from_csr {
+                return Err(refuse(ApiError::forbidden(
+                    "a workload renews with /v1/sign and its own CSR",
+                )));
+            }
+            if id != req.identity() {
+                return Err(refuse(ApiError::forbidden(format!(
+                    "{id} may not obtain a certificate for {identity_text}"
+                ))));
+            }
+            check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
+        }
+        Caller::Token { id, secret } => {
+            check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
+            let hash = sha256(secret.as_bytes());
+            let token = match state
+                .store
+                .consume_token(id, &hash, OffsetDateTime::now_utc())
+                .await?
+            {
+                Ok(t) => t,
+                Err(why) => {
+                    state.audit.record(
+                        "token-use",
+                        &who.describe(),
+                        Some(&identity_text),
+                        None,
+                        "refused",
+                        Some(why.as_str()),
+                    );
+                    return Err(refuse(ApiError::unauthenticated(
+                        "the join token is unknown, expired or used up",
+                    )));
+                }
+            };
+            if token.namespace != r.namespace || token.name != r.name {
+                let _ = state.store.refund_token(id).await;
+                return Err(refuse(ApiError::forbidden(format!(
+                    "this join token is for {}/{}, not {identity_text}",
+                    token.namespace, token.name
+                ))));
+            }
+            token_used = Some(id.clone());
+        }
+        Caller::Anonymous => {
+            return Err(refuse(ApiError::unauthenticated(
+                "present a client certificate (admin, or the identity itself) or `Authorization: Bearer <join token>`",
+            )));
+        }
+    }
+    let issued = match state.authority.issue(req).await {
+        Ok(i) => i,
+        Err(e) => {
+            if let Some(id) = &token_used {
+                let _ = state.store.refund_token(id).await;
+            }
+            return Err(refuse(e.into()));
+        }
+    };
+    let serial = issued.record.serial.to_hex();
+    state.audit.record(
+        action,
+        &who.describe(),
+        Some(&identity_text),
+        Some(&serial),
+        "allowed",
+        None,
+    );
+    if let Some(id) = &token_used {
+        state.audit.record(
+            "token-use",
+            &who.describe(),
+            Some(&identity_text),
+            Some(&serial),
+            "allowed",
+            Some(id),
+        );
+    }
+    state.metrics.issuance("issued");
+    state.metrics.latency(started.elapsed());
+    state
+        .events
+        .publish("issued", Some((&r.namespace, &r.name)), Some(serial));
+    Ok(cert_json(&issued))
+}
+
+pub async fn sign(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    certificate(&s, &peer, &headers, &body, true)
+        .await
+        .map(Json)
+}
+
+pub async fn issue(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    certificate(&s, &peer, &headers, &body, false)
+        .await
+        .map(Json)
+}
+
+fn record_json(r: &CertificateRecord, with_pem: bool) -> Value {
+    let now = OffsetDateTime::now_utc();
+    let status = match r.status {
+        CertStatus::Revoked => "revoked",
+        CertStatus::Active if r.not_after <= now => "expired",
+        CertStatus::Active => "active",
+    };
+    let mut v = json!({
+        "serial": r.serial, "namespace": r.namespace, "name": r.name, "profile": r.profile,
+        "spiffe_id": r.spiffe_id, "dns_names": r.dns_names, "ip_addresses": r.ip_addresses,
+        "key_type": r.key_type, "not_before": rfc3339(r.not_before), "not_after": rfc3339(r.not_after),
+        "status": status, "fingerprint": r.fingerprint, "hierarchy_id": r.hierarchy_id,
+        "revoked_at": r.revoked_at.map(rfc3339), "revocation_reason": r.revocation_reason,
+    });
+    if with_pem {
+        v["certificate"] = json!(r.certificate_pem);
+    }
+    v
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    identity: Option<String>,
+    status: Option<String>,
+    expiring_within: Option<String>,
+}
+
+pub async fn list(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&s, &peer, &headers).await?.require_admin()?;
+    let now = OffsetDateTime::now_utc();
+    let mut filter = CertFilter::default();
+    if let Some(id) = &q.identity {
+        let (ns, name) = id.split_once('/').ok_or_else(|| {
+            ApiError::bad_request(format!("identity {id:?} must be namespace/name"))
+        })?;
+        filter.namespace = Some(ns.to_owned());
+        filter.name = Some(name.to_owned());
+    }
+    let mut only_expired = false;
+    match q.status.as_deref() {
+        None => {}
+        Some("active") => {
+            filter.status = Some(CertStatus::Active);
+            filter.exclude_expired_before = Some(now);
+        }
+        Some("revoked") => filter.status = Some(CertStatus::Revoked),
+        Some("expired") => {
+            filter.status = Some(CertStatus::Active);
+            only_expired = true;
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown status {other:?}: use active, revoked or expired"
+            )));
+        }
+    }
+    if let Some(d) = &q.expiring_within {
+        let d = parse_duration(d)?;
+        filter.status = Some(CertStatus::Active);
+        filter.not_after_before = Some(now + d);
+        filter.exclude_expired_before = Some(now);
+    }
+    let mut records = s.store.list_certificates(&filter).await?;
+    if only_expired {
+        records.retain(|r| r.not_after <= now);
+    }
+    Ok(Json(
+        json!({"certificates": records.iter().map(|r| record_json(r, false)).collect::<Vec<_>>()}),
+    ))
+}
+
+fn parse_serial(text: &str) -> Result<Serial, ApiError> {
+    text.parse::<Serial>().map_err(ApiError::from)
+}
+
+pub async fn get_certificate(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path(serial): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&s, &peer, &headers).await?.require_admin()?;
+    let r = s.store.get_certificate(&parse_serial(&serial)?).await?;
+    Ok(Json(record_json(&r, true)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn revoke_one(
+    s: &AppState,
+    who: &Caller,
+    serial: &Serial,
+    reason: RevocationReason,
+) -> Result<(CertificateRecord, bool), ApiError> {
+    let (record, fresh) = match s
+        .store
+        .revoke_certificate(serial, reason, OffsetDateTime::now_utc())
+        .await?
+    {
+        RevokeOutcome::Revoked(r) => (r, true),
+        RevokeOutcome::AlreadyRevoked(r) => (r, false),
+    };
+    if fresh {
+        let identity = format!("{}/{}", record.namespace, record.name);
+        s.audit.record(
+            "revoke",
+            &who.describe(),
+            Some(&identity),
+            Some(&serial.to_hex()),
+            "allowed",
+            Some(reason.as_str()),
+        );
+        s.events.publish(
+            "revoked",
+            Some((&record.namespace, &record.name)),
+            Some(serial.to_hex()),
+        );
+        s.invalidate_crl();
+    }
+    Ok((record, fresh))
+}
+
+pub async fn revoke(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path(serial): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    let b: RevokeBody = if body.is_empty() {
+        RevokeBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let reason = match &b.reason {
+        Some(r) => r
+            .parse::<RevocationReason>()
+            .map_err(ApiError::bad_request)?,
+        None => RevocationReason::Unspecified,
+    };
+    let (record, fresh) = revoke_one(&s, &who, &parse_serial(&serial)?, reason).await?;
+    let mut v = record_json(&record, false);
+    v["already_revoked"] = json!(!fresh);
+    Ok(Json(v))
+}
+
+async fn current_of(s: &AppState, ns: &str, name: &str) -> Result<CertificateRecord, ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let filter = CertFilter {
+        namespace: Some(ns.to_owned()),
+        name: Some(name.to_owned()),
+        status: Some(CertStatus::Active),
+        exclude_expired_before: Some(now),
+        ..Default::default()
+    };
+    s.store
+        .list_certificates(&filter)
+        .await?
+        .into_iter()
+        .max_by_key(|r| r.issued_at)
+        .ok_or_else(|| ApiError::not_found(format!("no live certificate for {ns}/{name}")))
+}
+
+pub async fn get_identity(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    match caller(&s, &peer, &headers).await? {
+        Caller::Admin => {}
+        Caller::Workload(id) if id.namespace() == ns && id.name() == name => {}
+        other => other.require_admin()?,
+    }
+    Ok(Json(record_json(&current_of(&s, &ns, &name).await?, true)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CnQuery {
+    cn: String,
+}
+
+pub async fn identity_by_cn(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Query(q): Query<CnQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller(&s, &peer, &headers).await?.require_admin()?;
+    let suffix = format!(".svc.{}", s.authority.policy().trust_domain);
+    let (ns, name) =
+        q.cn.strip_suffix(&suffix)
+            .and_then(|rest| rest.split_once('.'))
+            .map(|(name, ns)| (ns.to_owned(), name.to_owned()))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "cn {:?} is not of the form <name>.<namespace>{suffix}",
+                    q.cn
+                ))
+            })?;
+    Ok(Json(record_json(&current_of(&s, &ns, &name).await?, true)))
+}
+
+pub async fn release_identity(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    let filter = CertFilter {
+        namespace: Some(ns.clone()),
+        name: Some(name.clone()),
+        status: Some(CertStatus::Active),
+        ..Default::default()
+    };
+    let mut revoked = Vec::new();
+    for r in s.store.list_certificates(&filter).await? {
+        revoke_one(&s, &who, &r.serial, RevocationReason::PrivilegeWithdrawn).await?;
+        revoked.push(r.serial.to_hex());
+    }
+    // Its join tokens go too: a released identity gets nothing more.
+    for t in s.store.list_tokens().await? {
+        if t.namespace == ns && t.name == name {
+            let _ = s.store.delete_token(&t.id).await;
+        }
+    }
+    s.audit.record(
+        "release",
+        &who.describe(),
+        Some(&format!("{ns}/{name}")),
+        None,
+        "allowed",
+        None,
+    );
+    Ok(Json(
+        json!({"namespace": ns, "name": name, "revoked": revoked}),
+    ))
+}
+
+pub async fn rotate_identity(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    s.events.publish("rotate", Some((&ns, &name)), None);
+    s.audit.record(
+        "rotate",
+        &who.describe(),
+        Some(&format!("{ns}/{name}")),
+        None,
+        "allowed",
+        None,
+    );
+    Ok(Json(json!({"rotating": [format!("{ns}/{name}")]})))
+}
+
+pub async fn rotate_all(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    let now = OffsetDateTime::now_utc();
+    let filter = CertFilter {
+        status: Some(CertStatus::Active),
+        exclude_expired_before: Some(now),
+        ..Default::default()
+    };
+    let mut identities: Vec<(String, String)> = s
+        .store
+        .list_certificates(&filter)
+        .await?
+        .into_iter()
+        .map(|r| (r.namespace, r.name))
+        .collect();
+    identities.sort();
+    identities.dedup();
+    for (ns, name) in &identities {
+        s.events.publish("rotate", Some((ns, name)), None);
+    }
+    s.audit
+        .record("rotate-all", &who.describe(), None, None, "allowed", None);
+    Ok(Json(
+        json!({"rotating": identities.iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>()}),
+    ))
+}
+
+pub async fn bundle(State(s): S) -> Result<Response, ApiError> {
+    let pem = s.authority.trust_bundle_pem().await?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+}
+
+pub async fn crl(State(s): S, headers: HeaderMap) -> Result<Response, ApiError> {
+    let der = s.crl().await?;
+    let wants_pem = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/x-pem-file"));
+    if wants_pem {
+        Ok((
+            [(header::CONTENT_TYPE, "application/x-pem-file")],
+            meshca_pki::to_pem("X509 CRL", &der),
+        )
+            .into_response())
+    } else {
+        Ok(([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBody {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    uses: Option<u32>,
+}
+
+pub async fn create_token(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    let b: TokenBody = parse_json(&body)?;
+    let identity = meshca_pki::Identity::new(&b.namespace, &b.name)?;
+    let ttl = match &b.ttl {
+        Some(t) => parse_duration(t)?,
+        None => Duration::from_secs(3600),
+    };
+    if ttl.is_zero() || ttl > Duration::from_secs(30 * 86_400) {
+        return Err(ApiError::bad_request(format!(
+            "token ttl {:?} must be more than 0 and at most 720h",
+            b.ttl.unwrap_or_default()
+        )));
+    }
+    let uses = b.uses.unwrap_or(1);
+    if uses == 0 || uses > 10_000 {
+        return Err(ApiError::bad_request("uses must be between 1 and 10000"));
+    }
+    let id = hex::encode(meshca_pki::random_bytes(8)?);
+    let secret = hex::encode(meshca_pki::random_bytes(32)?);
+    let now = OffsetDateTime::now_utc();
+    let record = TokenRecord {
+        id: id.clone(),
+        secret_sha256: hex::encode(sha256(secret.as_bytes())),
+        namespace: identity.namespace().to_owned(),
+        name: identity.name().to_owned(),
+        created_at: now,
+        expires_at: now + ttl,
+        uses_allowed: uses,
+        uses: 0,
+    };
+    s.store.create_token(&record).await?;
+    s.audit.record(
+        "token-create",
+        &who.describe(),
+        Some(&identity.to_string()),
+        None,
+        "allowed",
+        Some(&id),
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": format!("mct_{id}.{secret}"),
+            "id": id,
+            "namespace": record.namespace,
+            "name": record.name,
+            "uses": uses,
+            "expires_at": rfc3339(record.expires_at),
+            "ca_fingerprint": s.root_fingerprint().await?,
+        })),
+    ))
+}
+
+pub async fn list_tokens(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    caller(&s, &peer, &headers).await?.require_admin()?;
+    let tokens: Vec<Value> = s
+        .store
+        .list_tokens()
+        .await?
+        .iter()
+        .map(|t| json!({"id": t.id, "namespace": t.namespace, "name": t.name, "created_at": rfc3339(t.created_at),
+                        "expires_at": rfc3339(t.expires_at), "uses": t.uses, "uses_allowed": t.uses_allowed}))
+        .collect();
+    Ok(Json(json!({"tokens": tokens})))
+}
+
+pub async fn delete_token(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    s.store.delete_token(&id).await?;
+    s.audit.record(
+        "token-delete",
+        &who.describe(),
+        None,
+        None,
+        "allowed",
+        Some(&id),
+    );
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn ca_status(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    caller(&s, &peer, &headers).await?.require_admin()?;
+    let now = OffsetDateTime::now_utc();
+    let hierarchies: Vec<Value> = s
+        .store
+        .list_hierarchies()
+        .await?
+        .iter()
+        .map(|h| {
+            let fp = meshca_pki::parse_certs(h.root_pem.as_bytes()).ok().and_then(|c| c.first().map(|d| meshca_pki::fingerprint(d)));
+            json!({"id": h.id, "status": h.status, "key_type": h.key_type, "root_fingerprint": fp,
+                   "root_not_after": rfc3339(h.root_not_after), "intermediate_not_after": rfc3339(h.intermediate_not_after),
+                   "created_at": rfc3339(h.created_at)})
+        })
+        .collect();
+    let (_, issuing_not_after) = s.authority.issuer().issuing_ca();
+    Ok(Json(json!({
+        "issuer": s.authority.issuer().kind(),
+        "healthy": issuing_not_after > now,
+        "trust_domain": s.authority.policy().trust_domain,
+        "hierarchies": hierarchies,
+        "issuing_ca_not_after": rfc3339(issuing_not_after),
+        "root_fingerprint": s.root_fingerprint().await?,
+    })))
+}
+
+pub async fn events(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    let filter: Option<(String, String)> = match &who {
+        Caller::Admin => None,
+        Caller::Workload(id) => Some((id.namespace().to_owned(), id.name().to_owned())),
+        _ => {
+            return Err(ApiError::unauthenticated(
+                "events need the admin certificate or a workload's own certificate",
+            ));
+        }
+    };
+    let last: Option<u64> = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let (backlog, rx) = s.events.subscribe(last);
+    let visible =
+        move |e: &crate::events::Event| filter.as_ref().is_none_or(|(ns, n)| e.visible_to(ns, n));
+    let to_sse = |e: crate::events::Event| {
+        Ok::<_, std::convert::Infallible>(
+            SseEvent::default()
+                .id(e.id.to_string())
+                .event(e.kind)
+                .json_data(&e)
+                .unwrap_or_default(),
+        )
+    };
+    let vis2 = visible.clone();
+    let past =
+        futures_util::stream::iter(backlog.into_iter().filter(move |e| visible(e)).map(to_sse));
+    let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| {
+        let keep = e.ok().filter(|e| vis2(e));
+        async move { keep.map(to_sse) }
+    });
+    Ok(Sse::new(past.chain(live))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub async fn readyz(State(s): S) -> Result<&'static str, ApiError> {
+    s.store
+        .list_hierarchies()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("store not ready: {e}")))?;
+    Ok("ready\n")
+}
+
+pub async fn metrics(State(s): S) -> Result<Response, ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let all = s.store.list_certificates(&CertFilter::default()).await?;
+    let mut by_status = std::collections::BTreeMap::new();
+    let mut earliest_leaf: Option<f64> = None;
+    for r in &all {
+        let status = match r.status {
+            CertStatus::Revoked => "revoked",
+            CertStatus::Active if r.not_after <= now => "expired",
+            CertStatus::Active => {
+                let left = (r.not_after - now).as_seconds_f64();
+                earliest_leaf = Some(earliest_leaf.map_or(left, |e| e.min(left)));
+                "active"
+            }
+        };
+        *by_status.entry(status).or_insert(0u64) += 1;
+    }
+    let hs = s.store.list_hierarchies().await?;
+    let live = hs.iter().filter(|h| h.status.in_bundle());
+    let root = live
+        .clone()
+        .map(|h| (h.root_not_after - now).as_seconds_f64())
+        .reduce(f64::min);
+    let (_, int_after) = s.authority.issuer().issuing_ca();
+    let text = s.metrics.render(
+        &by_status,
+        &[
+            ("leaf", earliest_leaf),
+            ("intermediate", Some((int_after - now).as_seconds_f64())),
+            ("root", root),
+        ],
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}

@@ -1,0 +1,398 @@
+//! The CA as a service: an HTTPS+JSON API under `/v1`, served through
+//! `meshca-tls`, that only ever gives a caller the identity it is entitled to.
+//!
+//! # Design
+//! The listener runs `meshca-tls` in permissive mode so that one port takes
+//! TLS with an optional client certificate (admin, or a workload renewing
+//! itself) and answers a plaintext request with a clear 400 instead of a
+//! broken handshake. Every request is authenticated ([`auth`]): the client
+//! certificate is checked against the store (issued by this CA, not revoked),
+//! a join token is checked by hash in constant time and consumed atomically
+//! where it buys a certificate. The [`Authority`] applies policy, signs and
+//! records; only after the record is durable does the caller get an answer.
+//! Each decision goes to the audit log, each change to the event stream
+//! (server-sent events with `Last-Event-ID` resume), and to the metrics.
+//! The server's own certificate is issued by its CA into `DIR/server/` and
+//! renewed by the server at a third of its lifetime left; `meshca-tls` picks
+//! up the new files without a restart.
+#![forbid(unsafe_code)]
+
+mod api;
+pub mod audit;
+pub mod auth;
+mod error;
+pub mod events;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use meshca_issuer::{ADMIN_NAMESPACE, Authority, IssueRequest, PolicyRule};
+use meshca_pki::{KeyType, Profile, RevokedEntry};
+use meshca_store::{CertFilter, CertStatus, Store};
+use meshca_tls::{Peer, TlsAcceptor, TlsConfig, TlsMode};
+use time::OffsetDateTime;
+
+pub use error::ApiError;
+
+/// Largest request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Lifetime of the server's own certificate.
+pub const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a CRL is valid; it is remade at half of that, and on revocation.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    /// Policy, signing and records.
+    pub authority: Authority,
+    /// The store (the authority's).
+    pub store: Arc<dyn Store>,
+    /// Workload policy rules.
+    pub rules: Vec<PolicyRule>,
+    /// Key type for generated keys when none is asked for.
+    pub key_type: KeyType,
+    /// The event log.
+    pub events: events::Events,
+    /// The audit log.
+    pub audit: audit::Audit,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    crl: tokio::sync::Mutex<Option<(Instant, u64, Vec<u8>)>>,
+    crl_generation: AtomicU64,
+    crl_number: AtomicU64,
+}
+
+impl AppState {
+    /// Wires the state; the audit log goes to `dir/audit.log`.
+    pub fn new(
+        dir: &Path,
+        authority: Authority,
+        rules: Vec<PolicyRule>,
+        key_type: KeyType,
+    ) -> std::io::Result<Self> {
+        let store = authority.store().clone();
+        Ok(AppState {
+            authority,
+            store,
+            rules,
+            key_type,
+            events: events::Events::default(),
+            audit: audit::Audit::open(&dir.join("audit.log"))?,
+            metrics: metrics::Metrics::default(),
+            crl: tokio::sync::Mutex::new(None),
+            crl_generation: AtomicU64::new(0),
+            crl_number: AtomicU64::new(
+                u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1),
+            ),
+        })
+    }
+
+    /// Forgets the cached CRL (after a revocation).
+    pub fn invalidate_crl(&self) {
+        // A CRL made before this moment is not served again.
+        self.crl_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The current CRL (DER), remade when older than half its validity.
+    pub async fn crl(&self) -> Result<Vec<u8>, ApiError> {
+        let mut cached = self.crl.lock().await;
+        let generation = self.crl_generation.load(Ordering::SeqCst);
+        if let Some((made, made_gen, der)) = cached.as_ref() {
+            if made.elapsed() < CRL_VALIDITY / 2 && *made_gen == generation {
+                return Ok(der.clone());
+            }
+        }
+        let filter = CertFilter {
+            status: Some(CertStatus::Revoked),
+            ..Default::default()
+        };
+        let now = OffsetDateTime::now_utc();
+        let revoked: Vec<RevokedEntry> = self
+            .store
+            .list_certificates(&filter)
+            .await?
+            .into_iter()
+            // An expired certificate need not stay on the list (RFC 5280 §3.3).
+            .filter(|r| r.not_after > now)
+            .map(|r| RevokedEntry {
+                serial: r.serial,
+                revoked_at: r.revoked_at.unwrap_or(now),
+                reason_code: reason_code(r.revocation_reason),
+            })
+            .collect();
+        let number = self.crl_number.fetch_add(1, Ordering::SeqCst);
+        let der = self
+            .authority
+            .issuer()
+            .crl(revoked, number, CRL_VALIDITY)
+            .await?;
+        *cached = Some((Instant::now(), generation, der.clone()));
+        Ok(der)
+    }
+
+    /// SHA-256 of the active root, what agents pin.
+    pub async fn root_fingerprint(&self) -> Result<String, ApiError> {
+        let bundle = self.authority.issuer().trust_bundle().await?;
+        bundle
+            .first()
+            .map(|d| meshca_pki::fingerprint(d))
+            .ok_or_else(|| ApiError::internal("the trust bundle is empty"))
+    }
+}
+
+fn reason_code(r: Option<meshca_store::RevocationReason>) -> u8 {
+    use meshca_store::RevocationReason as R;
+    match r {
+        Some(R::KeyCompromise) => 1,
+        Some(R::CaCompromise) => 2,
+        Some(R::AffiliationChanged) => 3,
+        Some(R::Superseded) => 4,
+        Some(R::CessationOfOperation) => 5,
+        Some(R::PrivilegeWithdrawn) => 9,
+        _ => 0,
+    }
+}
+
+/// The plain-HTTP guard, body limit and request counter around every route.
+async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let plaintext = req.extensions().get::<Peer>().is_some_and(|p| !p.tls);
+    let response = if plaintext {
+        ApiError::bad_request(
+            "this port speaks HTTPS only: use https:// (a plain HTTP request reached the TLS port)",
+        )
+        .into_response()
+    } else if req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY)
+    {
+        ApiError::too_large(format!("request bodies are limited to {MAX_BODY} bytes"))
+            .into_response()
+    } else {
+        let resp = next.run(req).await;
+        if resp.status() == http::StatusCode::PAYLOAD_TOO_LARGE
+            && resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_none_or(|v| v != "application/json")
+        {
+            ApiError::too_large(format!("request bodies are limited to {MAX_BODY} bytes"))
+                .into_response()
+        } else {
+            resp
+        }
+    };
+    state.metrics.request(response.status().as_u16());
+    response
+}
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/sign", post(api::sign))
+        .route("/v1/issue", post(api::issue))
+        .route("/v1/certificates", get(api::list))
+        .route("/v1/certificates/{serial}", get(api::get_certificate))
+        .route("/v1/certificates/{serial}/revoke", post(api::revoke))
+        .route("/v1/identities", get(api::identity_by_cn))
+        .route(
+            "/v1/identities/{ns}/{name}",
+            get(api::get_identity).delete(api::release_identity),
+        )
+        .route(
+            "/v1/identities/{ns}/{name}/rotate",
+            post(api::rotate_identity),
+        )
+        .route("/v1/rotate", post(api::rotate_all))
+        .route("/v1/bundle", get(api::bundle))
+        .route("/v1/crl", get(api::crl))
+        .route("/v1/tokens", post(api::create_token).get(api::list_tokens))
+        .route("/v1/tokens/{id}", delete(api::delete_token))
+        .route("/v1/ca", get(api::ca_status))
+        .route("/v1/events", get(api::events))
+        .route("/v1/openapi.json", get(api::openapi))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// The API address.
+    pub listen: SocketAddr,
+    /// A plain listener that redirects to the API.
+    pub http_redirect: Option<SocketAddr>,
+    /// Extra names for the server's certificate.
+    pub server_names: Vec<String>,
+}
+
+/// Why `serve` stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The server's certificate could not be made or loaded.
+    Certificate(String),
+    /// A listener could not be opened.
+    Listen(String),
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServeError::Certificate(e) => write!(f, "the server's own certificate: {e}"),
+            ServeError::Listen(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+fn server_names(extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned()];
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let host = host.trim();
+    if meshca_pki::validate_dns_name(host).is_ok() {
+        names.push(host.to_ascii_lowercase());
+    }
+    for n in extra {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    names
+}
+
+/// Issues the server's own certificate into `dir/server/` when it is
+/// missing, names other hosts, or has less than a third of its life left.
+pub async fn ensure_server_cert(
+    state: &AppState,
+    dir: &Path,
+    extra_names: &[String],
+) -> Result<bool, String> {
+    let out = dir.join("server");
+    let names = server_names(extra_names);
+    let now = OffsetDateTime::now_utc();
+    if let Ok(set) = meshca_tls::CertSet::load(&meshca_tls::CertPaths::in_dir(&out)) {
+        let info = meshca_pki::describe(set.chain[0].as_ref(), now)
+            .map_err(|e| e.to_string())?;
+        let fresh = info.seconds_left as f64 > SERVER_CERT_TTL.as_secs_f64() / 3.0;
+        let same_bundle = set
+            .roots
+            .iter()
+            .map(|r| r.as_ref().to_vec())
+            .collect::<Vec<_>>()
+            == state
+                .authority
+                .issuer()
+                .trust_bundle()
+                .await
+                .map_err(|e| e.to_string())?;
+        if fresh && same_bundle && names.iter().all(|n| info.dns_names.contains(n)) {
+            return Ok(false);
+        }
+    }
+    let req = IssueRequest::new(ADMIN_NAMESPACE, "meshca")
+        .map_err(|e| e.to_string())?
+        .profile(Profile::Server)
+        .ttl(Some(SERVER_CERT_TTL))
+        .dns(names)
+        .ips(vec!["127.0.0.1".into(), "::1".into()])
+        .generate_key(state.key_type);
+    let issued = state
+        .authority
+        .issue(req)
+        .await
+        .map_err(|e| e.to_string())?;
+    state.audit.record(
+        "issue",
+        "server",
+        Some("meshca-system/meshca"),
+        Some(&issued.record.serial.to_hex()),
+        "allowed",
+        Some("server certificate"),
+    );
+    meshca_files::create_private_dir(&out).map_err(|e| e.to_string())?;
+    let key = issued.private_key.as_ref().ok_or("no key was generated")?;
+    // Key first, then the certificate: the reloader takes the pair once both match.
+    meshca_files::write_atomic(
+        &out.join("tls.key"),
+        key.to_pem().as_bytes(),
+        meshca_files::SECRET_MODE,
+    )
+    .map_err(|e| e.to_string())?;
+    meshca_files::write_atomic(
+        &out.join("tls.crt"),
+        issued.certificate_pem.as_bytes(),
+        meshca_files::PUBLIC_MODE,
+    )
+    .map_err(|e| e.to_string())?;
+    meshca_files::write_atomic(
+        &out.join("ca.crt"),
+        issued.ca_bundle_pem.as_bytes(),
+        meshca_files::PUBLIC_MODE,
+    )
+    .map_err(|e| e.to_string())?;
+    tracing::info!(serial = %issued.record.serial, "issued the server's own certificate");
+    Ok(true)
+}
+
+/// Runs the service until the process is stopped.
+pub async fn run(opts: ServeOptions, state: Arc<AppState>) -> Result<(), ServeError> {
+    ensure_server_cert(&state, &opts.dir, &opts.server_names)
+        .await
+        .map_err(ServeError::Certificate)?;
+    let tls = TlsConfig {
+        mode: TlsMode::Permissive,
+        certs: Some(opts.dir.join("server")),
+        ..Default::default()
+    };
+    let acceptor =
+        Arc::new(TlsAcceptor::new(&tls).map_err(|e| ServeError::Certificate(e.to_string()))?);
+    // Renew the server's certificate well before it expires.
+    let (renew_state, dir, names) = (state.clone(), opts.dir.clone(), opts.server_names.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            if let Err(e) = ensure_server_cert(&renew_state, &dir, &names).await {
+                tracing::error!("renewing the server's certificate failed (will retry): {e}");
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| ServeError::Listen(format!("cannot listen on {}: {e}", opts.listen)))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| ServeError::Listen(e.to_string()))?
+        .port();
+    if let Some(addr) = opts.http_redirect {
+        let plain = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Listen(format!("cannot listen on {addr}: {e}")))?;
+        tokio::spawn(meshca_tls::serve_redirect(plain, port));
+    }
+    tracing::info!("meshca serving on https://{}", opts.listen);
+    meshca_tls::serve(listener, acceptor, router(state))
+        .await
+        .map_err(|e| ServeError::Listen(e.to_string()))
+}

@@ -1,0 +1,228 @@
+//! The commands that talk to a running server (`--server URL`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use meshca_client::Client;
+use serde_json::{Value, json};
+
+use crate::{CaCommand, IssueArgs, ListArgs, RevokeArgs, RotateArgs, TokenCommand};
+
+/// Where to connect and with which credentials.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+fn read(p: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p)
+        .with_context(|| format!("reading the {what} {} (set it with --{what})", p.display()))
+}
+
+fn client(t: &Target) -> anyhow::Result<Client> {
+    Ok(Client::builder(&t.url)?
+        .trust_pem(&read(&t.ca, "ca")?)?
+        .identity_pem(&read(&t.cert, "cert")?, &read(&t.key, "key")?)?
+        .build()?)
+}
+
+pub async fn issue(t: &Target, a: IssueArgs) -> anyhow::Result<ExitCode> {
+    if a.out.exists() && !a.out.is_dir() {
+        anyhow::bail!(
+            "--out {} is a file; give a directory to write tls.crt, tls.key and ca.crt into",
+            a.out.display()
+        );
+    }
+    let mut body = json!({"name": a.name, "namespace": a.namespace, "profile": a.profile, "dns": a.dns, "ips": a.ips});
+    if let Some(ttl) = &a.ttl {
+        body["ttl"] = json!(ttl);
+    }
+    let path = match &a.csr {
+        Some(p) => {
+            let csr = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the CSR {}", p.display()))?;
+            body["csr"] = json!(csr);
+            "/v1/sign"
+        }
+        None => {
+            if let Some(k) = &a.key_type {
+                body["key_type"] = json!(k);
+            }
+            "/v1/issue"
+        }
+    };
+    let v = client(t)?.post(path, &body).await?;
+    let text = |k: &str| {
+        v[k].as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("the answer lacks {k}"))
+    };
+    let (crt, _, _) = super::issue::write_out(
+        &a.out,
+        &text("certificate")?,
+        &text("ca_bundle")?,
+        v["private_key"].as_str(),
+    )?;
+    if a.json {
+        let mut out = v.clone();
+        out.as_object_mut().map(|o| o.remove("private_key"));
+        super::print_json(&out)?;
+    } else {
+        println!(
+            "Issued {} serial {}, expires {}",
+            text("spiffe_id")?,
+            text("serial")?,
+            text("not_after")?
+        );
+        println!(
+            "  wrote {} and the rest of {}",
+            crt.display(),
+            a.out.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(t: &Target, a: ListArgs) -> anyhow::Result<ExitCode> {
+    let mut query = Vec::new();
+    if let (Some(ns), Some(n)) = (&a.namespace, &a.name) {
+        query.push(format!("identity={ns}/{n}"));
+    }
+    if let Some(s) = &a.status {
+        query.push(format!("status={s}"));
+    }
+    if let Some(w) = &a.expiring_within {
+        query.push(format!("expiring_within={w}"));
+    }
+    let v = client(t)?
+        .get(&format!("/v1/certificates?{}", query.join("&")))
+        .await?;
+    let empty = Vec::new();
+    let rows = v["certificates"].as_array().unwrap_or(&empty);
+    if a.json {
+        super::print_json(rows)?;
+    } else {
+        println!(
+            "{:<34} {:<32} {:<9} {:<20} STATUS",
+            "SERIAL", "IDENTITY", "PROFILE", "NOT AFTER"
+        );
+        for r in rows {
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_owned();
+            println!(
+                "{:<34} {:<32} {:<9} {:<20} {}",
+                s("serial"),
+                format!("{}/{}", s("namespace"), s("name")),
+                s("profile"),
+                s("not_after"),
+                s("status")
+            );
+        }
+        eprintln!("{} certificate(s)", rows.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn revoke(t: &Target, a: RevokeArgs) -> anyhow::Result<ExitCode> {
+    let serial: meshca_pki::Serial = a.serial.parse()?;
+    let v = client(t)?
+        .post(
+            &format!("/v1/certificates/{serial}/revoke"),
+            &json!({"reason": a.reason}),
+        )
+        .await?;
+    if a.json {
+        super::print_json(&v)?;
+    } else if v["already_revoked"] == Value::Bool(true) {
+        println!("{serial} was already revoked; nothing changed");
+    } else {
+        println!(
+            "Revoked {serial} ({}/{})",
+            v["namespace"].as_str().unwrap_or(""),
+            v["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn token(t: &Target, c: TokenCommand) -> anyhow::Result<ExitCode> {
+    let client = client(t)?;
+    match c {
+        TokenCommand::Create(a) => {
+            let v = client
+                .post("/v1/tokens", &json!({"name": a.name, "namespace": a.namespace, "ttl": a.ttl, "uses": a.uses}))
+                .await?;
+            if a.json {
+                super::print_json(
+                    &json!({"token": v["token"], "ca_fingerprint": v["ca_fingerprint"], "expires_at": v["expires_at"], "id": v["id"]}),
+                )?;
+            } else {
+                // The token alone on stdout, for `TOKEN=$(meshca token create web)`.
+                println!("{}", v["token"].as_str().unwrap_or(""));
+                eprintln!(
+                    "ca fingerprint: {}",
+                    v["ca_fingerprint"].as_str().unwrap_or("")
+                );
+                eprintln!("expires at:     {}", v["expires_at"].as_str().unwrap_or(""));
+            }
+        }
+        TokenCommand::List { json } => {
+            let v = client.get("/v1/tokens").await?;
+            if json {
+                super::print_json(&v["tokens"])?;
+            } else {
+                for tk in v["tokens"].as_array().into_iter().flatten() {
+                    println!(
+                        "{} {}/{} uses {}/{} expires {}",
+                        tk["id"].as_str().unwrap_or(""),
+                        tk["namespace"].as_str().unwrap_or(""),
+                        tk["name"].as_str().unwrap_or(""),
+                        tk["uses"],
+                        tk["uses_allowed"],
+                        tk["expires_at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        TokenCommand::Delete { id } => {
+            client.delete(&format!("/v1/tokens/{id}")).await?;
+            println!("Deleted token {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rotate(t: &Target, a: RotateArgs) -> anyhow::Result<ExitCode> {
+    let v = match (&a.name, a.all) {
+        (_, true) => client(t)?.post("/v1/rotate", &json!({})).await?,
+        (Some(n), false) => {
+            client(t)?
+                .post(
+                    &format!("/v1/identities/{}/{n}/rotate", a.namespace),
+                    &json!({}),
+                )
+                .await?
+        }
+        (None, false) => anyhow::bail!("give NAME or --all"),
+    };
+    let n = v["rotating"].as_array().map_or(0, Vec::len);
+    println!(
+        "Asked {n} identit{} to renew",
+        if n == 1 { "y" } else { "ies" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn ca(t: &Target, c: CaCommand) -> anyhow::Result<ExitCode> {
+    let CaCommand::Status { json } = c;
+    let v = client(t)?.get("/v1/ca").await?;
+    if json {
+        super::print_json(&v)?;
+    } else {
+        super::records::print_ca_status(&v);
+    }
+    Ok(ExitCode::SUCCESS)
+}
