@@ -45,6 +45,8 @@ pub use error::ApiError;
 
 /// Largest request body.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest oversized body still read to the end before the 413.
+const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
 /// Lifetime of the server's own certificate.
 pub const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a CRL is valid; it is remade at half of that, and on revocation.
@@ -166,20 +168,26 @@ fn reason_code(r: Option<meshca_store::RevocationReason>) -> u8 {
 /// The plain-HTTP guard, body limit and request counter around every route.
 async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let plaintext = req.extensions().get::<Peer>().is_some_and(|p| !p.tls);
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     let response = if plaintext {
         ApiError::bad_request(
             "this port speaks HTTPS only: use https:// (a plain HTTP request reached the TLS port)",
         )
         .into_response()
-    } else if req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > MAX_BODY)
-    {
-        ApiError::too_large(format!("request bodies are limited to {MAX_BODY} bytes"))
-            .into_response()
+    } else if let Some(n) = declared.filter(|n| *n > MAX_BODY) {
+        // Read (and drop) a moderately oversized body before answering, so the
+        // client sees the 413 instead of a reset stream; a huge one is not read.
+        if n <= DRAIN_LIMIT {
+            let _ = axum::body::to_bytes(req.into_body(), DRAIN_LIMIT).await;
+        }
+        ApiError::too_large(format!(
+            "request bodies are limited to {MAX_BODY} bytes; this one has {n}"
+        ))
+        .into_response()
     } else {
         let resp = next.run(req).await;
         if resp.status() == http::StatusCode::PAYLOAD_TOO_LARGE
@@ -293,8 +301,7 @@ pub async fn ensure_server_cert(
     let names = server_names(extra_names);
     let now = OffsetDateTime::now_utc();
     if let Ok(set) = meshca_tls::CertSet::load(&meshca_tls::CertPaths::in_dir(&out)) {
-        let info = meshca_pki::describe(set.chain[0].as_ref(), now)
-            .map_err(|e| e.to_string())?;
+        let info = meshca_pki::describe(set.chain[0].as_ref(), now).map_err(|e| e.to_string())?;
         let fresh = info.seconds_left as f64 > SERVER_CERT_TTL.as_secs_f64() / 3.0;
         let same_bundle = set
             .roots

@@ -174,3 +174,173 @@ pub fn spawn(program: &str, args: &[&str]) -> Child {
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}")),
     )
 }
+
+/// A running `meshca serve`, killed when dropped.
+pub struct Server {
+    pub child: Option<std::process::Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `meshca serve` on `dir` (initialising it when empty) on a free port.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let port = free_port();
+        Server::start_on(dir, port, extra)
+    }
+
+    pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Server {
+        let log = dir.with_extension(format!("serve-{port}.log"));
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["serve", "--dir", dir.to_str().unwrap(), "--listen", &listen];
+        args.extend_from_slice(extra);
+        let child = meshca()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child: Some(child),
+            dir: dir.to_owned(),
+            port,
+            log,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(self.dir.join("admin/ca.crt"))
+                .arg(format!("https://localhost:{}/readyz", self.port))
+                .output()
+                .unwrap();
+            if out.stdout == b"200" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "meshca serve did not become ready: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    /// `meshca --server URL --dir DIR <args>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        meshca()
+            .args(["--server", &self.url(), "--dir", self.dir.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "meshca {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// curl against the API: returns (HTTP status, body). `auth` is extra
+    /// curl arguments (client certificate, bearer token).
+    pub fn curl(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        auth: &[String],
+    ) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+            "--cacert",
+        ])
+        .arg(self.dir.join("admin/ca.crt"))
+        .args(auth);
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        let out = cmd.arg(format!("{}{path}", self.url())).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// curl arguments presenting the admin certificate.
+    pub fn admin(&self) -> Vec<String> {
+        cert_args(&self.dir.join("admin"))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// curl arguments presenting the credentials of a kubernetes.io/tls directory.
+pub fn cert_args(dir: &Path) -> Vec<String> {
+    vec![
+        "--cert".into(),
+        dir.join("tls.crt").to_str().unwrap().into(),
+        "--key".into(),
+        dir.join("tls.key").to_str().unwrap().into(),
+    ]
+}
+
+pub fn bearer(token: &str) -> Vec<String> {
+    vec!["-H".into(), format!("Authorization: Bearer {token}")]
+}
+
+/// A CSR made by openssl, as a JSON string value, and its key file.
+pub fn openssl_csr(dir: &Path, name: &str, extra: &[&str]) -> (String, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let mut args = vec![
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        csr.to_str().unwrap(),
+        "-subj",
+        "/CN=whatever",
+    ];
+    args.extend_from_slice(extra);
+    tool("openssl", &args);
+    (
+        serde_json::to_string(&std::fs::read_to_string(&csr).unwrap()).unwrap(),
+        key,
+    )
+}

@@ -9,4 +9,5 @@ mod init;
 mod issue;
 mod lint;
 mod records;
+mod serve;
 mod tls;

@@ -1,0 +1,682 @@
+//! `meshca serve` driven by the CLI and curl: every endpoint, every way in,
+//! and the ways that must not get in.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Writes a JSON certificate answer as a kubernetes.io/tls directory.
+fn save(dir: &std::path::Path, answer: &Value, key: Option<&std::path::Path>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), answer["certificate"].as_str().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.crt"), answer["ca_bundle"].as_str().unwrap()).unwrap();
+    match (answer["private_key"].as_str(), key) {
+        (Some(k), _) => std::fs::write(dir.join("tls.key"), k).unwrap(),
+        (None, Some(k)) => {
+            std::fs::copy(k, dir.join("tls.key")).unwrap();
+        }
+        (None, None) => {}
+    }
+}
+
+#[test]
+fn serve_alone_gives_a_working_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let redirect = free_port();
+    let srv = Server::start(
+        &d,
+        &[
+            "--http-redirect",
+            &format!("127.0.0.1:{redirect}"),
+            "--server-name",
+            "ca.example.com",
+        ],
+    );
+    assert_eq!(mode(&d.join("admin/tls.key")), 0o600);
+    // Public endpoints.
+    assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
+    let (code, bundle) = srv.curl("GET", "/v1/bundle", None, &[]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        bundle.trim(),
+        std::fs::read_to_string(d.join("admin/ca.crt"))
+            .unwrap()
+            .trim()
+    );
+    let (code, spec) = srv.curl("GET", "/v1/openapi.json", None, &[]);
+    assert_eq!(code, 200);
+    let spec = json(&spec);
+    for path in [
+        "/v1/sign",
+        "/v1/issue",
+        "/v1/certificates",
+        "/v1/tokens",
+        "/v1/events",
+        "/v1/crl",
+        "/v1/ca",
+    ] {
+        assert!(spec["paths"][path].is_object(), "openapi lacks {path}");
+    }
+    // The server certificate names localhost, 127.0.0.1 and the extra name; TLS 1.3 only.
+    let text = tool(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            d.join("server/tls.crt").to_str().unwrap(),
+            "-noout",
+            "-ext",
+            "subjectAltName",
+        ],
+    );
+    assert!(
+        text.contains("DNS:localhost")
+            && text.contains("IP Address:127.0.0.1")
+            && text.contains("DNS:ca.example.com"),
+        "{text}"
+    );
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--tls-max",
+            "1.2",
+            "--cacert",
+            d.join("admin/ca.crt").to_str().unwrap(),
+        ])
+        .arg(format!("{}/healthz", srv.url()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "TLS 1.2 was accepted");
+    // Plain HTTP on the TLS port: a 400 that says why.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", &format!("http://127.0.0.1:{}/v1/ca", srv.port)])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("speaks HTTPS only"), "{body}");
+    // The redirect listener.
+    let out = tool(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            &format!("http://localhost:{redirect}/v1/ca?x=1"),
+        ],
+    );
+    assert_eq!(out, format!("301 https://localhost:{}/v1/ca?x=1", srv.port));
+    // The CRL, DER and PEM.
+    let (code, pem) = srv.curl(
+        "GET",
+        "/v1/crl",
+        None,
+        &["-H".into(), "Accept: application/x-pem-file".into()],
+    );
+    assert_eq!(code, 200);
+    assert!(pem.contains("BEGIN X509 CRL"));
+    // Admin-only endpoints refuse the anonymous.
+    for path in ["/v1/certificates", "/v1/tokens", "/v1/ca"] {
+        let (code, body) = srv.curl("GET", path, None, &[]);
+        assert_eq!(code, 401, "{path}: {body}");
+        assert!(
+            json(&body)["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("admin")
+        );
+    }
+}
+
+#[test]
+fn admin_cli_tokens_workloads_and_revocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let srv = Server::start(&d, &[]);
+
+    // Online CLI with the admin certificate.
+    let status = srv.cli_ok(&["ca", "status", "--json"]);
+    assert_eq!(json(&status)["issuer"], "builtin");
+    let web = tmp.path().join("web");
+    srv.cli_ok(&[
+        "issue",
+        "web",
+        "--namespace",
+        "shop",
+        "--out",
+        web.to_str().unwrap(),
+    ]);
+    tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            web.join("ca.crt").to_str().unwrap(),
+            "-untrusted",
+            web.join("tls.crt").to_str().unwrap(),
+            web.join("tls.crt").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(mode(&web.join("tls.key")), 0o600);
+
+    // A join token: one certificate for exactly its identity, from a CSR.
+    let out = srv.cli(&["token", "create", "cart", "--namespace", "shop"]);
+    assert!(out.status.success());
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(token.starts_with("mct_") && !token.contains('\n'));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ca fingerprint"));
+    let (csr, key) = openssl_csr(
+        tmp.path(),
+        "cart",
+        &[
+            "-addext",
+            "subjectAltName=DNS:evil.example.com,URI:spiffe://cluster.local/ns/kube-system/sa/admin",
+        ],
+    );
+    let wrong = format!(r#"{{"name":"db","namespace":"shop","csr":{csr}}}"#);
+    let (code, body) = srv.curl("POST", "/v1/sign", Some(&wrong), &bearer(&token));
+    assert_eq!(code, 403, "{body}");
+    let body_ok = format!(r#"{{"name":"cart","namespace":"shop","csr":{csr}}}"#);
+    let (code, body) = srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer(&token));
+    assert_eq!(code, 200, "{body}");
+    let answer = json(&body);
+    assert!(answer.get("private_key").is_none());
+    let cart = tmp.path().join("cart");
+    save(&cart, &answer, Some(&key));
+    let text = tool(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            cart.join("tls.crt").to_str().unwrap(),
+            "-noout",
+            "-text",
+        ],
+    );
+    assert!(text.contains("URI:spiffe://cluster.local/ns/shop/sa/cart"));
+    assert!(
+        !text.contains("evil.example.com") && !text.contains("kube-system"),
+        "CSR names leaked: {text}"
+    );
+    // The token is spent.
+    let (code, _) = srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer(&token));
+    assert_eq!(code, 401);
+    let (code, _) = srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer("mct_00.11"));
+    assert_eq!(code, 401);
+
+    // The workload renews itself with its own certificate, and only itself.
+    let (csr2, _) = openssl_csr(tmp.path(), "cart2", &[]);
+    let renew = format!(r#"{{"name":"cart","namespace":"shop","csr":{csr2}}}"#);
+    let (code, body) = srv.curl("POST", "/v1/sign", Some(&renew), &cert_args(&cart));
+    assert_eq!(code, 200, "{body}");
+    let other = format!(r#"{{"name":"web","namespace":"shop","csr":{csr2}}}"#);
+    let (code, body) = srv.curl("POST", "/v1/sign", Some(&other), &cert_args(&cart));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("may not obtain"), "{body}");
+    let (code, _) = srv.curl(
+        "POST",
+        "/v1/issue",
+        Some(r#"{"name":"cart","namespace":"shop"}"#),
+        &cert_args(&cart),
+    );
+    assert_eq!(code, 403);
+    let (code, _) = srv.curl("GET", "/v1/identities/shop/cart", None, &cert_args(&cart));
+    assert_eq!(code, 200);
+    let (code, _) = srv.curl("GET", "/v1/identities/shop/web", None, &cert_args(&cart));
+    assert_eq!(code, 403);
+    let (code, _) = srv.curl("GET", "/v1/certificates", None, &cert_args(&cart));
+    assert_eq!(code, 403);
+
+    // Revoked: its certificate no longer authenticates it, and the CRL lists it.
+    let serial = answer["serial"].as_str().unwrap();
+    srv.cli_ok(&["revoke", serial, "--reason", "keyCompromise"]);
+    let (code, body) = srv.curl("POST", "/v1/sign", Some(&renew), &cert_args(&cart));
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("revoked"));
+    let crl = tmp.path().join("crl.der");
+    tool(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--cacert",
+            d.join("admin/ca.crt").to_str().unwrap(),
+            "-o",
+            crl.to_str().unwrap(),
+            &format!("{}/v1/crl", srv.url()),
+        ],
+    );
+    let text = tool(
+        "openssl",
+        &[
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            crl.to_str().unwrap(),
+            "-noout",
+            "-text",
+        ],
+    );
+    assert!(
+        text.to_uppercase().contains(&serial.to_uppercase()),
+        "{text}"
+    );
+    // A certificate from another CA does not get in.
+    let stranger = Ca::new(&[]);
+    let s_out = stranger.issue("cart", "s", &["--namespace", "shop"]);
+    let (code, _) = srv.curl("POST", "/v1/sign", Some(&renew), &cert_args(&s_out));
+    assert_ne!(code, 200);
+
+    // Lookups, rotation and release.
+    let (code, body) = srv.curl(
+        "GET",
+        "/v1/identities?cn=web.shop.svc.cluster.local",
+        None,
+        &srv.admin(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        json(&body)["certificate"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    assert!(
+        srv.cli_ok(&["rotate", "web", "--namespace", "shop"])
+            .contains("1 identity")
+    );
+    assert!(srv.cli_ok(&["rotate", "--all"]).contains("identities"));
+    let (code, body) = srv.curl("DELETE", "/v1/identities/shop/web", None, &srv.admin());
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = srv.curl("GET", "/v1/identities/shop/web", None, &srv.admin());
+    assert_eq!(code, 404);
+    let listed = json(&srv.cli_ok(&["list", "--status", "revoked", "--json"]));
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+
+    // Metrics and the audit log.
+    let (_, metrics) = srv.curl("GET", "/metrics", None, &[]);
+    assert!(
+        metrics.contains("meshca_issuances_total{outcome=\"issued\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("meshca_expiry_seconds{kind=\"root\"}"));
+    let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok())
+    );
+    assert!(audit.contains("\"refused\"") && audit.contains("\"revoke\""));
+    assert!(
+        !audit.contains(token.split('.').nth(1).unwrap()),
+        "a token secret is in the audit log"
+    );
+    assert!(!audit.contains("PRIVATE KEY"));
+}
+
+#[test]
+fn bad_requests_get_clear_4xx_and_store_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let srv = Server::start(&d, &[]);
+    let admin = srv.admin();
+    let count = || {
+        json(&srv.cli_ok(&["list", "--json"]))
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count();
+    let (csr, _) = openssl_csr(tmp.path(), "ok", &[]);
+    let (weak, _) = {
+        let key = tmp.path().join("weak.key");
+        let path = tmp.path().join("weak.csr");
+        tool(
+            "openssl",
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:1024",
+                "-nodes",
+                "-keyout",
+                key.to_str().unwrap(),
+                "-out",
+                path.to_str().unwrap(),
+                "-subj",
+                "/CN=x",
+            ],
+        );
+        (
+            serde_json::to_string(&std::fs::read_to_string(&path).unwrap()).unwrap(),
+            key,
+        )
+    };
+    let broken = {
+        let der = tmp.path().join("ok.der");
+        tool(
+            "openssl",
+            &[
+                "req",
+                "-in",
+                tmp.path().join("ok.csr").to_str().unwrap(),
+                "-outform",
+                "DER",
+                "-out",
+                der.to_str().unwrap(),
+            ],
+        );
+        let mut bytes = std::fs::read(&der).unwrap();
+        let pos = bytes.windows(8).position(|w| w == b"whatever").unwrap();
+        bytes[pos] = b'W';
+        let pem = tool_stdin(
+            "openssl",
+            &["req", "-inform", "DER", "-outform", "PEM"],
+            &bytes,
+        );
+        serde_json::to_string(&pem).unwrap()
+    };
+    let many: Vec<String> = (0..101).map(|i| format!("\"h{i}.example.com\"")).collect();
+    let cases: Vec<(String, String, u16, &str)> = vec![
+        ("/v1/sign".into(), "{not json".into(), 400, "invalid JSON"),
+        (
+            "/v1/sign".into(),
+            format!(r#"{{"name":"web","csr":{csr},"colour":"red"}}"#),
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            "/v1/sign".into(),
+            format!(r#"{{"name":"web","csr":{broken}}}"#),
+            400,
+            "signature does not verify",
+        ),
+        (
+            "/v1/sign".into(),
+            format!(r#"{{"name":"web","csr":{weak}}}"#),
+            400,
+            "at least 2048",
+        ),
+        (
+            "/v1/sign".into(),
+            r#"{"name":"web","csr":"hello"}"#.into(),
+            400,
+            "CSR",
+        ),
+        (
+            "/v1/issue".into(),
+            r#"{"name":"Web"}"#.into(),
+            400,
+            "invalid name",
+        ),
+        (
+            "/v1/issue".into(),
+            r#"{"name":"web","ttl":"100000h"}"#.into(),
+            400,
+            "maximum",
+        ),
+        (
+            "/v1/issue".into(),
+            r#"{"name":"web","ttl":"soon"}"#.into(),
+            400,
+            "invalid duration",
+        ),
+        (
+            "/v1/issue".into(),
+            r#"{"name":"web","key_type":"dsa"}"#.into(),
+            400,
+            "unknown key type",
+        ),
+        (
+            "/v1/issue".into(),
+            r#"{"name":"web","dns":["a..b"]}"#.into(),
+            400,
+            "invalid DNS name",
+        ),
+        (
+            "/v1/issue".into(),
+            format!(r#"{{"name":"web","dns":[{}]}}"#, many.join(",")),
+            400,
+            "at most 100",
+        ),
+    ];
+    for (path, body, want, needle) in &cases {
+        let (code, answer) = srv.curl("POST", path, Some(body), &admin);
+        assert_eq!(code, *want, "{body}: {answer}");
+        let msg = json(&answer)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    // Bodies over 64 KiB.
+    let huge = format!(r#"{{"name":"web","csr":"{}"}}"#, "A".repeat(70_000));
+    let (code, answer) = srv.curl("POST", "/v1/sign", Some(&huge), &admin);
+    assert_eq!(code, 413, "{answer}");
+    assert!(
+        json(&answer)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65536")
+    );
+    // A workload asking for a name outside the (default) policy.
+    let token = srv.cli_ok(&["token", "create", "web"]).trim().to_owned();
+    let (code, answer) = srv.curl(
+        "POST",
+        "/v1/sign",
+        Some(&format!(
+            r#"{{"name":"web","csr":{csr},"dns":["web.example.com"]}}"#
+        )),
+        &bearer(&token),
+    );
+    assert_eq!(code, 403, "{answer}");
+    assert!(
+        answer.contains("web.example.com") && answer.contains("default policy"),
+        "{answer}"
+    );
+    // An expired token.
+    let short = srv
+        .cli_ok(&["token", "create", "db", "--ttl", "1s"])
+        .trim()
+        .to_owned();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, _) = srv.curl(
+        "POST",
+        "/v1/sign",
+        Some(&format!(r#"{{"name":"db","csr":{csr}}}"#)),
+        &bearer(&short),
+    );
+    assert_eq!(code, 401);
+    assert_eq!(count(), before, "a refused request stored a certificate");
+    // Still serving.
+    assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
+}
+
+fn tool_stdin(program: &str, args: &[&str], input: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+}
+
+#[test]
+fn one_use_token_used_twice_at_once_gives_one_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let srv = Server::start(&d, &[]);
+    for round in 0..5 {
+        let token = srv.cli_ok(&["token", "create", "web"]).trim().to_owned();
+        let (csr, _) = openssl_csr(tmp.path(), &format!("r{round}"), &[]);
+        let body = format!(r#"{{"name":"web","csr":{csr}}}"#);
+        let codes: Vec<u16> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)).0))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            codes.iter().filter(|c| **c == 200).count(),
+            1,
+            "round {round}: {codes:?}"
+        );
+        assert!(codes.iter().all(|c| *c == 200 || *c == 401), "{codes:?}");
+    }
+}
+
+#[test]
+fn events_stream_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let srv = Server::start(&d, &[]);
+    let listen = |extra: Vec<String>| {
+        let mut args = vec![
+            "-sS".to_string(),
+            "-N".into(),
+            "--max-time".into(),
+            "3".into(),
+            "--cacert".into(),
+            d.join("admin/ca.crt").to_str().unwrap().into(),
+        ];
+        args.extend(srv.admin());
+        args.extend(extra);
+        args.push(format!("{}/v1/events", srv.url()));
+        std::process::Command::new("curl")
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = listen(vec![]);
+    std::thread::sleep(Duration::from_millis(500));
+    srv.cli_ok(&[
+        "issue",
+        "web",
+        "--out",
+        tmp.path().join("w1").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&first.wait_with_output().unwrap().stdout).into_owned();
+    assert!(
+        text.contains("event: issued") && text.contains("\"name\":\"web\""),
+        "{text}"
+    );
+    let last_id: u64 = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // While nobody listens, two more things happen; a client resuming from
+    // its last id gets both.
+    srv.cli_ok(&[
+        "issue",
+        "db",
+        "--out",
+        tmp.path().join("w2").to_str().unwrap(),
+    ]);
+    srv.cli_ok(&["rotate", "db"]);
+    let resumed = listen(vec!["-H".into(), format!("Last-Event-ID: {last_id}")]);
+    let text = String::from_utf8_lossy(&resumed.wait_with_output().unwrap().stdout).into_owned();
+    assert!(
+        text.contains("event: issued") && text.contains("\"name\":\"db\""),
+        "{text}"
+    );
+    assert!(text.contains("event: rotate"), "{text}");
+    assert!(
+        !text.contains("\"name\":\"web\""),
+        "replayed an event from before the id: {text}"
+    );
+}
+
+#[test]
+fn restart_keeps_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let mut srv = Server::start(&d, &[]);
+    srv.cli_ok(&[
+        "issue",
+        "web",
+        "--out",
+        tmp.path().join("w").to_str().unwrap(),
+    ]);
+    let token = srv
+        .cli_ok(&["token", "create", "db", "--uses", "2"])
+        .trim()
+        .to_owned();
+    let (csr, _) = openssl_csr(tmp.path(), "db", &[]);
+    let body = format!(r#"{{"name":"db","csr":{csr}}}"#);
+    assert_eq!(
+        srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)).0,
+        200
+    );
+    let before = srv.cli_ok(&["list", "--json"]);
+    let port = srv.port;
+    srv.kill();
+    let srv = Server::start_on(&d, port, &[]);
+    assert_eq!(
+        json(&srv.cli_ok(&["list", "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        json(&before).as_array().unwrap().len() + 0
+    );
+    // One use left, then none.
+    assert_eq!(
+        srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)).0,
+        200
+    );
+    assert_eq!(
+        srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)).0,
+        401
+    );
+}
+
+#[test]
+fn policy_rules_from_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    ok(&["init", "--dir", d.to_str().unwrap()]);
+    let mut cfg = std::fs::read_to_string(d.join("meshca.toml")).unwrap();
+    cfg.push_str(
+        "\n[[policy]]\nnamespace = \"shop\"\ndns = [\"*.shop.example.com\"]\nmax_ttl = \"48h\"\n",
+    );
+    std::fs::write(d.join("meshca.toml"), cfg).unwrap();
+    let srv = Server::start(&d, &[]);
+    let (csr, _) = openssl_csr(tmp.path(), "p", &[]);
+    let t1 = srv
+        .cli_ok(&["token", "create", "web", "-n", "shop", "--uses", "5"])
+        .trim()
+        .to_owned();
+    let ask = |extra: &str| {
+        srv.curl(
+            "POST",
+            "/v1/sign",
+            Some(&format!(
+                r#"{{"name":"web","namespace":"shop","csr":{csr}{extra}}}"#
+            )),
+            &bearer(&t1),
+        )
+    };
+    assert_eq!(ask(r#","dns":["api.shop.example.com"]"#).0, 200);
+    let (code, body) = ask(r#","dns":["api.bank.example.com"]"#);
+    assert_eq!(code, 403);
+    assert!(body.contains("policy rule #1"), "{body}");
+    let (code, body) = ask(r#","ttl":"72h""#);
+    assert_eq!(code, 403);
+    assert!(body.contains("48h"), "{body}");
+}
