@@ -577,7 +577,7 @@ fn events_stream_and_resume() {
     let last_id: u64 = text
         .lines()
         .filter_map(|l| l.strip_prefix("id: "))
-        .last()
+        .next_back()
         .unwrap()
         .parse()
         .unwrap();
@@ -633,7 +633,7 @@ fn restart_keeps_state() {
             .as_array()
             .unwrap()
             .len(),
-        json(&before).as_array().unwrap().len() + 0
+        json(&before).as_array().unwrap().len()
     );
     // One use left, then none.
     assert_eq!(
