@@ -15,6 +15,9 @@ use tower::ServiceExt;
 
 use crate::TlsAcceptor;
 
+/// How long a client may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `app` on `listener` through `acceptor`, forever. Each request
 /// carries the connection's [`Peer`](crate::Peer) in its extensions (in axum:
 /// `Extension<Peer>`). A failed handshake closes that connection only.
@@ -47,7 +50,13 @@ pub async fn serve(
                 req.extensions_mut().insert(peer.clone());
                 app.clone().oneshot(req)
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A client that never finishes its request headers is cut off.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(conn), svc)
                 .await
             {

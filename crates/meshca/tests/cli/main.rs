@@ -3,6 +3,8 @@
 
 mod common;
 
+mod crash;
+
 mod bad_input;
 mod import;
 mod init;
