@@ -178,14 +178,21 @@ impl Issuer for BuiltinIssuer {
     }
 
     async fn sign(&self, key: &LeafPublicKey, spec: &LeafSpec) -> Result<Signed, IssuerError> {
-        let signing = self.signing.clone();
-        let (key, spec) = (key.clone(), spec.clone());
-        // One signature is tens of microseconds (RSA: milliseconds): off the reactor.
-        let leaf = tokio::task::spawn_blocking(move || {
-            signing.sign_leaf(&key, &spec, OffsetDateTime::now_utc())
-        })
-        .await
-        .map_err(|e| IssuerError::Policy(format!("signing task failed: {e}")))??;
+        // An EC or Ed25519 signature takes tens of microseconds, less than a
+        // hand-off to another thread; an RSA one takes milliseconds and would
+        // stall the reactor, so it goes to the blocking pool.
+        let leaf = if self.signing.key_type().is_rsa() {
+            let signing = self.signing.clone();
+            let (key, spec) = (key.clone(), spec.clone());
+            tokio::task::spawn_blocking(move || {
+                signing.sign_leaf(&key, &spec, OffsetDateTime::now_utc())
+            })
+            .await
+            .map_err(|e| IssuerError::Policy(format!("signing task failed: {e}")))??
+        } else {
+            self.signing
+                .sign_leaf(key, spec, OffsetDateTime::now_utc())?
+        };
         Ok(Signed {
             leaf,
             chain: vec![self.signing.cert_der().to_vec()],
