@@ -338,6 +338,160 @@ impl Client {
     }
 }
 
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `id:` field.
+    pub id: Option<String>,
+    /// The `event:` field.
+    pub kind: String,
+    /// The `data:` field (JSON for meshca events).
+    pub data: String,
+}
+
+/// A stream of server-sent events (`GET /v1/events`).
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventStream").finish_non_exhaustive()
+    }
+}
+
+impl EventStream {
+    /// The next event; `None` when the server closed the stream.
+    pub async fn next(&mut self) -> Option<Result<SseEvent, ClientError>> {
+        loop {
+            if let Some(end) = find_blank_line(&self.buf) {
+                let block: Vec<u8> = self.buf.drain(..end).collect();
+                let text = String::from_utf8_lossy(&block);
+                let mut ev = SseEvent {
+                    id: None,
+                    kind: "message".into(),
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = Some(v.trim().to_owned());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ev.kind = v.trim().to_owned();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        if !ev.data.is_empty() {
+                            ev.data.push('\n');
+                        }
+                        ev.data.push_str(v.trim_start());
+                        any = true;
+                    }
+                }
+                if any {
+                    return Some(Ok(ev));
+                }
+                continue; // a keep-alive comment
+            }
+            if self.buf.len() > 1 << 20 {
+                return Some(Err(ClientError::Protocol(
+                    "an event larger than 1 MiB".into(),
+                )));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Some(Err(ClientError::Connect(e.to_string()))),
+                None => return None,
+            }
+        }
+    }
+}
+
+/// The end of the first event block (after its blank line), if complete.
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+impl Client {
+    /// Opens `GET /v1/events`, resuming after `last_id` when given.
+    pub async fn events(&self, last_id: Option<&str>) -> Result<EventStream, ClientError> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.addr)))?;
+        let tls = self
+            .connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| ClientError::Connect(format!("TLS with {}: {e}", self.addr)))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri("/v1/events")
+            .header(http::header::HOST, &self.host);
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status,
+                code: v["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("(no message)")
+                    .to_owned(),
+            });
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Builds a client from a `ClientConfig` made elsewhere (for pinning).
+    pub fn with_config(url: &str, config: rustls::ClientConfig) -> Result<Client, ClientError> {
+        let b = Client::builder(url)?;
+        let name = ServerName::try_from(
+            b.host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        )
+        .map_err(|e| ClientError::Config(format!("server host {:?}: {e}", b.host)))?;
+        Ok(Client {
+            addr: format!("{}:{}", b.host, b.port),
+            host: b.host,
+            name,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            token: None,
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -60,6 +60,50 @@ enum Command {
     Ca(CaCommand),
     /// Ask the holders of one identity, or of all, to renew now (online).
     Rotate(RotateArgs),
+    /// Keep one identity's tls.crt, tls.key and ca.crt fresh in a directory.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The identity's name.
+    name: String,
+    /// The namespace.
+    #[arg(long, short = 'n', default_value = meshca_pki::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Join token for the first certificate (env MESHCA_TOKEN).
+    #[arg(long, env = "MESHCA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// SHA-256 fingerprint of the CA root, as `meshca token create` printed it.
+    #[arg(long, value_name = "FP")]
+    ca_fingerprint: Option<String>,
+    /// Extra DNS name (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    dns: Vec<String>,
+    /// Extra IP (repeatable).
+    #[arg(long = "ip", value_name = "IP")]
+    ips: Vec<String>,
+    /// Lifetime to ask for [default: the server's].
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Key type.
+    #[arg(long, default_value = "ecdsa-p256")]
+    key_type: String,
+    /// The directory to keep (tls.crt, tls.key, ca.crt).
+    #[arg(long)]
+    out: PathBuf,
+    /// Shell command to run after each change.
+    #[arg(long, value_name = "CMD")]
+    on_rotate: Option<String>,
+    /// Send a signal after each change: PID:SIG (e.g. 1234:HUP).
+    #[arg(long, value_name = "PID:SIG")]
+    signal: Option<String>,
+    /// Get one certificate (or keep a valid one) and exit.
+    #[arg(long)]
+    once: bool,
+    /// Serve /healthz and /metrics on this address.
+    #[arg(long, value_name = "ADDR")]
+    health: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -265,7 +309,9 @@ fn main() -> ExitCode {
         key: cli.key.clone().unwrap_or_else(|| dir.join("admin/tls.key")),
         ca: cli.ca.clone().unwrap_or_else(|| dir.join("admin/ca.crt")),
     });
-    if matches!(cli.command, Command::Serve(_)) {
+    let server_url = cli.server.clone();
+    let ca_file = cli.ca.clone();
+    if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .init();
@@ -273,6 +319,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match (cli.command, online) {
             (Command::Init(a), _) => cmd::init::run(&dir, a).await,
+            (Command::Agent(a), _) => cmd::agent::run(server_url, ca_file, a).await,
             (Command::Serve(a), _) => cmd::serve::run(&dir, a).await,
             (Command::Inspect(a), _) => cmd::inspect::run(explicit_dir.then_some(dir.as_path()), a).await,
             (Command::Issue(a), Some(t)) => cmd::online::issue(&t, a).await,

@@ -1,6 +1,7 @@
 //! One module per command. Each parses its arguments into typed values,
 //! wires the library parts together and prints the result.
 
+pub mod agent;
 pub mod init;
 pub mod inspect;
 pub mod issue;

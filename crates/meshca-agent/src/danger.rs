@@ -1,0 +1,89 @@
+//! The one place where the agent talks TLS without verifying the server:
+//! fetching the public trust bundle before it knows which CA to trust. Nothing
+//! secret is sent on that connection, and what comes back is used only if a
+//! root in it matches the fingerprint the operator pinned.
+
+use std::sync::Arc;
+
+use meshca_client::{Client, ClientError};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+/// Fetches `GET /v1/bundle` without verifying the server (see the module docs).
+#[derive(Debug)]
+pub struct PinningFetch {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinningFetch {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Not verified on purpose: the bundle is checked against the pin instead.
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl PinningFetch {
+    /// The server's trust bundle, PEM, unverified: check it against the pin.
+    pub async fn bundle(server: &str) -> Result<String, ClientError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinningFetch { provider }))
+            .with_no_client_auth();
+        let client = Client::with_config(server, config)?;
+        let (status, body) = client
+            .raw(http::Method::GET, "/v1/bundle", None, &[])
+            .await?;
+        if !status.is_success() {
+            return Err(ClientError::Protocol(format!(
+                "GET /v1/bundle answered {status}"
+            )));
+        }
+        String::from_utf8(body.to_vec())
+            .map_err(|_| ClientError::Protocol("the bundle is not text".into()))
+    }
+}

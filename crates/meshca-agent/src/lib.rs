@@ -1,0 +1,590 @@
+//! The agent: keeps one identity's `tls.crt`, `tls.key` and `ca.crt` fresh
+//! on disk, and tells the service when they change.
+//!
+//! # Design
+//! Trust is never taken on first use: the agent fetches the trust bundle
+//! without sending anything secret ([`danger::PinningFetch`]), keeps it only if
+//! a root in it has the SHA-256 fingerprint the operator gave
+//! (`--ca-fingerprint`, printed by `meshca token create`), and from then on
+//! verifies the server against that bundle. The key is made here and never
+//! leaves the machine: the CA sees a CSR. The first certificate is bought
+//! with the join token; each renewal is authenticated by the current
+//! certificate and uses a fresh key. Renewal is at 2/3 of the lifetime, moved
+//! by up to ±10% at random so that agents started together do not renew
+//! together. The event stream says when to renew early (`rotate`) or to
+//! refetch the bundle (`bundle-changed`); the bundle is also polled in case
+//! the stream is down. Files are replaced atomically, key 0600; then the hook
+//! runs or the signal is sent. With the server away the agent keeps the
+//! files it has and retries with exponential backoff and jitter.
+#![forbid(unsafe_code)]
+
+pub mod danger;
+mod health;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshca_client::{Client, ClientError};
+use meshca_pki::{
+    KeyType, PrivateKey, build_csr, describe, fingerprint, parse_certs, to_pem, verify_chain,
+};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+/// Where the CA's root comes from.
+#[derive(Debug, Clone)]
+pub enum CaPin {
+    /// The SHA-256 fingerprint of a root (hex, colons and a `sha256:` prefix allowed).
+    Fingerprint(String),
+    /// A file holding the trust bundle.
+    File(PathBuf),
+}
+
+/// What the agent keeps.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `https://host:port` of a meshca server.
+    pub server: String,
+    /// A join token, for the first certificate (and to recover after expiry).
+    pub token: Option<String>,
+    /// How to trust the server.
+    pub ca: CaPin,
+    /// The identity's namespace.
+    pub namespace: String,
+    /// The identity's name.
+    pub name: String,
+    /// Extra DNS names to ask for.
+    pub dns: Vec<String>,
+    /// Extra IPs to ask for.
+    pub ips: Vec<String>,
+    /// Lifetime to ask for (Go syntax), else the server's default.
+    pub ttl: Option<String>,
+    /// Key type.
+    pub key_type: KeyType,
+    /// The directory to keep.
+    pub out: PathBuf,
+    /// A shell command to run after each change.
+    pub on_rotate: Option<String>,
+    /// `PID:SIGNAL` to send after each change.
+    pub signal: Option<(u32, String)>,
+    /// Get one certificate and stop.
+    pub once: bool,
+    /// Serve `/healthz` and `/metrics` here.
+    pub health: Option<std::net::SocketAddr>,
+}
+
+/// Why the agent stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The server's CA does not match the pin: nothing was sent to it.
+    Untrusted(String),
+    /// The server refused (bad token, wrong identity, policy).
+    Refused(String),
+    /// The certificate expired and there is no usable token to recover.
+    Expired(String),
+    /// Files could not be written or read.
+    Files(String),
+    /// Bad configuration.
+    Config(String),
+}
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentError::Untrusted(e) => write!(f, "refusing to talk to the server: {e}"),
+            AgentError::Refused(e) => write!(f, "{e}"),
+            AgentError::Expired(e) => write!(f, "{e}"),
+            AgentError::Files(e) => write!(f, "{e}"),
+            AgentError::Config(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+fn normalise_fp(fp: &str) -> String {
+    fp.trim()
+        .trim_start_matches("sha256:")
+        .replace(':', "")
+        .to_ascii_lowercase()
+}
+
+/// The certificate the agent holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    cert_pem: String,
+    key_pem: String,
+    pub(crate) serial: String,
+    /// When it was received (or, for one found on disk, when it was found).
+    start: OffsetDateTime,
+    pub(crate) not_after: OffsetDateTime,
+}
+
+impl Held {
+    fn renew_at(&self, jitter: f64) -> OffsetDateTime {
+        let life = (self.not_after - self.start).as_seconds_f64().max(1.0);
+        // 2/3 of the lifetime, moved by up to ±10% of it.
+        let at = life * (2.0 / 3.0 + 0.1 * (2.0 * jitter - 1.0));
+        self.start + time::Duration::seconds_f64(at)
+    }
+}
+
+/// A uniform random number in [0, 1).
+fn random_unit() -> f64 {
+    let b = meshca_pki::random_bytes(8).unwrap_or_else(|_| vec![0; 8]);
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    (u64::from_le_bytes(a) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    bundle_pem: String,
+    roots: Vec<Vec<u8>>,
+}
+
+/// Runs the agent until it is stopped (or once, with `--once`).
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    meshca_pki::Identity::new(&cfg.namespace, &cfg.name)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let bundle_pem = establish_trust(&cfg).await?;
+    check_writable(&cfg.out)?;
+    let roots =
+        parse_certs(bundle_pem.as_bytes()).map_err(|e| AgentError::Untrusted(e.to_string()))?;
+    let mut agent = Agent {
+        cfg,
+        bundle_pem,
+        roots,
+    };
+
+    let mut held = match agent.on_disk() {
+        Some(h) => {
+            tracing::info!(serial = %h.serial, not_after = %h.not_after, "reusing the certificate already in {}", agent.cfg.out.display());
+            h
+        }
+        None => {
+            let h = agent.bootstrap().await?;
+            agent.write(&h)?;
+            agent.notify().await;
+            h
+        }
+    };
+    if agent.cfg.once {
+        return Ok(());
+    }
+    let (tx, mut rx) = mpsc::channel::<Nudge>(16);
+    let held_now = Arc::new(std::sync::Mutex::new(held.clone()));
+    let renewals = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(addr) = agent.cfg.health {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Config(format!("cannot listen on {addr} for health: {e}")))?;
+        tokio::spawn(health::serve(listener, held_now.clone(), renewals.clone()));
+    }
+    tokio::spawn(follow_events(
+        agent.cfg.clone(),
+        agent.bundle_pem.clone(),
+        held_now.clone(),
+        tx,
+    ));
+    let mut jitter = random_unit();
+    let mut backoff = Duration::from_secs(1);
+    let mut bundle_poll = tokio::time::interval(Duration::from_secs(300));
+    bundle_poll.tick().await;
+    loop {
+        let now = OffsetDateTime::now_utc();
+        let due = held.renew_at(jitter);
+        let wait = (due - now).max(time::Duration::ZERO);
+        let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
+        let renew = tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            Some(n) = rx.recv() => match n {
+                Nudge::Rotate => {
+                    // Spread a rotation of many agents over a window.
+                    let window = ((held.not_after - held.start).as_seconds_f64() / 10.0).clamp(0.0, 30.0);
+                    tokio::time::sleep(Duration::from_secs_f64(window * random_unit())).await;
+                    true
+                }
+                Nudge::Bundle => {
+                    agent.refresh_bundle().await;
+                    false
+                }
+            },
+            _ = bundle_poll.tick() => {
+                agent.refresh_bundle().await;
+                false
+            }
+        };
+        if !renew {
+            continue;
+        }
+        match agent.renew(&held).await {
+            Ok(new) => {
+                if let Err(e) = agent.write(&new) {
+                    tracing::error!("{e}; keeping the current files and retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                    continue;
+                }
+                tracing::info!(serial = %new.serial, not_after = %new.not_after, "renewed");
+                held = new;
+                *held_now.lock().unwrap_or_else(|e| e.into_inner()) = held.clone();
+                renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                agent.notify().await;
+                jitter = random_unit();
+                backoff = Duration::from_secs(1);
+            }
+            Err(e) => {
+                let left = held.not_after - OffsetDateTime::now_utc();
+                tracing::warn!(
+                    seconds_left = left.whole_seconds(),
+                    "renewal failed, retrying in {backoff:?}: {e}"
+                );
+                if let AgentError::Expired(_) = e {
+                    return Err(e);
+                }
+                let sleep = backoff.mul_f64(0.5 + random_unit());
+                tokio::time::sleep(sleep).await;
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+                // Not due again until the backoff passes: pretend it is due now.
+                held.start = OffsetDateTime::now_utc()
+                    - (held.not_after - OffsetDateTime::now_utc()).max(time::Duration::ZERO) * 2;
+            }
+        }
+    }
+}
+
+enum Nudge {
+    Rotate,
+    Bundle,
+}
+
+fn check_writable(out: &Path) -> Result<(), AgentError> {
+    if out.exists() && !out.is_dir() {
+        return Err(AgentError::Files(format!(
+            "--out {} is not a directory",
+            out.display()
+        )));
+    }
+    if !out.exists() {
+        meshca_files::create_private_dir(out).map_err(|e| AgentError::Files(e.to_string()))?;
+    }
+    let probe = out.join(".meshca-agent-probe");
+    meshca_files::write_atomic(&probe, b"", 0o600)
+        .map_err(|e| AgentError::Files(format!("{} is not writable: {e}", out.display())))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Gets the trust bundle: from the pinned file, or fetched and checked against the fingerprint.
+async fn establish_trust(cfg: &AgentConfig) -> Result<String, AgentError> {
+    match &cfg.ca {
+        CaPin::File(p) => std::fs::read_to_string(p).map_err(|e| {
+            AgentError::Config(format!("cannot read the CA file {}: {e}", p.display()))
+        }),
+        CaPin::Fingerprint(fp) => {
+            let want = normalise_fp(fp);
+            if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(AgentError::Config(format!(
+                    "--ca-fingerprint {fp:?} is not a SHA-256 fingerprint (64 hex digits)"
+                )));
+            }
+            // Already pinned and written by an earlier run?
+            if let Ok(existing) = std::fs::read_to_string(cfg.out.join("ca.crt")) {
+                if bundle_has(&existing, &want) {
+                    return Ok(existing);
+                }
+            }
+            let bundle = danger::PinningFetch::bundle(&cfg.server)
+                .await
+                .map_err(|e| AgentError::Untrusted(e.to_string()))?;
+            if !bundle_has(&bundle, &want) {
+                return Err(AgentError::Untrusted(format!(
+                    "no root in the server's trust bundle has fingerprint {want}; check --ca-fingerprint against `meshca token create`"
+                )));
+            }
+            Ok(bundle)
+        }
+    }
+}
+
+fn bundle_has(bundle: &str, fp: &str) -> bool {
+    parse_certs(bundle.as_bytes()).is_ok_and(|certs| certs.iter().any(|c| fingerprint(c) == fp))
+}
+
+fn api_err(e: ClientError) -> AgentError {
+    match e.status() {
+        Some(s) if (400..500).contains(&s) => AgentError::Refused(e.to_string()),
+        _ => AgentError::Refused(format!("{e} (will retry)")),
+    }
+}
+
+impl Agent {
+    fn client(&self, identity: Option<&Held>) -> Result<Client, AgentError> {
+        let mut b = Client::builder(&self.cfg.server)
+            .map_err(|e| AgentError::Config(e.to_string()))?
+            .trust_pem(self.bundle_pem.as_bytes())
+            .map_err(|e| AgentError::Untrusted(e.to_string()))?;
+        if let Some(h) = identity {
+            b = b
+                .identity_pem(h.cert_pem.as_bytes(), h.key_pem.as_bytes())
+                .map_err(|e| AgentError::Files(e.to_string()))?;
+        } else if let Some(t) = &self.cfg.token {
+            b = b.token(t);
+        }
+        b.build().map_err(|e| AgentError::Config(e.to_string()))
+    }
+
+    fn request(&self, csr_pem: &str) -> Value {
+        let mut body = json!({"name": self.cfg.name, "namespace": self.cfg.namespace, "csr": csr_pem, "dns": self.cfg.dns, "ips": self.cfg.ips});
+        if let Some(t) = &self.cfg.ttl {
+            body["ttl"] = json!(t);
+        }
+        body
+    }
+
+    async fn sign(&self, identity: Option<&Held>) -> Result<Held, AgentError> {
+        let key = PrivateKey::generate(self.cfg.key_type)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let csr = to_pem(
+            "CERTIFICATE REQUEST",
+            &build_csr(&key).map_err(|e| AgentError::Config(e.to_string()))?,
+        );
+        let start = OffsetDateTime::now_utc();
+        let v = self
+            .client(identity)?
+            .post("/v1/sign", &self.request(&csr))
+            .await
+            .map_err(api_err)?;
+        let cert_pem = v["certificate"]
+            .as_str()
+            .ok_or_else(|| AgentError::Refused("the answer has no certificate".into()))?
+            .to_owned();
+        let chain = parse_certs(cert_pem.as_bytes())
+            .map_err(|e| AgentError::Refused(format!("the server sent a bad certificate: {e}")))?;
+        // Never install what does not verify against the pinned bundle.
+        verify_chain(&chain, &self.roots, OffsetDateTime::now_utc())
+            .map_err(|e| AgentError::Untrusted(e.to_string()))?;
+        let info = describe(&chain[0], start).map_err(|e| AgentError::Refused(e.to_string()))?;
+        let not_after = OffsetDateTime::parse(
+            &info.not_after,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_err(|e| AgentError::Refused(e.to_string()))?;
+        Ok(Held {
+            cert_pem,
+            key_pem: key.to_pem(),
+            serial: info.serial,
+            start,
+            not_after,
+        })
+    }
+
+    async fn bootstrap(&self) -> Result<Held, AgentError> {
+        if self.cfg.token.is_none() {
+            return Err(AgentError::Expired(format!(
+                "no valid certificate in {} and no --token: create one with `meshca token create {} --namespace {}`",
+                self.cfg.out.display(),
+                self.cfg.name,
+                self.cfg.namespace
+            )));
+        }
+        self.sign(None).await
+    }
+
+    async fn renew(&self, held: &Held) -> Result<Held, AgentError> {
+        if held.not_after <= OffsetDateTime::now_utc() {
+            // Expired while the server was away: only the token can help now.
+            return self.bootstrap().await.map_err(|e| {
+                AgentError::Expired(format!(
+                    "the certificate expired at {} and the token cannot replace it: {e}",
+                    meshca_pki::rfc3339(held.not_after)
+                ))
+            });
+        }
+        self.sign(Some(held)).await
+    }
+
+    /// A still-valid set on disk that chains to the trusted bundle.
+    fn on_disk(&self) -> Option<Held> {
+        let cert_pem = std::fs::read_to_string(self.cfg.out.join("tls.crt")).ok()?;
+        let key_pem = String::from_utf8(
+            meshca_files::read_secret(&self.cfg.out.join("tls.key"), 1 << 20).ok()?,
+        )
+        .ok()?;
+        let chain = parse_certs(cert_pem.as_bytes()).ok()?;
+        let now = OffsetDateTime::now_utc();
+        verify_chain(&chain, &self.roots, now).ok()?;
+        let key = PrivateKey::from_pem(&key_pem).ok()?;
+        if meshca_pki::cert_spki(&chain[0]).ok()? != key.public_key_der() {
+            return None;
+        }
+        let info = describe(&chain[0], now).ok()?;
+        if info.spiffe_id.as_deref()
+            != Some(&format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                spiffe_td(&info.uris)?,
+                self.cfg.namespace,
+                self.cfg.name
+            ))
+        {
+            return None;
+        }
+        let not_after = OffsetDateTime::parse(
+            &info.not_after,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()?;
+        let not_before = OffsetDateTime::parse(
+            &info.not_before,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()?;
+        // The backdating of notBefore is not part of the lifetime the CA gave.
+        let start = (not_before + meshca_pki::BACKDATE).min(now);
+        Some(Held {
+            cert_pem,
+            key_pem,
+            serial: info.serial,
+            start,
+            not_after,
+        })
+    }
+
+    fn write(&self, h: &Held) -> Result<(), AgentError> {
+        let out = &self.cfg.out;
+        let w = |name: &str, data: &str, mode: u32| {
+            meshca_files::write_atomic(&out.join(name), data.as_bytes(), mode)
+                .map_err(|e| AgentError::Files(e.to_string()))
+        };
+        // Key first: whoever sees the new certificate finds its key.
+        w("tls.key", &h.key_pem, meshca_files::SECRET_MODE)?;
+        w("tls.crt", &h.cert_pem, meshca_files::PUBLIC_MODE)?;
+        w("ca.crt", &self.bundle_pem, meshca_files::PUBLIC_MODE)
+    }
+
+    async fn refresh_bundle(&mut self) {
+        let Ok(client) = self.client(None) else {
+            return;
+        };
+        let Ok((status, body)) = client.raw(http::Method::GET, "/v1/bundle", None, &[]).await
+        else {
+            return;
+        };
+        let Ok(text) = String::from_utf8(body.to_vec()) else {
+            return;
+        };
+        if !status.is_success() || text == self.bundle_pem {
+            return;
+        }
+        // The new bundle came over a connection verified with the old one.
+        match parse_certs(text.as_bytes()) {
+            Ok(roots) => {
+                self.roots = roots;
+                self.bundle_pem = text;
+                if meshca_files::write_atomic(
+                    &self.cfg.out.join("ca.crt"),
+                    self.bundle_pem.as_bytes(),
+                    meshca_files::PUBLIC_MODE,
+                )
+                .is_ok()
+                {
+                    tracing::info!("trust bundle changed");
+                    self.notify().await;
+                }
+            }
+            Err(e) => tracing::warn!("ignoring an unreadable trust bundle: {e}"),
+        }
+    }
+
+    async fn notify(&self) {
+        if let Some(cmd) = &self.cfg.on_rotate {
+            match tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(&self.cfg.out)
+                .output()
+                .await
+            {
+                Ok(out) => tracing::info!(
+                    status = %out.status,
+                    stdout = %String::from_utf8_lossy(&out.stdout).trim(),
+                    stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                    "ran the on-rotate hook"
+                ),
+                Err(e) => tracing::error!("cannot run the on-rotate hook: {e}"),
+            }
+        }
+        if let Some((pid, sig)) = &self.cfg.signal {
+            match tokio::process::Command::new("kill")
+                .arg("-s")
+                .arg(sig)
+                .arg(pid.to_string())
+                .status()
+                .await
+            {
+                Ok(s) if s.success() => tracing::info!(pid, signal = %sig, "signalled the service"),
+                Ok(s) => tracing::error!(pid, signal = %sig, "kill failed: {s}"),
+                Err(e) => tracing::error!("cannot send the signal: {e}"),
+            }
+        }
+    }
+}
+
+fn spiffe_td(uris: &[String]) -> Option<String> {
+    uris.iter().find_map(|u| {
+        u.strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .map(str::to_owned)
+    })
+}
+
+/// Follows the event stream with the current certificate; nudges the main
+/// loop on `rotate` for this identity and on `bundle-changed`. Reconnects
+/// with backoff, resuming from the last event seen.
+async fn follow_events(
+    cfg: AgentConfig,
+    bundle: String,
+    held: Arc<std::sync::Mutex<Held>>,
+    tx: mpsc::Sender<Nudge>,
+) {
+    let mut last: Option<String> = None;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let h = held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let client = Client::builder(&cfg.server)
+            .and_then(|b| b.trust_pem(bundle.as_bytes()))
+            .and_then(|b| b.identity_pem(h.cert_pem.as_bytes(), h.key_pem.as_bytes()))
+            .and_then(|b| b.build());
+        if let Ok(client) = client {
+            if let Ok(mut stream) = client.events(last.as_deref()).await {
+                backoff = Duration::from_secs(1);
+                while let Some(Ok(ev)) = stream.next().await {
+                    if ev.id.is_some() {
+                        last.clone_from(&ev.id);
+                    }
+                    let nudge = match ev.kind.as_str() {
+                        "rotate" => {
+                            let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                            let mine = v["namespace"] == cfg.namespace.as_str()
+                                && v["name"] == cfg.name.as_str();
+                            mine.then_some(Nudge::Rotate)
+                        }
+                        "bundle-changed" => Some(Nudge::Bundle),
+                        _ => None,
+                    };
+                    if let Some(n) = nudge {
+                        if tx.send(n).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff.mul_f64(0.5 + random_unit())).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
