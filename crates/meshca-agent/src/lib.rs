@@ -585,6 +585,7 @@ async fn follow_events(
             }
         }
         tokio::time::sleep(backoff.mul_f64(0.5 + random_unit())).await;
-        backoff = (backoff * 2).min(Duration::from_secs(60));
+        // Short cap: a missed rotate event costs a renewal only as late as the schedule.
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

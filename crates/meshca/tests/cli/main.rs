@@ -5,6 +5,7 @@ mod common;
 
 mod crash;
 
+mod agent;
 mod bad_input;
 mod import;
 mod init;

@@ -1,0 +1,371 @@
+//! `meshca agent` against a real `meshca serve`: bootstrap, renewal at about
+//! 2/3 of short lifetimes, hooks, restarts, the server away, rotation, and
+//! the refusals.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::*;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn token(srv: &Server, name: &str, uses: &str) -> (String, String) {
+    let v: Value =
+        serde_json::from_str(&srv.cli_ok(&["token", "create", name, "--uses", uses, "--json"]))
+            .unwrap();
+    (
+        v["token"].as_str().unwrap().to_owned(),
+        v["ca_fingerprint"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn agent_cmd(srv: &Server, name: &str, tok: &str, fp: &str, out: &Path, extra: &[&str]) -> Command {
+    let mut c = meshca();
+    c.args([
+        "agent",
+        name,
+        "--server",
+        &srv.url(),
+        "--token",
+        tok,
+        "--ca-fingerprint",
+        fp,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .args(extra);
+    c
+}
+
+fn serial_of(dir: &Path) -> String {
+    let s = tool(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            dir.join("tls.crt").to_str().unwrap(),
+            "-noout",
+            "-serial",
+        ],
+    );
+    s.trim().trim_start_matches("serial=").to_lowercase()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn verify(dir: &Path) {
+    tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            dir.join("ca.crt").to_str().unwrap(),
+            "-untrusted",
+            dir.join("tls.crt").to_str().unwrap(),
+            dir.join("tls.crt").to_str().unwrap(),
+        ],
+    );
+    let key = tool(
+        "openssl",
+        &[
+            "pkey",
+            "-in",
+            dir.join("tls.key").to_str().unwrap(),
+            "-pubout",
+        ],
+    );
+    let cert = tool(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            dir.join("tls.crt").to_str().unwrap(),
+            "-noout",
+            "-pubkey",
+        ],
+    );
+    assert_eq!(key, cert, "tls.key does not match tls.crt");
+}
+
+#[test]
+fn agent_bootstraps_renews_and_runs_the_hook() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let hook = tmp.path().join("hook.log");
+    let hook_cmd = format!(
+        "openssl x509 -in tls.crt -noout -serial >> {}",
+        hook.display()
+    );
+    let started = Instant::now();
+    let _agent = Agent(
+        agent_cmd(
+            &srv,
+            "web",
+            &tok,
+            &fp,
+            &out,
+            &["--ttl", "15s", "--on-rotate", &hook_cmd],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    wait_for("the first certificate", 10, || hook.exists());
+    assert_eq!(mode(&out.join("tls.key")), 0o600);
+    verify(&out);
+    let first = serial_of(&out);
+    // Renewed at about 2/3 of 15 s (10 s, ±1.5 s), with a new key, hook run again.
+    wait_for("a renewal", 25, || {
+        std::fs::read_to_string(&hook).unwrap().lines().count() >= 2
+    });
+    let at = started.elapsed();
+    assert!(
+        at > Duration::from_secs(7) && at < Duration::from_secs(16),
+        "renewed after {at:?}"
+    );
+    let second = serial_of(&out);
+    assert_ne!(first, second);
+    verify(&out);
+    // The token was single-use: every renewal was paid with the certificate.
+    let tokens: Value = serde_json::from_str(&srv.cli_ok(&["token", "list", "--json"])).unwrap();
+    assert_eq!(tokens[0]["uses"], 1);
+}
+
+#[test]
+fn agent_refusals_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("o");
+    let run = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let bad_fp = "ab".repeat(32);
+    let e = run(&mut agent_cmd(
+        &srv,
+        "web",
+        &tok,
+        &bad_fp,
+        &out,
+        &["--once"],
+    ));
+    assert!(e.contains("refusing to talk") && e.contains(&bad_fp), "{e}");
+    assert!(!out.exists(), "files written for an untrusted server");
+    let e = run(&mut agent_cmd(
+        &srv,
+        "web",
+        "mct_00.00",
+        &fp,
+        &out,
+        &["--once"],
+    ));
+    assert!(e.contains("join token"), "{e}");
+    let e = run(&mut agent_cmd(&srv, "db", &tok, &fp, &out, &["--once"]));
+    assert!(e.contains("for default/web, not default/db"), "{e}");
+    let e = run(meshca().args([
+        "agent",
+        "web",
+        "--server",
+        &srv.url(),
+        "--out",
+        out.to_str().unwrap(),
+        "--once",
+    ]));
+    assert!(e.contains("never trusts a server on first use"), "{e}");
+    std::fs::write(tmp.path().join("file"), "x").unwrap();
+    let e = run(&mut agent_cmd(
+        &srv,
+        "web",
+        &tok,
+        &fp,
+        &tmp.path().join("file"),
+        &["--once"],
+    ));
+    assert!(e.contains("not a directory"), "{e}");
+}
+
+#[test]
+fn restarted_agent_reuses_its_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let ok = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(&mut agent_cmd(
+        &srv,
+        "web",
+        &tok,
+        &fp,
+        &out,
+        &["--once", "--ttl", "1h"],
+    ));
+    let first = serial_of(&out);
+    // The token is spent; a restart must not need it.
+    ok(&mut agent_cmd(&srv, "web", &tok, &fp, &out, &["--once"]));
+    assert_eq!(serial_of(&out), first);
+}
+
+#[test]
+fn server_away_then_back_and_rotation_by_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut srv = Server::start(&data, &[]);
+    let port = srv.port;
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let _agent = Agent(
+        agent_cmd(&srv, "web", &tok, &fp, &out, &["--ttl", "12s"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the first certificate", 10, || out.join("tls.crt").exists());
+    let first = serial_of(&out);
+    // The server goes away for longer than the renewal point (8 s).
+    srv.kill();
+    std::thread::sleep(Duration::from_secs(9));
+    assert_eq!(
+        serial_of(&out),
+        first,
+        "files changed while the server was away"
+    );
+    verify(&out);
+    let srv = Server::start_on(&data, port, &[]);
+    wait_for("a renewal after the server came back", 15, || {
+        serial_of(&out) != first
+    });
+    verify(&out);
+    drop(srv);
+}
+
+#[test]
+fn rotate_reaches_the_agent_through_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    // 60 s lifetime: the scheduled renewal (about 40 s) is far; rotate's
+    // spread window is a tenth of the lifetime (6 s).
+    let _agent = Agent(
+        agent_cmd(&srv, "web", &tok, &fp, &out, &["--ttl", "60s"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the first certificate", 10, || out.join("tls.crt").exists());
+    let before = serial_of(&out);
+    std::thread::sleep(Duration::from_secs(1)); // the agent opens its event stream
+    srv.cli_ok(&["rotate", "web"]);
+    wait_for("a renewal asked for by rotate", 10, || {
+        serial_of(&out) != before
+    });
+    verify(&out);
+}
+
+#[test]
+fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let hook = tmp.path().join("hook.log");
+    let hook_cmd = format!("echo x >> {}", hook.display());
+    let _agent = Agent(
+        agent_cmd(
+            &srv,
+            "web",
+            &tok,
+            &fp,
+            &out,
+            &["--ttl", "6s", "--on-rotate", &hook_cmd],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    wait_for("the first certificate", 10, || hook.exists());
+    // The default policy allows no extra DNS name for a workload: the service
+    // is reached by its own name, web.default.svc, resolved to 127.0.0.1.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let port = rt.block_on(async {
+        let config = meshca_tls::TlsConfig {
+            mode: meshca_tls::TlsMode::Tls,
+            certs: Some(out.clone()),
+            ..Default::default()
+        };
+        let acceptor = std::sync::Arc::new(meshca_tls::TlsAcceptor::new(&config).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(meshca_tls::serve(listener, acceptor, app));
+        port
+    });
+    let host = "web.default.svc";
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}/");
+    let (mut ok, mut failed) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while std::fs::read_to_string(&hook).unwrap().lines().count() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than five renewals in 40 s"
+        );
+        let o = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "--resolve",
+                &resolve,
+                "--cacert",
+                out.join("ca.crt").to_str().unwrap(),
+                &url,
+            ])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            ok += 1;
+        } else {
+            failed.push(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the renewals: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        failed.first()
+    );
+    assert!(ok > 50, "only {ok} requests");
+    drop(rt);
+}
