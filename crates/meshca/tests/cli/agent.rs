@@ -369,3 +369,54 @@ fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
     assert!(ok > 50, "only {ok} requests");
     drop(rt);
 }
+
+#[test]
+fn rotate_all_renews_fifty_agents_spread_over_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let mut agents = Vec::new();
+    for i in 0..50 {
+        let name = format!("svc{i}");
+        let (tok, fp) = token(&srv, &name, "1");
+        let out = tmp.path().join(&name);
+        let hook = format!(
+            "date +%s.%N >> {}",
+            tmp.path().join(format!("{name}.hook")).display()
+        );
+        agents.push(Agent(
+            agent_cmd(
+                &srv,
+                &name,
+                &tok,
+                &fp,
+                &out,
+                &["--ttl", "60s", "--on-rotate", &hook],
+            )
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        ));
+    }
+    let hooks = |n: usize| {
+        (0..50).all(|i| {
+            std::fs::read_to_string(tmp.path().join(format!("svc{i}.hook")))
+                .map_or(0, |t| t.lines().count())
+                >= n
+        })
+    };
+    wait_for("50 first certificates", 30, || hooks(1));
+    std::thread::sleep(Duration::from_secs(2)); // event streams open
+    srv.cli_ok(&["rotate", "--all"]);
+    wait_for("50 renewals after rotate --all", 20, || hooks(2));
+    let times: Vec<f64> = (0..50)
+        .map(|i| {
+            let t = std::fs::read_to_string(tmp.path().join(format!("svc{i}.hook"))).unwrap();
+            t.lines().nth(1).unwrap().trim().parse().unwrap()
+        })
+        .collect();
+    let spread = times.iter().cloned().fold(f64::MIN, f64::max)
+        - times.iter().cloned().fold(f64::MAX, f64::min);
+    // The window is a tenth of the lifetime (6 s): renewals are spread, not a stampede.
+    assert!(spread > 2.0, "renewals within {spread:.2}s of each other");
+    drop(agents);
+}
