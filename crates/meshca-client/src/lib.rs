@@ -285,13 +285,10 @@ impl Client {
             })?
     }
 
-    async fn raw_inner(
+    /// A new HTTP/1.1 connection to the server over TLS.
+    async fn connect(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-        headers: &[(&str, &str)],
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let tcp = tokio::net::TcpStream::connect(&self.addr)
             .await
             .map_err(|e| ClientError::Connect(format!("{}: {e}", self.addr)))?;
@@ -301,12 +298,23 @@ impl Client {
             .connect(self.name.clone(), tcp)
             .await
             .map_err(|e| ClientError::Connect(format!("TLS with {}: {e}", self.addr)))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        Ok(sender)
+    }
+
+    async fn raw_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut sender = self.connect().await?;
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -420,20 +428,7 @@ fn find_blank_line(buf: &[u8]) -> Option<usize> {
 impl Client {
     /// Opens `GET /v1/events`, resuming after `last_id` when given.
     pub async fn events(&self, last_id: Option<&str>) -> Result<EventStream, ClientError> {
-        let tcp = tokio::net::TcpStream::connect(&self.addr)
-            .await
-            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.addr)))?;
-        let tls = self
-            .connector
-            .connect(self.name.clone(), tcp)
-            .await
-            .map_err(|e| ClientError::Connect(format!("TLS with {}: {e}", self.addr)))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut sender = self.connect().await?;
         let mut req = Request::builder()
             .method(Method::GET)
             .uri("/v1/events")
