@@ -83,6 +83,8 @@ pub enum AgentError {
     Untrusted(String),
     /// The server refused (bad token, wrong identity, policy).
     Refused(String),
+    /// The server could not be reached, or failed (5xx): worth retrying.
+    Unavailable(String),
     /// The certificate expired and there is no usable token to recover.
     Expired(String),
     /// Files could not be written or read.
@@ -96,6 +98,7 @@ impl std::fmt::Display for AgentError {
         match self {
             AgentError::Untrusted(e) => write!(f, "refusing to talk to the server: {e}"),
             AgentError::Refused(e) => write!(f, "{e}"),
+            AgentError::Unavailable(e) => write!(f, "{e}"),
             AgentError::Expired(e) => write!(f, "{e}"),
             AgentError::Files(e) => write!(f, "{e}"),
             AgentError::Config(e) => write!(f, "{e}"),
@@ -166,7 +169,21 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             h
         }
         None => {
-            let h = agent.bootstrap().await?;
+            let mut backoff = Duration::from_secs(1);
+            let h = loop {
+                match agent.bootstrap().await {
+                    Ok(h) => break h,
+                    // The server away at start: wait for it, unless asked for one try.
+                    Err(AgentError::Unavailable(e)) if !agent.cfg.once => {
+                        tracing::warn!(
+                            "cannot get the first certificate yet, retrying in {backoff:?}: {e}"
+                        );
+                        tokio::time::sleep(backoff.mul_f64(0.5 + random_unit())).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             agent.write(&h)?;
             agent.notify().await;
             h
@@ -248,7 +265,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 }
                 let sleep = backoff.mul_f64(0.5 + random_unit());
                 tokio::time::sleep(sleep).await;
-                backoff = (backoff * 2).min(Duration::from_secs(300));
+                backoff = (backoff * 2).min(Duration::from_secs(60));
                 // Not due again until the backoff passes: pretend it is due now.
                 held.start = OffsetDateTime::now_utc()
                     - (held.not_after - OffsetDateTime::now_utc()).max(time::Duration::ZERO) * 2;
@@ -316,9 +333,10 @@ fn bundle_has(bundle: &str, fp: &str) -> bool {
 }
 
 fn api_err(e: ClientError) -> AgentError {
-    match e.status() {
-        Some(s) if (400..500).contains(&s) => AgentError::Refused(e.to_string()),
-        _ => AgentError::Refused(format!("{e} (will retry)")),
+    if e.is_transient() {
+        AgentError::Unavailable(e.to_string())
+    } else {
+        AgentError::Refused(e.to_string())
     }
 }
 
@@ -363,8 +381,9 @@ impl Agent {
             .as_str()
             .ok_or_else(|| AgentError::Refused("the answer has no certificate".into()))?
             .to_owned();
-        let chain = parse_certs(cert_pem.as_bytes())
-            .map_err(|e| AgentError::Refused(format!("the server sent a bad certificate: {e}")))?;
+        let chain = parse_certs(cert_pem.as_bytes()).map_err(|e| {
+            AgentError::Unavailable(format!("the server sent a bad certificate: {e}"))
+        })?;
         // Never install what does not verify against the pinned bundle.
         verify_chain(&chain, &self.roots, OffsetDateTime::now_utc())
             .map_err(|e| AgentError::Untrusted(e.to_string()))?;
@@ -398,12 +417,16 @@ impl Agent {
     async fn renew(&self, held: &Held) -> Result<Held, AgentError> {
         if held.not_after <= OffsetDateTime::now_utc() {
             // Expired while the server was away: only the token can help now.
-            return self.bootstrap().await.map_err(|e| {
-                AgentError::Expired(format!(
-                    "the certificate expired at {} and the token cannot replace it: {e}",
-                    meshca_pki::rfc3339(held.not_after)
-                ))
-            });
+            return match self.bootstrap().await {
+                Ok(h) => Ok(h),
+                Err(AgentError::Unavailable(e)) => Err(AgentError::Unavailable(e)),
+                Err(e) => Err(AgentError::Expired(format!(
+                    "the certificate expired at {} and the token cannot replace it ({e}); create a new one with `meshca token create {} --namespace {}` and restart the agent with it",
+                    meshca_pki::rfc3339(held.not_after),
+                    self.cfg.name,
+                    self.cfg.namespace
+                ))),
+            };
         }
         self.sign(Some(held)).await
     }

@@ -420,3 +420,97 @@ fn rotate_all_renews_fifty_agents_spread_over_the_window() {
     assert!(spread > 2.0, "renewals within {spread:.2}s of each other");
     drop(agents);
 }
+
+#[test]
+fn expired_while_away_recovers_with_the_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut srv = Server::start(&data, &[]);
+    let port = srv.port;
+    // Two uses: the first certificate, and one recovery.
+    let (tok, fp) = token(&srv, "web", "2");
+    let out = tmp.path().join("web");
+    let _agent = Agent(
+        agent_cmd(&srv, "web", &tok, &fp, &out, &["--ttl", "4s"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the first certificate", 10, || out.join("tls.crt").exists());
+    let first = serial_of(&out);
+    srv.kill();
+    std::thread::sleep(Duration::from_secs(6)); // the certificate expires meanwhile
+    let srv = Server::start_on(&data, port, &[]);
+    wait_for("a certificate bought with the token again", 20, || {
+        serial_of(&out) != first
+    });
+    verify(&out);
+    let tokens: Value = serde_json::from_str(&srv.cli_ok(&["token", "list", "--json"])).unwrap();
+    assert_eq!(tokens[0]["uses"], 2);
+}
+
+#[test]
+fn a_server_answering_garbage_is_refused_clearly() {
+    // A real TLS server (openssl s_server -www) that answers every request
+    // with an HTML page: not the meshca API. The agent, pinning our CA's
+    // fingerprint, gets HTML instead of a bundle and refuses to go on.
+    let ca = Ca::new(&[]);
+    let srv_dir = ca.issue("imposter", "imp", &["--profile", "server"]);
+    let fp = tool(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            srv_dir.join("ca.crt").to_str().unwrap(),
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+        ],
+    );
+    let fp = fp
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .replace(':', "")
+        .to_lowercase();
+    let port = free_port();
+    let _s = spawn(
+        "openssl",
+        &[
+            "s_server",
+            "-quiet",
+            "-accept",
+            &port.to_string(),
+            "-www",
+            "-cert",
+            srv_dir.join("tls.crt").to_str().unwrap(),
+            "-key",
+            srv_dir.join("tls.key").to_str().unwrap(),
+            "-cert_chain",
+            srv_dir.join("tls.crt").to_str().unwrap(),
+        ],
+    );
+    wait_for_port(port);
+    let out = ca.path("web");
+    let o = meshca()
+        .args([
+            "agent",
+            "web",
+            "--server",
+            &format!("https://localhost:{port}"),
+            "--token",
+            "mct_00.11",
+            "--ca-fingerprint",
+            &fp,
+            "--out",
+            out.to_str().unwrap(),
+            "--once",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("refusing to talk to the server"), "{e}");
+    assert!(!out.join("tls.crt").exists());
+}
