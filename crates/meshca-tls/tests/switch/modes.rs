@@ -200,3 +200,38 @@ async fn redirect_listener_sends_301_to_https() {
     .await;
     assert_eq!(out, "301 https://localhost:9443/a/b?c=d");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_without_hurting_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "default", "web");
+    pki.service(&dir.join("client"), "default", "cli");
+    let addr = start(&config(TlsMode::Tls, &dir.join("server"))).await;
+    let expected = meshca_tls::ServerIdentity::parse("localhost").unwrap();
+    let connector =
+        meshca_tls::TlsConnector::new(&dir.join("client"), expected, TlsVersion::V1_3).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut slow = connector.connect(tcp).await.unwrap();
+    // Half a request, and then nothing.
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // Others are served meanwhile.
+    let url = format!("https://localhost:{}/", addr.port());
+    let ca = vec!["--cacert".to_owned(), p(&dir.join("server/ca.crt"))];
+    for _ in 0..3 {
+        assert!(curl(&url, &ca).await.0);
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8) && waited <= Duration::from_secs(15),
+        "the slow client was cut off after {waited:?}"
+    );
+}
