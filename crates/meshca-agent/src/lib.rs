@@ -216,8 +216,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         let due = held.renew_at(jitter);
         let wait = (due - now).max(time::Duration::ZERO);
         let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
+        // Sleep in steps of at most 30 s and look at the wall clock again: a
+        // clock that jumps forward (a suspended VM, NTP stepping) must not
+        // let the certificate expire before the renewal wakes up.
+        let step = wait.min(Duration::from_secs(30));
         let renew = tokio::select! {
-            () = tokio::time::sleep(wait) => true,
+            () = tokio::time::sleep(step) => OffsetDateTime::now_utc() >= due,
             Some(n) = rx.recv() => match n {
                 Nudge::Rotate => {
                     // Spread a rotation of many agents over a window.
@@ -478,15 +482,22 @@ impl Agent {
     }
 
     fn write(&self, h: &Held) -> Result<(), AgentError> {
-        let out = &self.cfg.out;
-        let w = |name: &str, data: &str, mode: u32| {
-            meshca_files::write_atomic(&out.join(name), data.as_bytes(), mode)
-                .map_err(|e| AgentError::Files(e.to_string()))
-        };
-        // Key first: whoever sees the new certificate finds its key.
-        w("tls.key", &h.key_pem, meshca_files::SECRET_MODE)?;
-        w("tls.crt", &h.cert_pem, meshca_files::PUBLIC_MODE)?;
-        w("ca.crt", &self.bundle_pem, meshca_files::PUBLIC_MODE)
+        // The key and the certificate switch together: both are on disk under
+        // temporary names before either replaces the old one, so a full disk
+        // leaves the old pair intact.
+        meshca_files::write_set_atomic(
+            &self.cfg.out,
+            &[
+                ("tls.key", h.key_pem.as_bytes(), meshca_files::SECRET_MODE),
+                ("tls.crt", h.cert_pem.as_bytes(), meshca_files::PUBLIC_MODE),
+                (
+                    "ca.crt",
+                    self.bundle_pem.as_bytes(),
+                    meshca_files::PUBLIC_MODE,
+                ),
+            ],
+        )
+        .map_err(|e| AgentError::Files(e.to_string()))
     }
 
     async fn refresh_bundle(&mut self) {

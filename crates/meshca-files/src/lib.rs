@@ -156,6 +156,50 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileE
     result
 }
 
+/// Replaces several files of one directory together: every new file is
+/// written and fsynced under a temporary name first, and only when all of
+/// them are safely on disk are they renamed into place, one after the other,
+/// then the directory is fsynced. A failure while writing (disk full, quota)
+/// leaves every old file as it was. Used for a certificate and its key, which
+/// must never be seen half-replaced because one of them could not be written.
+pub fn write_set_atomic(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), FileError> {
+    let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let cleanup = |temps: &[(PathBuf, PathBuf)]| {
+        for (tmp, _) in temps {
+            let _ = fs::remove_file(tmp);
+        }
+    };
+    for (name, contents, mode) in files {
+        let target = dir.join(name);
+        let tmp = temp_name(&target)?;
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(*mode)
+                .open(&tmp)
+                .map_err(|e| FileError::io(&tmp, "create", e))?;
+            f.set_permissions(fs::Permissions::from_mode(*mode))
+                .map_err(|e| FileError::io(&tmp, "chmod", e))?;
+            f.write_all(contents)
+                .map_err(|e| FileError::io(&target, "write", e))?;
+            f.sync_all().map_err(|e| FileError::io(&target, "fsync", e))
+        })();
+        temps.push((tmp, target));
+        if let Err(e) = written {
+            cleanup(&temps);
+            return Err(e);
+        }
+    }
+    for (i, (tmp, target)) in temps.iter().enumerate() {
+        if let Err(e) = fs::rename(tmp, target) {
+            cleanup(&temps[i..]);
+            return Err(FileError::io(target, "rename into place", e));
+        }
+    }
+    sync_dir(dir)
+}
+
 /// fsyncs a directory so that renames in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<(), FileError> {
     File::open(dir)
@@ -249,6 +293,32 @@ mod tests {
             read_limited(&p, 0),
             Err(FileError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_set_is_replaced_together() {
+        let dir = tempfile::tempdir().unwrap();
+        write_set_atomic(
+            dir.path(),
+            &[("a", b"1", SECRET_MODE), ("b", b"2", PUBLIC_MODE)],
+        )
+        .unwrap();
+        write_set_atomic(
+            dir.path(),
+            &[("a", b"3", SECRET_MODE), ("b", b"4", PUBLIC_MODE)],
+        )
+        .unwrap();
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"3");
+        assert_eq!(fs::read(dir.path().join("b")).unwrap(), b"4");
+        assert_eq!(
+            fs::metadata(dir.path().join("a"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

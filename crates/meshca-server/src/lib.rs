@@ -340,23 +340,26 @@ pub async fn ensure_server_cert(
     );
     meshca_files::create_private_dir(&out).map_err(|e| e.to_string())?;
     let key = issued.private_key.as_ref().ok_or("no key was generated")?;
-    // Key first, then the certificate: the reloader takes the pair once both match.
-    meshca_files::write_atomic(
-        &out.join("tls.key"),
-        key.to_pem().as_bytes(),
-        meshca_files::SECRET_MODE,
-    )
-    .map_err(|e| e.to_string())?;
-    meshca_files::write_atomic(
-        &out.join("tls.crt"),
-        issued.certificate_pem.as_bytes(),
-        meshca_files::PUBLIC_MODE,
-    )
-    .map_err(|e| e.to_string())?;
-    meshca_files::write_atomic(
-        &out.join("ca.crt"),
-        issued.ca_bundle_pem.as_bytes(),
-        meshca_files::PUBLIC_MODE,
+    // The pair switches together; the reloader takes it once both are in place.
+    meshca_files::write_set_atomic(
+        &out,
+        &[
+            (
+                "tls.key",
+                key.to_pem().as_bytes(),
+                meshca_files::SECRET_MODE,
+            ),
+            (
+                "tls.crt",
+                issued.certificate_pem.as_bytes(),
+                meshca_files::PUBLIC_MODE,
+            ),
+            (
+                "ca.crt",
+                issued.ca_bundle_pem.as_bytes(),
+                meshca_files::PUBLIC_MODE,
+            ),
+        ],
     )
     .map_err(|e| e.to_string())?;
     tracing::info!(serial = %issued.record.serial, "issued the server's own certificate");

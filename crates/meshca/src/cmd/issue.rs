@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use meshca_files::{PUBLIC_MODE, SECRET_MODE, create_private_dir, read_limited, write_atomic};
+use meshca_files::{PUBLIC_MODE, SECRET_MODE, create_private_dir, read_limited, write_set_atomic};
 use meshca_issuer::IssueRequest;
 use meshca_pki::{
     KeyType, MAX_CSR_BYTES, Profile, format_duration, humanize, parse_csr, parse_duration, rfc3339,
@@ -108,15 +108,19 @@ pub fn write_out(
     let key_path = out.join("tls.key");
     let crt_path = out.join("tls.crt");
     let ca_path = out.join("ca.crt");
-    if let Some(key) = key_pem {
-        write_atomic(&key_path, key.as_bytes(), SECRET_MODE)?;
-    } else if key_path.exists() {
+    if key_pem.is_none() && key_path.exists() {
         eprintln!(
             "warning: {} is from an earlier certificate and does not match the new tls.crt; the CSR's key belongs with it",
             key_path.display()
         );
     }
-    write_atomic(&crt_path, cert_pem.as_bytes(), PUBLIC_MODE)?;
-    write_atomic(&ca_path, ca_pem.as_bytes(), PUBLIC_MODE)?;
+    // All files switch together, after all of them are safely written.
+    let mut files: Vec<(&str, &[u8], u32)> = Vec::new();
+    if let Some(key) = key_pem {
+        files.push(("tls.key", key.as_bytes(), SECRET_MODE));
+    }
+    files.push(("tls.crt", cert_pem.as_bytes(), PUBLIC_MODE));
+    files.push(("ca.crt", ca_pem.as_bytes(), PUBLIC_MODE));
+    write_set_atomic(out, &files)?;
     Ok((crt_path, key_path, ca_path))
 }

@@ -514,3 +514,45 @@ fn a_server_answering_garbage_is_refused_clearly() {
     assert!(e.contains("refusing to talk to the server"), "{e}");
     assert!(!out.join("tls.crt").exists());
 }
+
+#[test]
+fn a_full_disk_leaves_the_old_pair_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let o = agent_cmd(&srv, "web", &tok, &fp, &out, &["--once", "--ttl", "9s"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = serial_of(&out);
+    // Restart the agent where no file may grow past 1 KiB (as on a full disk):
+    // the key (about 240 bytes) would fit, the certificate (about 1.6 KiB) not.
+    let log = tmp.path().join("agent.log");
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 1; exec {} agent web --server {} --token {tok} --ca-fingerprint {fp} --out {} 2>{}",
+        env!("CARGO_BIN_EXE_meshca"),
+        srv.url(),
+        out.display(),
+        log.display()
+    );
+    let _agent = Agent(Command::new("sh").args(["-c", &script]).spawn().unwrap());
+    wait_for("a failed write", 15, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cannot write")
+    });
+    // The old pair is whole: same certificate, its key, no temporary files.
+    assert_eq!(serial_of(&out), first);
+    verify(&out);
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| ["tls.crt", "tls.key", "ca.crt"].contains(&n.as_str())),
+        "{names:?}"
+    );
+}
