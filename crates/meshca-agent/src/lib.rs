@@ -212,14 +212,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut bundle_poll = tokio::time::interval(Duration::from_secs(300));
     bundle_poll.tick().await;
     loop {
-        let now = OffsetDateTime::now_utc();
         let due = held.renew_at(jitter);
-        let wait = (due - now).max(time::Duration::ZERO);
-        let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
-        // Sleep in steps of at most 30 s and look at the wall clock again: a
-        // clock that jumps forward (a suspended VM, NTP stepping) must not
-        // let the certificate expire before the renewal wakes up.
-        let step = wait.min(Duration::from_secs(30));
+        let step = next_step(OffsetDateTime::now_utc(), due);
         let renew = tokio::select! {
             () = tokio::time::sleep(step) => OffsetDateTime::now_utc() >= due,
             Some(n) = rx.recv() => match n {
@@ -276,6 +270,19 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
     }
+}
+
+/// Longest sleep between two looks at the wall clock.
+const MAX_STEP: Duration = Duration::from_secs(30);
+
+/// How long to sleep before looking at the clock again: until `due`, but at
+/// most [`MAX_STEP`], so that a wall clock that jumps forward (a suspended VM
+/// resumed, NTP stepping) is noticed within 30 s instead of letting the
+/// certificate expire before a long sleep ends. Zero when `due` has passed.
+fn next_step(now: OffsetDateTime, due: OffsetDateTime) -> Duration {
+    Duration::try_from((due - now).max(time::Duration::ZERO))
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_STEP)
 }
 
 enum Nudge {
@@ -621,5 +628,59 @@ async fn follow_events(
         tokio::time::sleep(backoff.mul_f64(0.5 + random_unit())).await;
         // Short cap: a missed rotate event costs a renewal only as late as the schedule.
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(life_secs: i64) -> Held {
+        let start = OffsetDateTime::now_utc();
+        Held {
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            serial: "01".into(),
+            start,
+            not_after: start + time::Duration::seconds(life_secs),
+        }
+    }
+
+    #[test]
+    fn renewal_is_at_two_thirds_within_the_jitter() {
+        let h = held(3000);
+        for (jitter, lo, hi) in [
+            (0.0, 1699.0, 1701.0),
+            (0.5, 1999.0, 2001.0),
+            (0.999, 2298.0, 2301.0),
+        ] {
+            let at = (h.renew_at(jitter) - h.start).as_seconds_f64();
+            assert!(at > lo && at < hi, "jitter {jitter}: {at}");
+        }
+    }
+
+    #[test]
+    fn clock_jumps_are_noticed_within_a_step() {
+        let h = held(24 * 3600);
+        let due = h.renew_at(0.5);
+        // Far from due: wake after at most 30 s to look again.
+        assert_eq!(next_step(h.start, due), MAX_STEP);
+        // The wall clock jumped past the renewal point (or past expiry): renew now.
+        assert_eq!(
+            next_step(due + time::Duration::hours(3), due),
+            Duration::ZERO
+        );
+        // Close to due: sleep exactly until then.
+        assert_eq!(
+            next_step(due - time::Duration::seconds(5), due),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn fingerprints_are_normalised() {
+        assert_eq!(normalise_fp("sha256:AB:cd"), "abcd");
+        let u = random_unit();
+        assert!((0.0..1.0).contains(&u));
     }
 }
