@@ -1,58 +1,65 @@
 //! `/healthz` (200 while the certificate is valid, else 503) and `/metrics`
-//! (time left, renewals) on the optional `--health` address.
+//! (time left, renewals) on the optional `--health` address, served through
+//! `meshca-tls` like every listener meshca opens (mode `off`: it is meant for
+//! a local probe).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use http::StatusCode;
 use time::OffsetDateTime;
 
 use crate::Held;
+
+type Shared = (Arc<std::sync::Mutex<Held>>, Arc<AtomicU64>);
+
+fn left(held: &Arc<std::sync::Mutex<Held>>) -> (String, i64) {
+    let h = held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    (
+        h.serial,
+        (h.not_after - OffsetDateTime::now_utc()).whole_seconds(),
+    )
+}
+
+async fn healthz(State((held, _)): State<Shared>) -> (StatusCode, String) {
+    match left(&held) {
+        (serial, secs) if secs > 0 => (
+            StatusCode::OK,
+            format!("ok: serial {serial} valid for {secs}s\n"),
+        ),
+        (serial, secs) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("certificate {serial} expired {}s ago\n", -secs),
+        ),
+    }
+}
+
+async fn metrics(State((held, renewals)): State<Shared>) -> String {
+    let (_, secs) = left(&held);
+    format!(
+        "# TYPE meshca_agent_certificate_expiry_seconds gauge\nmeshca_agent_certificate_expiry_seconds {secs}\n# TYPE meshca_agent_renewals_total counter\nmeshca_agent_renewals_total {}\n",
+        renewals.load(Ordering::Relaxed)
+    )
+}
 
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     held: Arc<std::sync::Mutex<Held>>,
     renewals: Arc<AtomicU64>,
 ) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let (held, renewals) = (held.clone(), renewals.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let h = held.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let left = (h.not_after - OffsetDateTime::now_utc()).whole_seconds();
-                let (status, body) = match req.uri().path() {
-                    "/healthz" if left > 0 => (
-                        StatusCode::OK,
-                        format!("ok: serial {} valid for {left}s\n", h.serial),
-                    ),
-                    "/healthz" => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("certificate {} expired {}s ago\n", h.serial, -left),
-                    ),
-                    "/metrics" => (
-                        StatusCode::OK,
-                        format!(
-                            "# TYPE meshca_agent_certificate_expiry_seconds gauge\nmeshca_agent_certificate_expiry_seconds {left}\n# TYPE meshca_agent_renewals_total counter\nmeshca_agent_renewals_total {}\n",
-                            renewals.load(Ordering::Relaxed)
-                        ),
-                    ),
-                    _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-                };
-                let mut resp = Response::new(Full::new(Bytes::from(body)));
-                *resp.status_mut() = status;
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state((held, renewals));
+    match meshca_tls::TlsAcceptor::new(&meshca_tls::TlsConfig::default()) {
+        Ok(acceptor) => {
+            if let Err(e) = meshca_tls::serve(listener, Arc::new(acceptor), app).await {
+                tracing::error!("the health listener stopped: {e}");
+            }
+        }
+        Err(e) => tracing::error!("the health listener cannot start: {e}"),
     }
 }

@@ -118,6 +118,7 @@ fn agent_bootstraps_renews_and_runs_the_hook() {
         "openssl x509 -in tls.crt -noout -serial >> {}",
         hook.display()
     );
+    let health = format!("127.0.0.1:{}", free_port());
     let started = Instant::now();
     let _agent = Agent(
         agent_cmd(
@@ -126,7 +127,14 @@ fn agent_bootstraps_renews_and_runs_the_hook() {
             &tok,
             &fp,
             &out,
-            &["--ttl", "15s", "--on-rotate", &hook_cmd],
+            &[
+                "--ttl",
+                "15s",
+                "--on-rotate",
+                &hook_cmd,
+                "--health",
+                &health,
+            ],
         )
         .stderr(Stdio::null())
         .spawn()
@@ -136,6 +144,19 @@ fn agent_bootstraps_renews_and_runs_the_hook() {
     assert_eq!(mode(&out.join("tls.key")), 0o600);
     verify(&out);
     let first = serial_of(&out);
+    let probe = tool(
+        "curl",
+        &["-sS", "--fail", &format!("http://{health}/healthz")],
+    );
+    assert!(probe.starts_with("ok: serial"), "{probe}");
+    let metrics = tool(
+        "curl",
+        &["-sS", "--fail", &format!("http://{health}/metrics")],
+    );
+    assert!(
+        metrics.contains("meshca_agent_certificate_expiry_seconds"),
+        "{metrics}"
+    );
     // Renewed at about 2/3 of 15 s (10 s, ±1.5 s), with a new key, hook run again.
     wait_for("a renewal", 25, || {
         std::fs::read_to_string(&hook).unwrap().lines().count() >= 2
