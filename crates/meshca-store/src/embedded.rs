@@ -119,6 +119,41 @@ impl EmbeddedStore {
         f(self)
     }
 
+    /// Reads the record under `key`, lets `decide` say what to store instead
+    /// (or nothing) and what to answer, and commits, all in one write
+    /// transaction: the read-check-write steps of revocation, status changes
+    /// and token use cannot interleave with another writer.
+    fn modify<T, R>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        decide: impl FnOnce(Option<T>) -> Result<(Option<T>, R), StoreError>,
+    ) -> Result<R, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let txn = self.db.begin_write().map_err(|e| self.fail(e))?;
+        let answer = {
+            let mut t = txn.open_table(table).map_err(|e| self.fail(e))?;
+            let current: Option<T> = match t.get(key).map_err(|e| self.fail(e))? {
+                Some(v) => Some(decode(key, v.value())?),
+                None => None,
+            };
+            let (new, answer) = decide(current)?;
+            match new {
+                Some(rec) => {
+                    let bytes = encode(key, &rec)?;
+                    t.insert(key, bytes.as_slice()).map_err(|e| self.fail(e))?;
+                }
+                // Nothing changes: drop the transaction without a commit.
+                None => return Ok(answer),
+            }
+            answer
+        };
+        txn.commit().map_err(|e| self.fail(e))?;
+        Ok(answer)
+    }
+
     /// Runs blocking database work (a commit, with its fsync) off the async reactor.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -263,18 +298,11 @@ impl Store for EmbeddedStore {
     ) -> Result<HierarchyRecord, StoreError> {
         let id = id.to_owned();
         self.blocking(move |s| {
-            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
-            let updated = {
-                let mut t = txn.open_table(HIERARCHIES).map_err(|e| s.fail(e))?;
-                let mut rec: HierarchyRecord = match t.get(id.as_str()).map_err(|e| s.fail(e))? {
-                    Some(v) => decode(&id, v.value())?,
-                    None => {
-                        return Err(StoreError::NotFound {
-                            kind: "hierarchy",
-                            key: id,
-                        });
-                    }
-                };
+            s.modify(HIERARCHIES, &id, |rec: Option<HierarchyRecord>| {
+                let mut rec = rec.ok_or_else(|| StoreError::NotFound {
+                    kind: "hierarchy",
+                    key: id.clone(),
+                })?;
                 if rec.status != from {
                     return Err(StoreError::Conflict(format!(
                         "hierarchy {id} is {:?}, not {from:?}",
@@ -282,13 +310,8 @@ impl Store for EmbeddedStore {
                     )));
                 }
                 rec.status = to;
-                let bytes = encode(&id, &rec)?;
-                t.insert(id.as_str(), bytes.as_slice())
-                    .map_err(|e| s.fail(e))?;
-                rec
-            };
-            txn.commit().map_err(|e| s.fail(e))?;
-            Ok(updated)
+                Ok((Some(rec.clone()), rec))
+            })
         })
         .await
     }
@@ -430,31 +453,23 @@ impl Store for EmbeddedStore {
         let id = id.to_owned();
         let hash = *secret_sha256;
         self.blocking(move |s| {
-            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
-            let outcome = {
-                let mut t = txn.open_table(TOKENS).map_err(|e| s.fail(e))?;
-                let mut rec: TokenRecord = match t.get(id.as_str()).map_err(|e| s.fail(e))? {
-                    Some(v) => decode(&id, v.value())?,
-                    None => return Ok(Err(TokenRefusal::Unknown)),
+            s.modify(TOKENS, &id, |rec: Option<TokenRecord>| {
+                let Some(mut rec) = rec else {
+                    return Ok((None, Err(TokenRefusal::Unknown)));
                 };
                 let stored = hex_bytes(&rec.secret_sha256);
                 if !meshca_pki::constant_time_eq(&stored, &hash) {
-                    return Ok(Err(TokenRefusal::WrongSecret));
+                    return Ok((None, Err(TokenRefusal::WrongSecret)));
                 }
                 if now >= rec.expires_at {
-                    return Ok(Err(TokenRefusal::Expired));
+                    return Ok((None, Err(TokenRefusal::Expired)));
                 }
                 if rec.uses >= rec.uses_allowed {
-                    return Ok(Err(TokenRefusal::UsedUp));
+                    return Ok((None, Err(TokenRefusal::UsedUp)));
                 }
                 rec.uses += 1;
-                let bytes = encode(&id, &rec)?;
-                t.insert(id.as_str(), bytes.as_slice())
-                    .map_err(|e| s.fail(e))?;
-                rec
-            };
-            txn.commit().map_err(|e| s.fail(e))?;
-            Ok(Ok(outcome))
+                Ok((Some(rec.clone()), Ok(rec)))
+            })
         })
         .await
     }
@@ -462,19 +477,15 @@ impl Store for EmbeddedStore {
     async fn refund_token(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
         self.blocking(move |s| {
-            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
-            {
-                let mut t = txn.open_table(TOKENS).map_err(|e| s.fail(e))?;
-                let mut rec: TokenRecord = match t.get(id.as_str()).map_err(|e| s.fail(e))? {
-                    Some(v) => decode(&id, v.value())?,
-                    None => return Ok(()),
-                };
-                rec.uses = rec.uses.saturating_sub(1);
-                let bytes = encode(&id, &rec)?;
-                t.insert(id.as_str(), bytes.as_slice())
-                    .map_err(|e| s.fail(e))?;
-            }
-            txn.commit().map_err(|e| s.fail(e))
+            s.modify(TOKENS, &id, |rec: Option<TokenRecord>| {
+                Ok((
+                    rec.map(|mut r| {
+                        r.uses = r.uses.saturating_sub(1);
+                        r
+                    }),
+                    (),
+                ))
+            })
         })
         .await
     }
@@ -487,31 +498,19 @@ impl Store for EmbeddedStore {
     ) -> Result<RevokeOutcome, StoreError> {
         let key = serial.to_hex();
         self.blocking(move |s| {
-            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
-            let outcome = {
-                let mut t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
-                let mut rec: CertificateRecord = match t.get(key.as_str()).map_err(|e| s.fail(e))? {
-                    Some(v) => decode(&key, v.value())?,
-                    None => {
-                        return Err(StoreError::NotFound {
-                            kind: "certificate",
-                            key,
-                        });
-                    }
-                };
+            s.modify(CERTS, &key, |rec: Option<CertificateRecord>| {
+                let mut rec = rec.ok_or_else(|| StoreError::NotFound {
+                    kind: "certificate",
+                    key: key.clone(),
+                })?;
                 if rec.status == CertStatus::Revoked {
-                    return Ok(RevokeOutcome::AlreadyRevoked(rec));
+                    return Ok((None, RevokeOutcome::AlreadyRevoked(rec)));
                 }
                 rec.status = CertStatus::Revoked;
                 rec.revoked_at = Some(at);
                 rec.revocation_reason = Some(reason);
-                let bytes = encode(&key, &rec)?;
-                t.insert(key.as_str(), bytes.as_slice())
-                    .map_err(|e| s.fail(e))?;
-                RevokeOutcome::Revoked(rec)
-            };
-            txn.commit().map_err(|e| s.fail(e))?;
-            Ok(outcome)
+                Ok((Some(rec.clone()), RevokeOutcome::Revoked(rec)))
+            })
         })
         .await
     }
