@@ -154,6 +154,36 @@ impl EmbeddedStore {
         Ok(answer)
     }
 
+    /// Stores `record` under `key` unless something is there already
+    /// ([`StoreError::Conflict`] naming the `kind`).
+    fn insert_new<T: Serialize + DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        kind: &'static str,
+        key: &str,
+        record: T,
+    ) -> Result<(), StoreError> {
+        self.modify(table, key, |current: Option<T>| match current {
+            Some(_) => Err(StoreError::Conflict(format!("{kind} {key} already exists"))),
+            None => Ok((Some(record), ())),
+        })
+    }
+
+    /// Every record of a table, in key order.
+    fn scan<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let t = txn.open_table(table).map_err(|e| self.fail(e))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.fail(e))? {
+            let (k, v) = item.map_err(|e| self.fail(e))?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
     /// Runs blocking database work (a commit, with its fsync) off the async reactor.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -256,34 +286,13 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError>
 impl Store for EmbeddedStore {
     async fn create_hierarchy(&self, record: &HierarchyRecord) -> Result<(), StoreError> {
         let record = record.clone();
-        self.blocking(move |s| {
-            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
-            {
-                let mut t = txn.open_table(HIERARCHIES).map_err(|e| s.fail(e))?;
-                if t.get(record.id.as_str()).map_err(|e| s.fail(e))?.is_some() {
-                    return Err(StoreError::Conflict(format!(
-                        "hierarchy {} already exists",
-                        record.id
-                    )));
-                }
-                let bytes = encode(&record.id, &record)?;
-                t.insert(record.id.as_str(), bytes.as_slice())
-                    .map_err(|e| s.fail(e))?;
-            }
-            txn.commit().map_err(|e| s.fail(e))
-        })
-        .await
+        self.blocking(move |s| s.insert_new(HIERARCHIES, "hierarchy", &record.id.clone(), record))
+            .await
     }
 
     async fn list_hierarchies(&self) -> Result<Vec<HierarchyRecord>, StoreError> {
         self.read(|s| {
-            let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
-            let t = txn.open_table(HIERARCHIES).map_err(|e| s.fail(e))?;
-            let mut out: Vec<HierarchyRecord> = Vec::new();
-            for item in t.iter().map_err(|e| s.fail(e))? {
-                let (k, v) = item.map_err(|e| s.fail(e))?;
-                out.push(decode(k.value(), v.value())?);
-            }
+            let mut out: Vec<HierarchyRecord> = s.scan(HIERARCHIES)?;
             out.sort_by_key(|h| h.created_at);
             Ok(out)
         })
@@ -392,34 +401,13 @@ impl Store for EmbeddedStore {
 
     async fn create_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
         let record = record.clone();
-        self.blocking(move |s| {
-            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
-            {
-                let mut t = txn.open_table(TOKENS).map_err(|e| s.fail(e))?;
-                if t.get(record.id.as_str()).map_err(|e| s.fail(e))?.is_some() {
-                    return Err(StoreError::Conflict(format!(
-                        "token {} already exists",
-                        record.id
-                    )));
-                }
-                let bytes = encode(&record.id, &record)?;
-                t.insert(record.id.as_str(), bytes.as_slice())
-                    .map_err(|e| s.fail(e))?;
-            }
-            txn.commit().map_err(|e| s.fail(e))
-        })
-        .await
+        self.blocking(move |s| s.insert_new(TOKENS, "token", &record.id.clone(), record))
+            .await
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(|s| {
-            let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
-            let t = txn.open_table(TOKENS).map_err(|e| s.fail(e))?;
-            let mut out: Vec<TokenRecord> = Vec::new();
-            for item in t.iter().map_err(|e| s.fail(e))? {
-                let (k, v) = item.map_err(|e| s.fail(e))?;
-                out.push(decode(k.value(), v.value())?);
-            }
+            let mut out: Vec<TokenRecord> = s.scan(TOKENS)?;
             out.sort_by_key(|t| t.created_at);
             Ok(out)
         })
