@@ -263,7 +263,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 }
                 let sleep = backoff.mul_f64(0.5 + random_unit());
                 tokio::time::sleep(sleep).await;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                // Never wait longer than a quarter of the time left (and at
+                // most a minute): the closer to expiry, the more often to try.
+                let left = (held.not_after - OffsetDateTime::now_utc()).as_seconds_f64();
+                let cap = Duration::from_secs_f64((left / 4.0).clamp(1.0, 60.0));
+                backoff = (backoff * 2).min(cap);
                 // Not due again until the backoff passes: pretend it is due now.
                 held.start = OffsetDateTime::now_utc()
                     - (held.not_after - OffsetDateTime::now_utc()).max(time::Duration::ZERO) * 2;

@@ -279,7 +279,7 @@ fn server_away_then_back_and_rotation_by_event() {
     );
     verify(&out);
     let srv = Server::start_on(&data, port, &[]);
-    wait_for("a renewal after the server came back", 15, || {
+    wait_for("a renewal after the server came back", 30, || {
         serial_of(&out) != first
     });
     verify(&out);
@@ -462,7 +462,7 @@ fn expired_while_away_recovers_with_the_token() {
     srv.kill();
     std::thread::sleep(Duration::from_secs(6)); // the certificate expires meanwhile
     let srv = Server::start_on(&data, port, &[]);
-    wait_for("a certificate bought with the token again", 20, || {
+    wait_for("a certificate bought with the token again", 30, || {
         serial_of(&out) != first
     });
     verify(&out);
