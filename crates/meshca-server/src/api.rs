@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::auth::{Caller, authenticate};
+use crate::views::{ca_status_json, record_json};
 use crate::{ApiError, AppState};
 
 /// Largest CSR accepted in a request.
@@ -261,26 +262,6 @@ pub async fn issue(
     certificate(&s, &peer, &headers, &body, false)
         .await
         .map(Json)
-}
-
-fn record_json(r: &CertificateRecord, with_pem: bool) -> Value {
-    let now = OffsetDateTime::now_utc();
-    let status = match r.status {
-        CertStatus::Revoked => "revoked",
-        CertStatus::Active if r.not_after <= now => "expired",
-        CertStatus::Active => "active",
-    };
-    let mut v = json!({
-        "serial": r.serial, "namespace": r.namespace, "name": r.name, "profile": r.profile,
-        "spiffe_id": r.spiffe_id, "dns_names": r.dns_names, "ip_addresses": r.ip_addresses,
-        "key_type": r.key_type, "not_before": rfc3339(r.not_before), "not_after": rfc3339(r.not_after),
-        "status": status, "fingerprint": r.fingerprint, "hierarchy_id": r.hierarchy_id,
-        "revoked_at": r.revoked_at.map(rfc3339), "revocation_reason": r.revocation_reason,
-    });
-    if with_pem {
-        v["certificate"] = json!(r.certificate_pem);
-    }
-    v
 }
 
 #[derive(Deserialize)]
@@ -707,28 +688,7 @@ pub async fn ca_status(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     caller(&s, &peer, &headers).await?.require_admin()?;
-    let now = OffsetDateTime::now_utc();
-    let hierarchies: Vec<Value> = s
-        .store
-        .list_hierarchies()
-        .await?
-        .iter()
-        .map(|h| {
-            let fp = meshca_pki::parse_certs(h.root_pem.as_bytes()).ok().and_then(|c| c.first().map(|d| meshca_pki::fingerprint(d)));
-            json!({"id": h.id, "status": h.status, "key_type": h.key_type, "root_fingerprint": fp,
-                   "root_not_after": rfc3339(h.root_not_after), "intermediate_not_after": rfc3339(h.intermediate_not_after),
-                   "created_at": rfc3339(h.created_at)})
-        })
-        .collect();
-    let (_, issuing_not_after) = s.authority.issuer().issuing_ca();
-    Ok(Json(json!({
-        "issuer": s.authority.issuer().kind(),
-        "healthy": issuing_not_after > now,
-        "trust_domain": s.authority.policy().trust_domain,
-        "hierarchies": hierarchies,
-        "issuing_ca_not_after": rfc3339(issuing_not_after),
-        "root_fingerprint": s.root_fingerprint().await?,
-    })))
+    Ok(Json(ca_status_json(&s.authority).await?))
 }
 
 pub async fn events(
@@ -792,15 +752,11 @@ pub async fn metrics(State(s): S) -> Result<Response, ApiError> {
     let mut by_status = std::collections::BTreeMap::new();
     let mut earliest_leaf: Option<f64> = None;
     for r in &all {
-        let status = match r.status {
-            CertStatus::Revoked => "revoked",
-            CertStatus::Active if r.not_after <= now => "expired",
-            CertStatus::Active => {
-                let left = (r.not_after - now).as_seconds_f64();
-                earliest_leaf = Some(earliest_leaf.map_or(left, |e| e.min(left)));
-                "active"
-            }
-        };
+        let status = r.status_at(now);
+        if status == "active" {
+            let left = (r.not_after - now).as_seconds_f64();
+            earliest_leaf = Some(earliest_leaf.map_or(left, |e| e.min(left)));
+        }
         *by_status.entry(status).or_insert(0u64) += 1;
     }
     let hs = s.store.list_hierarchies().await?;

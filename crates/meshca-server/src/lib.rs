@@ -23,6 +23,7 @@ pub mod auth;
 mod error;
 pub mod events;
 pub mod metrics;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -179,6 +179,18 @@ pub struct CertificateRecord {
     pub certificate_pem: String,
 }
 
+impl CertificateRecord {
+    /// `active`, `expired` or `revoked` at `now` (expiry is read from
+    /// notAfter, not stored).
+    pub fn status_at(&self, now: OffsetDateTime) -> &'static str {
+        match self.status {
+            CertStatus::Revoked => "revoked",
+            CertStatus::Active if self.not_after <= now => "expired",
+            CertStatus::Active => "active",
+        }
+    }
+}
+
 /// Which certificates to list. Every set field must match.
 #[derive(Debug, Clone, Default)]
 pub struct CertFilter {

@@ -63,7 +63,7 @@ pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if a.json {
-        let mut v = super::record_json(r, OffsetDateTime::now_utc());
+        let mut v = super::record_json(r);
         v["clipped"] = json!(issued.clipped);
         v["files"] = json!({
             "certificate": crt_path,

@@ -42,26 +42,7 @@ pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A certificate record as `--json` output shows it.
-pub fn record_json(
-    r: &meshca_store::CertificateRecord,
-    now: time::OffsetDateTime,
-) -> serde_json::Value {
-    use meshca_pki::rfc3339;
-    serde_json::json!({
-        "serial": r.serial,
-        "namespace": r.namespace,
-        "name": r.name,
-        "profile": r.profile,
-        "spiffe_id": r.spiffe_id,
-        "dns_names": r.dns_names,
-        "ip_addresses": r.ip_addresses,
-        "key_type": r.key_type,
-        "not_before": rfc3339(r.not_before),
-        "not_after": rfc3339(r.not_after),
-        "status": records::status_text(r.status, r.not_after, now),
-        "fingerprint": r.fingerprint,
-        "hierarchy_id": r.hierarchy_id,
-        "revocation_reason": r.revocation_reason,
-    })
+/// A certificate record as `--json` output shows it (the API's shape).
+pub fn record_json(r: &meshca_store::CertificateRecord) -> serde_json::Value {
+    meshca_server::views::record_json(r, false)
 }

@@ -40,7 +40,7 @@ pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
     let (_, store) = super::open_store(dir)?;
     let records = store.list_certificates(&filter).await?;
     if a.json {
-        let rows: Vec<_> = records.iter().map(|r| super::record_json(r, now)).collect();
+        let rows: Vec<_> = records.iter().map(super::record_json).collect();
         super::print_json(&rows)?;
     } else {
         println!(
@@ -54,20 +54,12 @@ pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
                 format!("{}/{}", r.namespace, r.name),
                 r.profile,
                 rfc3339(r.not_after),
-                status_text(r.status, r.not_after, now)
+                r.status_at(now)
             );
         }
         eprintln!("{} certificate(s)", records.len());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn status_text(s: CertStatus, not_after: OffsetDateTime, now: OffsetDateTime) -> &'static str {
-    match s {
-        CertStatus::Revoked => "revoked",
-        CertStatus::Active if not_after <= now => "expired",
-        CertStatus::Active => "active",
-    }
 }
 
 pub async fn revoke(dir: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
@@ -108,21 +100,10 @@ pub async fn revoke(dir: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
 /// `meshca ca status` on a data directory.
 pub async fn ca(dir: &Path, c: crate::CaCommand) -> anyhow::Result<ExitCode> {
     let crate::CaCommand::Status { json } = c;
-    let (config, authority) = super::open_authority(dir).await?;
-    let hierarchies: Vec<serde_json::Value> = authority
-        .store()
-        .list_hierarchies()
-        .await?
-        .iter()
-        .map(|h| {
-            let fp = meshca_pki::parse_certs(h.root_pem.as_bytes()).ok().and_then(|c| c.first().map(|d| meshca_pki::fingerprint(d)));
-            json!({"id": h.id, "status": h.status, "key_type": h.key_type, "root_fingerprint": fp,
-                   "root_not_after": rfc3339(h.root_not_after), "intermediate_not_after": rfc3339(h.intermediate_not_after)})
-        })
-        .collect();
-    let (_, int_after) = authority.issuer().issuing_ca();
-    let v = json!({"issuer": authority.issuer().kind(), "healthy": int_after > OffsetDateTime::now_utc(),
-                   "trust_domain": config.trust_domain, "hierarchies": hierarchies, "issuing_ca_not_after": rfc3339(int_after)});
+    let (_, authority) = super::open_authority(dir).await?;
+    let v = meshca_server::views::ca_status_json(&authority)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
     if json {
         super::print_json(&v)?;
     } else {
