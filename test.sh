@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command. Installs what the tests need when it is missing
 # (idempotent), then runs every test: unit, property, integration (the real
-# binary against openssl, curl and pkilint), doc tests, and a fuzz smoke run.
+# binary against openssl, curl, pkilint and etcd), doc tests, and a fuzz smoke run.
 #
 #   ./test.sh                 # everything
 #   FUZZ_SECONDS=0 ./test.sh  # skip the fuzz smoke run
@@ -19,6 +19,8 @@ apt_install() {
 # --- what the tests need ----------------------------------------------------
 have openssl || apt_install openssl
 have curl || apt_install curl
+# Real etcd members for the etcd store and the replica tests (started by the tests).
+{ have etcd && have etcdctl; } || apt_install etcd-server etcd-client
 # pip installs console scripts next to the interpreter: make sure they are found.
 PY_SCRIPTS=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 USER_SCRIPTS=$(python3 -c 'import site, os; print(os.path.join(site.getuserbase(), "bin"))')

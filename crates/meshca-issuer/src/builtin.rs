@@ -495,6 +495,7 @@ async fn write_staged(
         created_at: now,
         root_not_after,
         intermediate_not_after: m.intermediate.not_after(),
+        sealed_keys: None,
     };
     // Records are the CA's business (and later hold token hashes): 0600.
     let store = Arc::new(EmbeddedStore::open(&stage.store_path())?);

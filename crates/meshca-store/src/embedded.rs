@@ -16,14 +16,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
+use crate::decide;
+use crate::events::MemoryLog;
 use crate::{
-    CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus, RevocationReason,
-    RevokeOutcome, Store, StoreError, TokenRecord, TokenRefusal,
+    CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
+    RevocationReason, RevokeOutcome, Store, StoreError, TokenRecord, TokenRefusal,
 };
 
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 const HIERARCHIES: TableDefinition<&str, &[u8]> = TableDefinition::new("hierarchies");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 
 /// Most certificate inserts committed together.
 const MAX_BATCH: usize = 512;
@@ -42,6 +45,9 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
     writer: Arc<Writer>,
+    events: Arc<MemoryLog>,
+    // One process owns the file, so it always leads.
+    leader: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The group-commit writer thread. Dropping the last handle closes its queue
@@ -78,6 +84,7 @@ impl EmbeddedStore {
         txn.open_table(HIERARCHIES)
             .map_err(|e| unavailable(path, e))?;
         txn.open_table(TOKENS).map_err(|e| unavailable(path, e))?;
+        txn.open_table(BLOBS).map_err(|e| unavailable(path, e))?;
         txn.commit().map_err(|e| unavailable(path, e))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(4 * MAX_BATCH);
         let (writer_db, writer_path) = (db.clone(), path.to_owned());
@@ -92,6 +99,8 @@ impl EmbeddedStore {
                 tx: Some(tx),
                 handle: Some(handle),
             }),
+            events: Arc::new(MemoryLog::new()),
+            leader: Arc::new(tokio::sync::watch::channel(true).0),
         })
     }
 
@@ -163,9 +172,8 @@ impl EmbeddedStore {
         key: &str,
         record: T,
     ) -> Result<(), StoreError> {
-        self.modify(table, key, |current: Option<T>| match current {
-            Some(_) => Err(StoreError::Conflict(format!("{kind} {key} already exists"))),
-            None => Ok((Some(record), ())),
+        self.modify(table, key, |current: Option<T>| {
+            decide::insert_new(kind, key, current, record)
         })
     }
 
@@ -262,12 +270,6 @@ fn unavailable(path: &Path, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn hex_bytes(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect()
-}
-
 fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Corrupt {
         key: key.to_owned(),
@@ -308,18 +310,7 @@ impl Store for EmbeddedStore {
         let id = id.to_owned();
         self.blocking(move |s| {
             s.modify(HIERARCHIES, &id, |rec: Option<HierarchyRecord>| {
-                let mut rec = rec.ok_or_else(|| StoreError::NotFound {
-                    kind: "hierarchy",
-                    key: id.clone(),
-                })?;
-                if rec.status != from {
-                    return Err(StoreError::Conflict(format!(
-                        "hierarchy {id} is {:?}, not {from:?}",
-                        rec.status
-                    )));
-                }
-                rec.status = to;
-                Ok((Some(rec.clone()), rec))
+                decide::hierarchy_status(&id, rec, from, to)
             })
         })
         .await
@@ -393,7 +384,7 @@ impl Store for EmbeddedStore {
                     out.push(rec);
                 }
             }
-            out.sort_by(|a, b| a.not_after.cmp(&b.not_after).then(a.serial.cmp(&b.serial)));
+            decide::sort_certificates(&mut out);
             Ok(out)
         })
         .await
@@ -442,21 +433,7 @@ impl Store for EmbeddedStore {
         let hash = *secret_sha256;
         self.blocking(move |s| {
             s.modify(TOKENS, &id, |rec: Option<TokenRecord>| {
-                let Some(mut rec) = rec else {
-                    return Ok((None, Err(TokenRefusal::Unknown)));
-                };
-                let stored = hex_bytes(&rec.secret_sha256);
-                if !meshca_pki::constant_time_eq(&stored, &hash) {
-                    return Ok((None, Err(TokenRefusal::WrongSecret)));
-                }
-                if now >= rec.expires_at {
-                    return Ok((None, Err(TokenRefusal::Expired)));
-                }
-                if rec.uses >= rec.uses_allowed {
-                    return Ok((None, Err(TokenRefusal::UsedUp)));
-                }
-                rec.uses += 1;
-                Ok((Some(rec.clone()), Ok(rec)))
+                decide::token_use(rec, &hash, now)
             })
         })
         .await
@@ -464,18 +441,8 @@ impl Store for EmbeddedStore {
 
     async fn refund_token(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.blocking(move |s| {
-            s.modify(TOKENS, &id, |rec: Option<TokenRecord>| {
-                Ok((
-                    rec.map(|mut r| {
-                        r.uses = r.uses.saturating_sub(1);
-                        r
-                    }),
-                    (),
-                ))
-            })
-        })
-        .await
+        self.blocking(move |s| s.modify(TOKENS, &id, decide::token_refund))
+            .await
     }
 
     async fn revoke_certificate(
@@ -487,19 +454,56 @@ impl Store for EmbeddedStore {
         let key = serial.to_hex();
         self.blocking(move |s| {
             s.modify(CERTS, &key, |rec: Option<CertificateRecord>| {
-                let mut rec = rec.ok_or_else(|| StoreError::NotFound {
-                    kind: "certificate",
-                    key: key.clone(),
-                })?;
-                if rec.status == CertStatus::Revoked {
-                    return Ok((None, RevokeOutcome::AlreadyRevoked(rec)));
-                }
-                rec.status = CertStatus::Revoked;
-                rec.revoked_at = Some(at);
-                rec.revocation_reason = Some(reason);
-                Ok((Some(rec.clone()), RevokeOutcome::Revoked(rec)))
+                decide::revocation(&key, rec, reason, at)
             })
         })
         .await
+    }
+
+    async fn append_event(&self, body: &[u8]) -> Result<u64, StoreError> {
+        Ok(self.events.append(body))
+    }
+
+    async fn watch_events(&self, after: u64) -> Result<EventFeed, StoreError> {
+        Ok(self.events.feed(after))
+    }
+
+    async fn campaign(&self, _candidate: &str) -> Result<Leadership, StoreError> {
+        Ok(self.leader.subscribe())
+    }
+
+    async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |s| {
+            let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
+            let t = txn.open_table(BLOBS).map_err(|e| s.fail(e))?;
+            Ok(t.get(name.as_str())
+                .map_err(|e| s.fail(e))?
+                .map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn put_blob(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (name, value) = (name.to_owned(), value.to_vec());
+        self.blocking(move |s| {
+            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
+            {
+                let mut t = txn.open_table(BLOBS).map_err(|e| s.fail(e))?;
+                t.insert(name.as_str(), value.as_slice())
+                    .map_err(|e| s.fail(e))?;
+            }
+            txn.commit().map_err(|e| s.fail(e))
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.read(|s| s.db.begin_read().map(|_| ()).map_err(|e| s.fail(e)))
+            .await
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
     }
 }

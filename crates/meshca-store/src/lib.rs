@@ -27,9 +27,14 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod decide;
 mod embedded;
 mod error;
+mod etcd;
+mod events;
 mod record;
+
+use std::pin::Pin;
 
 use async_trait::async_trait;
 use meshca_pki::Serial;
@@ -37,10 +42,31 @@ use time::OffsetDateTime;
 
 pub use embedded::EmbeddedStore;
 pub use error::StoreError;
+pub use etcd::{EtcdStore, EtcdStoreConfig};
+pub use events::RETENTION as EMBEDDED_EVENT_RETENTION;
 pub use record::{
     CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus, RevocationReason,
-    RevokeOutcome, TokenRecord, TokenRefusal,
+    RevokeOutcome, SealedKeys, TokenRecord, TokenRefusal,
 };
+
+/// An event as the store keeps it: an id that only grows (the SSE `id:`)
+/// and the body the server wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Its id; later events have larger ids, on every replica.
+    pub id: u64,
+    /// What the server recorded (JSON).
+    pub body: Vec<u8>,
+}
+
+/// Events as they come: first those still retained after the id asked for,
+/// then new ones, from wherever they were appended. It does not end while
+/// the store is open (a backend reconnects by itself).
+pub type EventFeed = Pin<Box<dyn futures_util::Stream<Item = StoredEvent> + Send>>;
+
+/// Whether this process leads: `true` while it holds the leadership. The
+/// value changes as leadership is won and lost.
+pub type Leadership = tokio::sync::watch::Receiver<bool>;
 
 /// The state of a meshca CA. See the crate docs.
 #[async_trait]
@@ -107,4 +133,29 @@ pub trait Store: std::fmt::Debug + Send + Sync {
         reason: RevocationReason,
         at: OffsetDateTime,
     ) -> Result<RevokeOutcome, StoreError>;
+
+    /// Appends an event to the event log; returns its id.
+    async fn append_event(&self, body: &[u8]) -> Result<u64, StoreError>;
+
+    /// The events after id `after` still retained, then new ones.
+    async fn watch_events(&self, after: u64) -> Result<EventFeed, StoreError>;
+
+    /// Starts campaigning for leadership as `candidate` (a replica's name):
+    /// exactly one process of those sharing the store leads at a time, and
+    /// another takes over when the leader stops renewing. The campaign runs
+    /// until the store is dropped.
+    async fn campaign(&self, candidate: &str) -> Result<Leadership, StoreError>;
+
+    /// A small named piece of CA state (the shared configuration, ...).
+    async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Sets a named piece of CA state.
+    async fn put_blob(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// Whether the store answers now ([`StoreError::Unavailable`] if not).
+    async fn check(&self) -> Result<(), StoreError>;
+
+    /// Where the store is, for messages (`/var/lib/meshca/store.redb`,
+    /// `etcd://host:2379/meshca/`).
+    fn location(&self) -> String;
 }

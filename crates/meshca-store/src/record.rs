@@ -28,8 +28,9 @@ impl HierarchyStatus {
     }
 }
 
-/// A root and intermediate pair. The private keys are not in the record: the
-/// embedded deployment keeps them in 0600 files next to the store.
+/// A root and intermediate pair. The private keys are in the record only
+/// sealed (shared stores); the embedded deployment keeps them in 0600 files
+/// next to the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HierarchyRecord {
     /// Short unique id, also in the CAs' common names.
@@ -53,6 +54,27 @@ pub struct HierarchyRecord {
     /// The intermediate's notAfter.
     #[serde(with = "time::serde::rfc3339")]
     pub intermediate_not_after: OffsetDateTime,
+    /// The CA keys, sealed, when the store is shared by replicas (etcd);
+    /// `None` when they are 0600 files next to an embedded store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_keys: Option<SealedKeys>,
+}
+
+/// CA private keys sealed with the replicas' seal key (see
+/// `meshca_pki::seal`): base64 of nonce, ciphertext and tag.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedKeys {
+    /// The intermediate's key.
+    pub intermediate: String,
+    /// The root's key, when held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+}
+
+impl fmt::Debug for SealedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SealedKeys(...)")
+    }
 }
 
 /// Whether a certificate is still good as far as the CA is concerned.

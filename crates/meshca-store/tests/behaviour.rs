@@ -43,6 +43,7 @@ fn hierarchy(id: &str) -> HierarchyRecord {
         created_at: now,
         root_not_after: now,
         intermediate_not_after: now,
+        sealed_keys: None,
     }
 }
 
@@ -175,7 +176,52 @@ async fn check_all(store: Arc<dyn Store>) {
     assert_eq!(wins, 1);
 
     check_tokens(store.clone()).await;
+    check_events(store.clone()).await;
+    check_blobs_and_leadership(store.clone()).await;
     check_group_commit(store).await;
+}
+
+/// Events: ids grow; a subscriber from an id gets what came after it, then
+/// new ones as they are appended.
+async fn next(feed: &mut EventFeed) -> StoredEvent {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the feed goes on")
+}
+
+async fn check_events(store: Arc<dyn Store>) {
+    let a = store.append_event(b"{\"n\":1}").await.unwrap();
+    let b = store.append_event(b"{\"n\":2}").await.unwrap();
+    assert!(b > a, "event ids grow: {a} then {b}");
+    let mut feed = store.watch_events(a).await.unwrap();
+    let e = next(&mut feed).await;
+    assert_eq!((e.id, e.body.as_slice()), (b, &b"{\"n\":2}"[..]));
+    let c = store.append_event(b"{\"n\":3}").await.unwrap();
+    let e = next(&mut feed).await;
+    assert_eq!((e.id, e.body.as_slice()), (c, &b"{\"n\":3}"[..]));
+    // From the start: everything retained, in order.
+    let mut all = store.watch_events(0).await.unwrap();
+    let first = next(&mut all).await;
+    assert!(first.id <= a);
+}
+
+async fn check_blobs_and_leadership(store: Arc<dyn Store>) {
+    assert_eq!(store.get_blob("missing").await.unwrap(), None);
+    store.put_blob("config", b"one").await.unwrap();
+    store.put_blob("config", b"two").await.unwrap();
+    assert_eq!(
+        store.get_blob("config").await.unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    store.check().await.unwrap();
+    let mut leading = store.campaign("replica-a").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), leading.wait_for(|l| *l))
+        .await
+        .expect("a lone candidate leads within 15 s")
+        .unwrap();
+    assert!(!store.location().is_empty());
 }
 
 fn token(id: &str, secret: &[u8], uses: u32, ttl: Duration) -> TokenRecord {
@@ -347,4 +393,68 @@ async fn embedded_store_survives_reopen() {
     assert_eq!(store.get_certificate(&serial).await.unwrap().name, "web");
     let missing = EmbeddedStore::open_existing(&dir.path().join("nope.redb")).unwrap_err();
     assert!(missing.is_unavailable() && missing.to_string().contains("nope.redb"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_behaves() {
+    let etcd = meshca_testkit::EtcdCluster::start(1);
+    let config = EtcdStoreConfig::from_url(&etcd.store_url("/behaviour/")).unwrap();
+    let store = EtcdStore::open(config).await.unwrap();
+    check_all(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_urls_are_checked() {
+    for bad in [
+        "http://x:1",
+        "etcd://",
+        "etcd://host",
+        "etcd://host:notaport/x",
+        "etcd://a:1,/p",
+    ] {
+        let e = EtcdStoreConfig::from_url(bad).unwrap_err();
+        assert!(e.to_string().contains("expected etcd://"), "{bad}: {e}");
+    }
+    let c = EtcdStoreConfig::from_url("etcd://a:1,b:2").unwrap();
+    assert_eq!((c.etcd.endpoints.len(), c.prefix.as_str()), (2, "/meshca/"));
+    assert_eq!(
+        EtcdStoreConfig::from_url("etcd://a:1/x").unwrap().prefix,
+        "/x/"
+    );
+    // Nothing listens there: a clear error naming the place, quickly.
+    let port = meshca_testkit::free_port();
+    let started = std::time::Instant::now();
+    let e =
+        EtcdStore::open(EtcdStoreConfig::from_url(&format!("etcd://127.0.0.1:{port}")).unwrap())
+            .await
+            .unwrap_err();
+    assert!(
+        e.is_unavailable() && e.to_string().contains(&port.to_string()),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Two replicas race for leadership: exactly one leads; when it stops, the
+/// other takes over within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leadership_moves_when_the_leader_goes() {
+    let etcd = meshca_testkit::EtcdCluster::start(1);
+    let mut config = EtcdStoreConfig::from_url(&etcd.store_url("/election/")).unwrap();
+    config.lease_ttl = Duration::from_secs(2);
+    let a = EtcdStore::open(config.clone()).await.unwrap();
+    let b = EtcdStore::open(config).await.unwrap();
+    let la = a.campaign("a").await.unwrap();
+    let lb = b.campaign("b").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(*la.borrow() ^ *lb.borrow(), "exactly one leads");
+    let (leader, mut follower) = if *la.borrow() { (la, lb) } else { (lb, la) };
+    // The leader's process goes away (its campaign ends, its lease is revoked).
+    drop(leader);
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), follower.wait_for(|l| *l))
+        .await
+        .expect("the other replica leads within the lease")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
 }

@@ -1,0 +1,589 @@
+//! The etcd store: every record under one key prefix, shared by replicas.
+//!
+//! Key layout (`P` is the prefix, `/meshca/` by default):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `P` `certs/<serial hex>` | certificate record (JSON) |
+//! | `P` `hierarchies/<id>` | hierarchy record (JSON; CA keys sealed) |
+//! | `P` `tokens/<id>` | join token record (JSON; secret hashed) |
+//! | `P` `blobs/<name>` | named CA state (the shared `meshca.toml`, ...) |
+//! | `P` `events/<random>` | event body (JSON), on a lease: the retention |
+//! | `P` `leader` | the leading replica's name, on its lease |
+//!
+//! Every read-check-write is a compare-and-swap on the key's `mod_revision`
+//! (retried when another replica got there first), so a token is consumed
+//! once and a status changes once, whichever replicas race. Inserts are
+//! "create if absent" transactions. An event's id is the etcd revision that
+//! wrote it, which grows across the whole cluster.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use meshca_etcd::{Client, Compare, EtcdConfig, EtcdError, KeyValue, Op, Txn};
+use meshca_pki::Serial;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use crate::decide::{self, Decision};
+use crate::{
+    CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
+    RevocationReason, RevokeOutcome, Store, StoreError, StoredEvent, TokenRecord, TokenRefusal,
+};
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "/meshca/";
+/// How long events are kept at least (they live one to two of these).
+pub const EVENT_RETENTION: Duration = Duration::from_secs(1800);
+/// The default leader lease.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often a compare-and-swap is tried before giving up.
+const CAS_TRIES: usize = 50;
+
+/// Where the etcd store is.
+#[derive(Debug, Clone)]
+pub struct EtcdStoreConfig {
+    /// The etcd client settings.
+    pub etcd: EtcdConfig,
+    /// The key prefix, ending in `/`.
+    pub prefix: String,
+    /// The leader lease: a dead leader is replaced within about this long.
+    pub lease_ttl: Duration,
+}
+
+impl EtcdStoreConfig {
+    /// Parses `etcd://host1:2379,host2:2379[/prefix]`.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let bad = |reason: &str| StoreError::Unavailable {
+            location: url.to_owned(),
+            reason: format!("{reason}; expected etcd://host1:2379,host2:2379[/prefix]"),
+        };
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| bad("not an etcd:// URL"))?;
+        let (hosts, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, DEFAULT_PREFIX),
+        };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let ok = h
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(bad(&format!("endpoint {h:?} is not host:port")));
+            }
+            endpoints.push(h.to_owned());
+        }
+        let mut prefix = if prefix == "/" {
+            DEFAULT_PREFIX.to_owned()
+        } else {
+            prefix.to_owned()
+        };
+        if prefix.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(bad("the prefix holds spaces or control characters"));
+        }
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(EtcdStoreConfig {
+            etcd: EtcdConfig::new(endpoints),
+            prefix,
+            lease_ttl: DEFAULT_LEASE_TTL,
+        })
+    }
+}
+
+/// The etcd store. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    location: String,
+    lease_ttl: Duration,
+    event_lease: Arc<Mutex<Option<(i64, Instant)>>>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
+    serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(&kv.key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl EtcdStore {
+    /// A store on the etcd cluster of `config`. Contacts etcd once, so that
+    /// a wrong address or credentials fail here with a clear error.
+    pub async fn open(config: EtcdStoreConfig) -> Result<Self, StoreError> {
+        let location = format!(
+            "etcd://{}{}",
+            config.etcd.endpoints.join(","),
+            config.prefix
+        );
+        let client = Client::new(config.etcd).map_err(|e| StoreError::Unavailable {
+            location: location.clone(),
+            reason: e.to_string(),
+        })?;
+        let store = EtcdStore {
+            client,
+            prefix: config.prefix,
+            location,
+            lease_ttl: config.lease_ttl,
+            event_lease: Arc::new(Mutex::new(None)),
+        };
+        store.check().await?;
+        Ok(store)
+    }
+
+    fn fail(&self, e: EtcdError) -> StoreError {
+        StoreError::Unavailable {
+            location: self.location.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn key(&self, kind: &str, id: &str) -> Vec<u8> {
+        format!("{}{kind}/{id}", self.prefix).into_bytes()
+    }
+
+    fn dir(&self, kind: &str) -> Vec<u8> {
+        format!("{}{kind}/", self.prefix).into_bytes()
+    }
+
+    async fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.client.get(key).await.map_err(|e| self.fail(e))? {
+            Some(kv) => Ok(Some(decode(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn scan<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, StoreError> {
+        self.client
+            .get_prefix(&self.dir(kind))
+            .await
+            .map_err(|e| self.fail(e))?
+            .iter()
+            .map(decode)
+            .collect()
+    }
+
+    /// Read, decide, and write only if nobody wrote in between (else again).
+    async fn modify<T, R>(
+        &self,
+        key: &[u8],
+        decide: impl Fn(Option<T>) -> Decision<T, R>,
+    ) -> Result<R, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let name = String::from_utf8_lossy(key).into_owned();
+        for _ in 0..CAS_TRIES {
+            let kv = self.client.get(key).await.map_err(|e| self.fail(e))?;
+            let (current, revision) = match &kv {
+                Some(kv) => (Some(decode(kv)?), kv.mod_revision),
+                None => (None, 0),
+            };
+            let (new, answer) = decide(current)?;
+            let Some(new) = new else {
+                return Ok(answer);
+            };
+            let txn = Txn::new()
+                .when(Compare::mod_revision_is(key, revision))
+                .then(Op::put(key, &encode(&name, &new)?, None));
+            if self
+                .client
+                .txn(&txn)
+                .await
+                .map_err(|e| self.fail(e))?
+                .succeeded
+            {
+                return Ok(answer);
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "{name} kept changing under {CAS_TRIES} tries"
+        )))
+    }
+
+    async fn insert_new<T: Serialize>(
+        &self,
+        kind: &str,
+        id: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let key = self.key(kind, id);
+        let txn =
+            Txn::new()
+                .when(Compare::absent(&key))
+                .then(Op::put(&key, &encode(id, record)?, None));
+        if self
+            .client
+            .txn(&txn)
+            .await
+            .map_err(|e| self.fail(e))?
+            .succeeded
+        {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(format!("{kind} {id} already exists")))
+        }
+    }
+
+    /// The lease events are written on: renewed every half retention, so
+    /// each event lives between one and two retention periods.
+    async fn event_lease(&self) -> Result<i64, StoreError> {
+        if let Ok(guard) = self.event_lease.lock() {
+            if let Some((id, at)) = *guard {
+                if at.elapsed() < EVENT_RETENTION {
+                    return Ok(id);
+                }
+            }
+        }
+        let ttl = i64::try_from(2 * EVENT_RETENTION.as_secs()).unwrap_or(3600);
+        let id = self
+            .client
+            .lease_grant(ttl)
+            .await
+            .map_err(|e| self.fail(e))?;
+        if let Ok(mut guard) = self.event_lease.lock() {
+            *guard = Some((id, Instant::now()));
+        }
+        Ok(id)
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn create_hierarchy(&self, record: &HierarchyRecord) -> Result<(), StoreError> {
+        self.insert_new("hierarchies", &record.id, record).await
+    }
+
+    async fn list_hierarchies(&self) -> Result<Vec<HierarchyRecord>, StoreError> {
+        let mut out: Vec<HierarchyRecord> = self.scan("hierarchies").await?;
+        out.sort_by_key(|h| h.created_at);
+        Ok(out)
+    }
+
+    async fn set_hierarchy_status(
+        &self,
+        id: &str,
+        from: HierarchyStatus,
+        to: HierarchyStatus,
+    ) -> Result<HierarchyRecord, StoreError> {
+        self.modify(&self.key("hierarchies", id), |rec| {
+            decide::hierarchy_status(id, rec, from, to)
+        })
+        .await
+    }
+
+    async fn insert_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
+        let serial = record.serial.to_hex();
+        self.insert_new("certs", &serial, record)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(format!("serial {serial} is already recorded"))
+                }
+                other => other,
+            })
+    }
+
+    async fn serial_exists(&self, serial: &Serial) -> Result<bool, StoreError> {
+        let key = self.key("certs", &serial.to_hex());
+        Ok(self
+            .client
+            .get(&key)
+            .await
+            .map_err(|e| self.fail(e))?
+            .is_some())
+    }
+
+    async fn get_certificate(&self, serial: &Serial) -> Result<CertificateRecord, StoreError> {
+        let key = serial.to_hex();
+        self.get(&self.key("certs", &key))
+            .await?
+            .ok_or(StoreError::NotFound {
+                kind: "certificate",
+                key,
+            })
+    }
+
+    async fn list_certificates(
+        &self,
+        filter: &CertFilter,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let mut out: Vec<CertificateRecord> = self
+            .scan::<CertificateRecord>("certs")
+            .await?
+            .into_iter()
+            .filter(|r| filter.matches(r))
+            .collect();
+        decide::sort_certificates(&mut out);
+        Ok(out)
+    }
+
+    async fn create_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        self.insert_new("tokens", &record.id, record).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut out: Vec<TokenRecord> = self.scan("tokens").await?;
+        out.sort_by_key(|t| t.created_at);
+        Ok(out)
+    }
+
+    async fn delete_token(&self, id: &str) -> Result<(), StoreError> {
+        match self
+            .client
+            .delete(&self.key("tokens", id))
+            .await
+            .map_err(|e| self.fail(e))?
+        {
+            0 => Err(StoreError::NotFound {
+                kind: "token",
+                key: id.to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn consume_token(
+        &self,
+        id: &str,
+        secret_sha256: &[u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        self.modify(&self.key("tokens", id), |rec| {
+            decide::token_use(rec, secret_sha256, now)
+        })
+        .await
+    }
+
+    async fn refund_token(&self, id: &str) -> Result<(), StoreError> {
+        self.modify(&self.key("tokens", id), decide::token_refund)
+            .await
+    }
+
+    async fn revoke_certificate(
+        &self,
+        serial: &Serial,
+        reason: RevocationReason,
+        at: OffsetDateTime,
+    ) -> Result<RevokeOutcome, StoreError> {
+        let key = serial.to_hex();
+        self.modify(&self.key("certs", &key), |rec| {
+            decide::revocation(&key, rec, reason, at)
+        })
+        .await
+    }
+
+    async fn append_event(&self, body: &[u8]) -> Result<u64, StoreError> {
+        let lease = self.event_lease().await?;
+        let id = Serial::random()
+            .map_err(|e| StoreError::Unavailable {
+                location: self.location.clone(),
+                reason: e.to_string(),
+            })?
+            .to_hex();
+        let revision = self
+            .client
+            .put(&self.key("events", &id), body, Some(lease))
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(u64::try_from(revision).unwrap_or(0))
+    }
+
+    async fn watch_events(&self, after: u64) -> Result<EventFeed, StoreError> {
+        // Fail now, not in the background, when etcd cannot be reached.
+        self.check().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<StoredEvent>(1024);
+        let (client, dir) = (self.client.clone(), self.dir("events"));
+        tokio::spawn(async move {
+            let mut last = i64::try_from(after).unwrap_or(i64::MAX);
+            // Each round: what is retained after `last`, then a watch from
+            // the snapshot on; when the watch breaks, round again.
+            while !tx.is_closed() {
+                if let Err(e) = follow_events(&client, &dir, &mut last, &tx).await {
+                    tracing::warn!("event watch on etcd: {e}; starting again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|e| (e, rx))
+        })))
+    }
+
+    async fn campaign(&self, candidate: &str) -> Result<Leadership, StoreError> {
+        self.check().await?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let (client, key, ttl) = (
+            self.client.clone(),
+            format!("{}leader", self.prefix).into_bytes(),
+            self.lease_ttl,
+        );
+        let candidate = candidate.to_owned();
+        tokio::spawn(async move { run_campaign(client, key, candidate, ttl, tx).await });
+        Ok(rx)
+    }
+
+    async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .client
+            .get(&self.key("blobs", name))
+            .await
+            .map_err(|e| self.fail(e))?
+            .map(|kv| kv.value))
+    }
+
+    async fn put_blob(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.client
+            .put(&self.key("blobs", name), value, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.fail(e))
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.client.status().await.map_err(|e| self.fail(e))
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+}
+
+async fn follow_events(
+    client: &Client,
+    dir: &[u8],
+    last: &mut i64,
+    tx: &tokio::sync::mpsc::Sender<StoredEvent>,
+) -> Result<(), EtcdError> {
+    let (mut kvs, revision) = client.get_prefix_at(dir).await?;
+    kvs.sort_by_key(|kv| kv.mod_revision);
+    for kv in kvs {
+        if kv.mod_revision > *last {
+            *last = kv.mod_revision;
+            let event = StoredEvent {
+                id: u64::try_from(kv.mod_revision).unwrap_or(0),
+                body: kv.value,
+            };
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let mut watch = client.watch_prefix(dir, revision + 1).await?;
+    while let Some(batch) = watch.next().await {
+        for e in batch? {
+            // Deletions are events leaving the retention window.
+            if e.deleted || e.kv.mod_revision <= *last {
+                continue;
+            }
+            *last = e.kv.mod_revision;
+            let event = StoredEvent {
+                id: u64::try_from(e.kv.mod_revision).unwrap_or(0),
+                body: e.kv.value,
+            };
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Err(EtcdError::Unavailable {
+        endpoints: client.endpoints(),
+        reason: "the watch stream ended".into(),
+    })
+}
+
+/// The campaign: hold a lease, keep it alive, and own the leader key while
+/// it is free or ours. Leadership is given up (false) before the lease can
+/// have expired at etcd, so two replicas never both believe they lead.
+async fn run_campaign(
+    client: Client,
+    key: Vec<u8>,
+    candidate: String,
+    ttl: Duration,
+    tx: tokio::sync::watch::Sender<bool>,
+) {
+    let tick = (ttl / 5).max(Duration::from_millis(200));
+    let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(10).max(2);
+    let mut lease: Option<(i64, Instant)> = None;
+    let set = |leading: bool| {
+        tx.send_if_modified(|v| {
+            let changed = *v != leading;
+            *v = leading;
+            changed
+        });
+    };
+    while !tx.is_closed() {
+        match lease {
+            None => match client.lease_grant(ttl_secs).await {
+                Ok(id) => lease = Some((id, Instant::now())),
+                Err(e) => {
+                    set(false);
+                    tracing::debug!("leader election: no lease: {e}");
+                }
+            },
+            Some((id, last_ok)) => match client.lease_keep_alive(id).await {
+                Ok(left) if left > 0 => lease = Some((id, Instant::now())),
+                Ok(_) => {
+                    // Expired at etcd: whatever it held is gone.
+                    lease = None;
+                    set(false);
+                }
+                Err(e) => {
+                    if last_ok.elapsed() + tick >= ttl {
+                        tracing::warn!(
+                            "leader election: cannot renew the lease ({e}); stepping down"
+                        );
+                        lease = None;
+                        set(false);
+                    }
+                }
+            },
+        }
+        if let Some((id, _)) = lease {
+            let txn = Txn::new()
+                .when(Compare::absent(&key))
+                .then(Op::put(&key, candidate.as_bytes(), Some(id)))
+                .otherwise(Op::get(&key));
+            match client.txn(&txn).await {
+                Ok(r) => {
+                    let ours = r.succeeded
+                        || r.ranges
+                            .first()
+                            .and_then(|kv| kv.as_ref())
+                            .is_some_and(|kv| kv.lease == id);
+                    if ours && !*tx.borrow() {
+                        tracing::info!("{candidate} leads");
+                    }
+                    set(ours);
+                }
+                Err(e) => tracing::debug!("leader election: {e}"),
+            }
+        }
+        tokio::time::sleep(tick).await;
+    }
+    // Nobody listens any more: let another replica lead at once.
+    if let Some((id, _)) = lease {
+        let _ = client.lease_revoke(id).await;
+    }
+}
