@@ -11,10 +11,10 @@
 //!
 //! One [`Client`] holds a pool of keep-alive connections (reqwest on rustls)
 //! and the list of endpoints. A request goes to the endpoint that answered
-//! last; when it cannot be *connected* it moves on to the next, so a dead
-//! member is skipped. A request that was sent and timed out is not retried
-//! (it may have been applied): the caller gets [`EtcdError::Unavailable`]
-//! and decides. With username/password the client authenticates, keeps the
+//! last; when the connection fails (refused, reset, closed) it moves on to
+//! the next, so a dead member is skipped. A request that timed out is not
+//! sent again (the cluster is slow or has no quorum): the caller gets
+//! [`EtcdError::Unavailable`] at once and decides. With username/password the client authenticates, keeps the
 //! token and authenticates again when etcd says the token expired.
 //!
 //! # Example
@@ -546,13 +546,19 @@ impl Client {
             }
             let resp = match req.send().await {
                 Ok(r) => r,
-                Err(e) if e.is_connect() => {
-                    return Err(Failure::NotSent(
-                        self.unavailable(format!("{base}: cannot connect: {e}")),
+                // A timeout: the cluster is slow or has no quorum; sending
+                // the same request elsewhere would only add load.
+                Err(e) if e.is_timeout() => {
+                    return Err(Failure::Final(
+                        self.unavailable(format!("{base}: {}", error_chain(&e))),
                     ));
                 }
+                // Refused, reset, closed (a member went away): another member
+                // may take it. Every write meshca sends is a compare-and-swap
+                // or a put of the same value, so a second delivery of one
+                // that did land changes nothing.
                 Err(e) => {
-                    return Err(Failure::Final(
+                    return Err(Failure::NotSent(
                         self.unavailable(format!("{base}: {}", error_chain(&e))),
                     ));
                 }

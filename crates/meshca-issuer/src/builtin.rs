@@ -11,11 +11,11 @@ use meshca_files::{
     PUBLIC_MODE, SECRET_MODE, create_private_dir, read_limited, read_secret, sync_dir, write_atomic,
 };
 use meshca_pki::{
-    KeyType, LeafPublicKey, LeafSpec, PkiError, PrivateKey, Profile, Serial, SigningCa,
+    KeyType, LeafPublicKey, LeafSpec, PkiError, PrivateKey, Profile, SealKey, Serial, SigningCa,
     TrustDomain, check_ca_cert, check_signed_by, fingerprint, generate_intermediate, generate_root,
     intermediate_ttl, parse_certs, to_pem,
 };
-use meshca_store::{EmbeddedStore, HierarchyRecord, HierarchyStatus, Store};
+use meshca_store::{EmbeddedStore, HierarchyRecord, HierarchyStatus, SealedKeys, Store};
 use time::OffsetDateTime;
 
 use crate::{Authority, IssueRequest, Issuer, IssuerError, Policy, Signed};
@@ -101,9 +101,14 @@ pub struct BuiltinIssuer {
 }
 
 impl BuiltinIssuer {
-    /// Loads the active hierarchy from the store and its intermediate key from
+    /// Loads the active hierarchy from the store and its intermediate key:
+    /// sealed in the record (shared stores; opened with `seal`), or from
     /// `dir/ca/<id>/intermediate.key` (refused unless 0600 or stricter).
-    pub async fn open(dir: &Path, store: Arc<dyn Store>) -> Result<Self, IssuerError> {
+    pub async fn open(
+        dir: &Path,
+        store: Arc<dyn Store>,
+        seal: Option<&SealKey>,
+    ) -> Result<Self, IssuerError> {
         let data = DataDir::new(dir);
         let hierarchies = store.list_hierarchies().await?;
         let active = hierarchies
@@ -111,17 +116,32 @@ impl BuiltinIssuer {
             .find(|h| h.status == HierarchyStatus::Active)
             .ok_or_else(|| IssuerError::NoCa {
                 dir: dir.to_owned(),
-                reason: "the store holds no active CA hierarchy".into(),
+                reason: format!(
+                    "the store {} holds no active CA hierarchy",
+                    store.location()
+                ),
             })?;
         let hdir = data.hierarchy_dir(&active.id);
-        let key_path = hdir.join("intermediate.key");
-        let key_pem = read_secret(&key_path, MAX_FILE)?;
-        let key = PrivateKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
-            IssuerError::Import {
-                path: key_path.clone(),
-                reason: e.to_string(),
+        let key = match &active.sealed_keys {
+            Some(sealed) => {
+                let seal = seal.ok_or_else(|| IssuerError::NeedSealKey {
+                    location: store.location(),
+                })?;
+                let what = intermediate_seal_label(&active.id);
+                let pem = seal.open(&sealed.intermediate, &what)?;
+                PrivateKey::from_pem(&String::from_utf8_lossy(&pem))?
             }
-        })?;
+            None => {
+                let key_path = hdir.join("intermediate.key");
+                let key_pem = read_secret(&key_path, MAX_FILE)?;
+                PrivateKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
+                    IssuerError::Import {
+                        path: key_path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            }
+        };
         let int_der = first_cert(active.intermediate_pem.as_bytes(), &hdir)?;
         let signing = SigningCa::new(
             int_der,
@@ -141,6 +161,16 @@ impl BuiltinIssuer {
     pub fn hierarchy_id(&self) -> &str {
         &self.hierarchy_id
     }
+}
+
+/// What a hierarchy's sealed intermediate key is bound to.
+fn intermediate_seal_label(id: &str) -> String {
+    format!("the intermediate key of hierarchy {id}")
+}
+
+/// What a hierarchy's sealed root key is bound to.
+fn root_seal_label(id: &str) -> String {
+    format!("the root key of hierarchy {id}")
 }
 
 fn first_cert(pem: &[u8], context: &Path) -> Result<Vec<u8>, IssuerError> {
@@ -484,19 +514,8 @@ async fn write_staged(
         SECRET_MODE,
     )?;
 
-    let root_not_after = check_ca_cert(&m.root_der, "root", now)?.1;
-    let record = HierarchyRecord {
-        id: id.to_owned(),
-        status: HierarchyStatus::Active,
-        root_pem,
-        intermediate_pem: int_pem,
-        key_type: m.intermediate.key_type(),
-        has_root_key: m.root_key.is_some(),
-        created_at: now,
-        root_not_after,
-        intermediate_not_after: m.intermediate.not_after(),
-        sealed_keys: None,
-    };
+    let record = hierarchy_record(id, &m, None, now)?;
+    let root_not_after = record.root_not_after;
     // Records are the CA's business (and later hold token hashes): 0600.
     let store = Arc::new(EmbeddedStore::open(&stage.store_path())?);
     meshca_files::restrict(&stage.store_path())?;
@@ -521,8 +540,21 @@ async fn write_staged(
         .await?;
     drop(authority);
     drop(store);
-    let admin_dir = stage.admin_dir();
-    create_private_dir(&admin_dir)?;
+    write_admin(&stage.admin_dir(), &admin)?;
+    write_atomic(&stage.config_path(), opts.config_toml.as_bytes(), 0o600)?;
+    Ok(InitReport {
+        hierarchy_id: id.to_owned(),
+        root_fingerprint: fingerprint(&m.root_der),
+        root_not_after,
+        intermediate_not_after: record.intermediate_not_after,
+        admin_dir: data.admin_dir(),
+        imported: m.imported,
+    })
+}
+
+/// Writes the admin credentials (kubernetes.io/tls layout).
+fn write_admin(admin_dir: &Path, admin: &crate::Issued) -> Result<(), IssuerError> {
+    create_private_dir(admin_dir)?;
     if let Some(key) = &admin.private_key {
         write_atomic(
             &admin_dir.join("tls.key"),
@@ -540,13 +572,155 @@ async fn write_staged(
         admin.ca_bundle_pem.as_bytes(),
         PUBLIC_MODE,
     )?;
-    write_atomic(&stage.config_path(), opts.config_toml.as_bytes(), 0o600)?;
+    Ok(())
+}
+
+fn hierarchy_record(
+    id: &str,
+    m: &Material,
+    sealed_keys: Option<SealedKeys>,
+    now: OffsetDateTime,
+) -> Result<HierarchyRecord, IssuerError> {
+    Ok(HierarchyRecord {
+        id: id.to_owned(),
+        status: HierarchyStatus::Active,
+        root_pem: to_pem("CERTIFICATE", &m.root_der),
+        intermediate_pem: to_pem("CERTIFICATE", m.intermediate.cert_der()),
+        key_type: m.intermediate.key_type(),
+        has_root_key: m.root_key.is_some(),
+        created_at: now,
+        root_not_after: check_ca_cert(&m.root_der, "root", now)?.1,
+        intermediate_not_after: m.intermediate.not_after(),
+        sealed_keys,
+    })
+}
+
+/// The name under which a shared store keeps the CA's `meshca.toml`, so that
+/// a replica joining later starts from the same configuration.
+pub const SHARED_CONFIG_BLOB: &str = "config";
+
+/// Creates a CA in a shared store (etcd): the hierarchy with its keys sealed
+/// under `seal`, the shared configuration, and, in the local `dir`, the
+/// admin credentials and `local_config_toml`.
+///
+/// The local files are staged first; the hierarchy record is the commit
+/// point, created only if the store holds none (two replicas racing to
+/// initialise: one wins, the other is told and changes nothing locally).
+pub async fn init_shared(
+    dir: &Path,
+    store: Arc<dyn Store>,
+    seal: &SealKey,
+    opts: InitOptions,
+    local_config_toml: &str,
+) -> Result<InitReport, IssuerError> {
+    let data = DataDir::new(dir);
+    if data.holds_ca() {
+        return Err(IssuerError::AlreadyInitialised {
+            dir: dir.to_owned(),
+        });
+    }
+    if !store.list_hierarchies().await?.is_empty() {
+        return Err(IssuerError::StoreHoldsCa {
+            location: store.location(),
+        });
+    }
+    let now = OffsetDateTime::now_utc();
+    let id = hierarchy_id()?;
+    let (opts2, id2) = (opts.clone(), id.clone());
+    let m = tokio::task::spawn_blocking(move || build_material(&opts2, &id2, now))
+        .await
+        .map_err(|e| IssuerError::Policy(format!("CA generation task failed: {e}")))??;
+    let sealed = SealedKeys {
+        intermediate: seal.seal(
+            m.intermediate_key_pem.as_bytes(),
+            &intermediate_seal_label(&id),
+        )?,
+        root: match &m.root_key {
+            Some(k) => Some(seal.seal(k.to_pem().as_bytes(), &root_seal_label(&id))?),
+            None => None,
+        },
+    };
+    let record = hierarchy_record(&id, &m, Some(sealed), now)?;
+    let root_fingerprint = fingerprint(&m.root_der);
+    let imported = m.imported;
+    let bundle = vec![m.root_der.clone()];
+    let issuer = Arc::new(BuiltinIssuer {
+        signing: Arc::new(m.intermediate),
+        hierarchy_id: id.clone(),
+        bundle,
+    });
+    let authority = Authority::new(
+        issuer,
+        store.clone(),
+        Policy {
+            trust_domain: opts.trust_domain.clone(),
+            max_ttl: opts.max_ttl,
+        },
+    );
+    let admin = authority
+        .issue(
+            IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+                .profile(Profile::Client)
+                .ttl(Some(ADMIN_TTL.min(opts.max_ttl)))
+                .generate_key(opts.key_type),
+        )
+        .await?;
+
+    let existed = dir.exists();
+    create_private_dir(dir)?;
+    let staging = dir.join(format!(".init-{id}"));
+    let cleanup = |staging: &Path| {
+        let _ = fs::remove_dir_all(staging);
+        if !existed {
+            let _ = fs::remove_dir(dir);
+        }
+    };
+    let staged = (|| -> Result<(), IssuerError> {
+        create_private_dir(&staging)?;
+        let stage = DataDir::new(&staging);
+        write_admin(&stage.admin_dir(), &admin)?;
+        write_atomic(&stage.config_path(), local_config_toml.as_bytes(), 0o600)?;
+        Ok(())
+    })();
+    if let Err(e) = staged {
+        cleanup(&staging);
+        return Err(e);
+    }
+    let committed = async {
+        store
+            .put_blob(SHARED_CONFIG_BLOB, opts.config_toml.as_bytes())
+            .await?;
+        store.create_hierarchy(&record).await
+    }
+    .await;
+    if let Err(e) = committed {
+        cleanup(&staging);
+        return Err(if e.is_conflict() {
+            IssuerError::StoreHoldsCa {
+                location: store.location(),
+            }
+        } else {
+            e.into()
+        });
+    }
+    for name in ["admin", "meshca.toml"] {
+        fs::rename(staging.join(name), dir.join(name)).map_err(|e| {
+            IssuerError::File(meshca_files::FileError::Io {
+                path: dir.join(name),
+                op: "move into place",
+                reason: e.to_string(),
+                kind: e.kind(),
+            })
+        })?;
+    }
+    let _ = fs::remove_dir_all(&staging);
+    sync_dir(dir)?;
     Ok(InitReport {
-        hierarchy_id: id.to_owned(),
-        root_fingerprint: fingerprint(&m.root_der),
-        root_not_after,
+        hierarchy_id: id,
+        root_fingerprint,
+        root_not_after: record.root_not_after,
         intermediate_not_after: record.intermediate_not_after,
         admin_dir: data.admin_dir(),
-        imported: m.imported,
+        imported,
     })
 }

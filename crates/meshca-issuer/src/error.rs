@@ -38,6 +38,16 @@ pub enum IssuerError {
     },
     /// A caller asked for something the policy does not allow.
     Policy(String),
+    /// `init` on a shared store that already holds a CA.
+    StoreHoldsCa {
+        /// Where the store is.
+        location: String,
+    },
+    /// The CA keys are sealed in the store and no seal key was given.
+    NeedSealKey {
+        /// Where the store is.
+        location: String,
+    },
 }
 
 impl IssuerError {
@@ -72,6 +82,14 @@ impl fmt::Display for IssuerError {
                 write!(f, "cannot import {}: {reason}", path.display())
             }
             IssuerError::Policy(why) => write!(f, "refused by policy: {why}"),
+            IssuerError::StoreHoldsCa { location } => write!(
+                f,
+                "the store {location} already holds a CA; nothing was changed (start `meshca serve` against it to join it as another replica)"
+            ),
+            IssuerError::NeedSealKey { location } => write!(
+                f,
+                "the CA keys in {location} are sealed: give the seal key with --seal-key-file (or MESHCA_SEAL_KEY_FILE)"
+            ),
         }
     }
 }

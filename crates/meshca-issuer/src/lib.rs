@@ -22,7 +22,7 @@
 //! use meshca_issuer::*;
 //! let dir = std::path::Path::new("./meshca-data");
 //! let store = Arc::new(meshca_store::EmbeddedStore::open_existing(&dir.join("store.redb"))?);
-//! let issuer = Arc::new(BuiltinIssuer::open(dir, store.clone()).await?);
+//! let issuer = Arc::new(BuiltinIssuer::open(dir, store.clone(), None).await?);
 //! let authority = Authority::new(issuer, store, Policy::default());
 //! let issued = authority
 //!     .issue(IssueRequest::new("default", "web")?.generate_key(meshca_pki::KeyType::EcdsaP256))
@@ -43,7 +43,7 @@ use meshca_pki::{IssuedLeaf, LeafPublicKey, LeafSpec, RevokedEntry};
 pub use authority::{Authority, DEFAULT_MAX_TTL, IssueRequest, Issued, KeySource, Policy};
 pub use builtin::{
     ADMIN_NAME, ADMIN_NAMESPACE, BuiltinIssuer, DataDir, ImportSpec, InitOptions, InitReport,
-    init_data_dir,
+    SHARED_CONFIG_BLOB, init_data_dir, init_shared,
 };
 pub use error::IssuerError;
 pub use policy::{PolicyRule, check_workload};

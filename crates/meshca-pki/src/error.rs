@@ -83,6 +83,11 @@ pub enum PkiError {
     Signing(String),
     /// The system random number generator failed.
     Random,
+    /// A seal key that is not 32 bytes (64 hex digits).
+    BadSealKey(String),
+    /// Sealed data that the seal key does not open: another key sealed it,
+    /// or it was altered.
+    Unseal(String),
 }
 
 impl PkiError {
@@ -90,7 +95,10 @@ impl PkiError {
     pub fn is_bad_input(&self) -> bool {
         !matches!(
             self,
-            PkiError::Signing(_) | PkiError::Random | PkiError::IssuerExpired { .. }
+            PkiError::Signing(_)
+                | PkiError::Random
+                | PkiError::IssuerExpired { .. }
+                | PkiError::Unseal(_)
         )
     }
 }
@@ -153,6 +161,14 @@ impl fmt::Display for PkiError {
             ),
             PkiError::Signing(why) => write!(f, "signing failed: {why}"),
             PkiError::Random => write!(f, "the system random number generator failed"),
+            PkiError::BadSealKey(why) => write!(
+                f,
+                "the seal key is unusable ({why}): it must be 32 random bytes written as 64 hex digits, e.g. from `openssl rand -hex 32`"
+            ),
+            PkiError::Unseal(what) => write!(
+                f,
+                "the seal key does not open {what}: it is not the key the CA was sealed with (give every replica the same --seal-key-file), or the stored data was altered"
+            ),
         }
     }
 }

@@ -48,6 +48,7 @@ mod inspect;
 mod keys;
 mod leaf;
 mod profile;
+mod seal;
 mod serial;
 
 pub use ca::{
@@ -90,4 +91,5 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>, PkiError> {
     aws_lc_rs::rand::fill(&mut v).map_err(|_| PkiError::Random)?;
     Ok(v)
 }
+pub use seal::SealKey;
 pub use serial::Serial;

@@ -688,7 +688,11 @@ pub async fn ca_status(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     caller(&s, &peer, &headers).await?.require_admin()?;
-    Ok(Json(ca_status_json(&s.authority).await?))
+    let mut status = ca_status_json(&s.authority).await?;
+    status["store"] = json!(s.store.location());
+    status["replica"] = json!(s.replica);
+    status["leader"] = json!(s.is_leader());
+    Ok(Json(status))
 }
 
 pub async fn events(
@@ -717,7 +721,7 @@ pub async fn events(
         Ok::<_, std::convert::Infallible>(
             SseEvent::default()
                 .id(e.id.to_string())
-                .event(e.kind)
+                .event(e.kind.clone())
                 .json_data(&e)
                 .unwrap_or_default(),
         )
@@ -740,7 +744,7 @@ pub async fn healthz() -> &'static str {
 
 pub async fn readyz(State(s): S) -> Result<&'static str, ApiError> {
     s.store
-        .list_hierarchies()
+        .check()
         .await
         .map_err(|e| ApiError::unavailable(format!("store not ready: {e}")))?;
     Ok("ready\n")

@@ -1,31 +1,40 @@
-//! Events: issued, rotate, revoked, bundle-changed. Kept in a ring buffer
-//! (the retention window) and broadcast to live subscribers, so a client that
-//! reconnects with `Last-Event-ID` gets what it missed.
+//! Events: issued, rotate, revoked, bundle-changed.
+//!
+//! An event is appended to the store's event log ([`Store::append_event`]);
+//! every replica follows that log ([`Store::watch_events`]) into a local
+//! ring buffer (the retention window for clients that reconnect with
+//! `Last-Event-ID`) and a broadcast to live subscribers. With etcd the log is
+//! shared, so an agent connected to any replica sees what happened on all of
+//! them, in one order, with ids that mean the same everywhere.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde::Serialize;
+use futures_util::StreamExt;
+use meshca_store::{Store, StoredEvent};
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-/// How many events are kept for clients that reconnect.
+/// How many events each replica keeps for clients that reconnect.
 pub const RETENTION: usize = 10_000;
 
 /// One event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
-    /// Monotonic id (the SSE `id:` field).
+    /// The id (the SSE `id:` field); assigned by the store.
+    #[serde(default, skip_deserializing)]
     pub id: u64,
     /// `issued`, `rotate`, `revoked`, `bundle-changed`.
-    pub kind: &'static str,
+    pub kind: String,
     /// The identity concerned (none for bundle and rotate-all events).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// The identity concerned.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The certificate concerned.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
     /// When, RFC 3339.
     pub at: String,
@@ -42,49 +51,105 @@ impl Event {
     }
 }
 
-/// The event log.
+/// This replica's view of the event log.
 #[derive(Debug)]
 pub struct Events {
-    ring: Mutex<(u64, VecDeque<Event>)>,
+    store: Arc<dyn Store>,
+    ring: Mutex<VecDeque<Event>>,
     tx: broadcast::Sender<Event>,
 }
 
-impl Default for Events {
-    fn default() -> Self {
-        // Ids start from the clock so that they keep growing across restarts.
-        let start =
-            u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0) * 1000;
+impl Events {
+    /// An empty view; [`Events::follow`] fills it.
+    pub fn new(store: Arc<dyn Store>) -> Self {
         Events {
-            ring: Mutex::new((start, VecDeque::new())),
+            store,
+            ring: Mutex::new(VecDeque::new()),
             tx: broadcast::channel(4096).0,
         }
     }
-}
 
-impl Events {
-    /// Records and broadcasts an event.
+    /// Appends an event to the store's log, in the background: the answer
+    /// to the request that caused it does not wait for it. A failure is
+    /// logged (the request itself succeeded and is recorded).
     pub fn publish(
         &self,
         kind: &'static str,
         identity: Option<(&str, &str)>,
         serial: Option<String>,
     ) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.0 += 1;
         let event = Event {
-            id: ring.0,
-            kind,
+            id: 0,
+            kind: kind.to_owned(),
             namespace: identity.map(|(ns, _)| ns.to_owned()),
             name: identity.map(|(_, n)| n.to_owned()),
             serial,
             at: meshca_pki::rfc3339(time::OffsetDateTime::now_utc()),
         };
-        if ring.1.len() == RETENTION {
-            ring.1.pop_front();
+        let Ok(body) = serde_json::to_vec(&event) else {
+            return;
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            // A short outage of a shared store should not lose the event.
+            for attempt in 0..5u32 {
+                match store.append_event(&body).await {
+                    Ok(_) => return,
+                    Err(e) if attempt == 4 => {
+                        tracing::warn!("event {kind} not recorded: {e}");
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+                }
+            }
+        });
+    }
+
+    /// Adds an event read from the store's log to the ring and the broadcast.
+    fn push(&self, stored: StoredEvent) -> Option<Event> {
+        let mut event: Event = match serde_json::from_slice(&stored.body) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(
+                    id = stored.id,
+                    "skipping an event that does not decode: {e}"
+                );
+                return None;
+            }
+        };
+        event.id = stored.id;
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.back().is_some_and(|last| last.id >= event.id) {
+            return None;
         }
-        ring.1.push_back(event.clone());
-        // Send under the lock so subscribers see ids in order with the backlog.
-        let _ = self.tx.send(event);
+        if ring.len() == RETENTION {
+            ring.pop_front();
+        }
+        ring.push_back(event.clone());
+        // Sent under the lock so subscribers see ids in order with the backlog.
+        let _ = self.tx.send(event.clone());
+        Some(event)
+    }
+
+    /// Follows the store's event log for as long as the process runs,
+    /// calling `on_event` for each new event (after it is in the ring).
+    pub async fn follow(self: Arc<Self>, on_event: impl Fn(&Event) + Send + 'static) {
+        loop {
+            let after = {
+                let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+                ring.back().map_or(0, |e| e.id)
+            };
+            match self.store.watch_events(after).await {
+                Ok(mut feed) => {
+                    while let Some(stored) = feed.next().await {
+                        if let Some(e) = self.push(stored) {
+                            on_event(&e);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("cannot follow the event log (will retry): {e}"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// The events after `last_id` still kept, and a receiver for new ones.
@@ -92,7 +157,7 @@ impl Events {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.tx.subscribe();
         let backlog = match last_id {
-            Some(id) => ring.1.iter().filter(|e| e.id > id).cloned().collect(),
+            Some(id) => ring.iter().filter(|e| e.id > id).cloned().collect(),
             None => Vec::new(),
         };
         (backlog, rx)

@@ -64,8 +64,12 @@ pub struct AppState {
     pub rules: Vec<PolicyRule>,
     /// Key type for generated keys when none is asked for.
     pub key_type: KeyType,
-    /// The event log.
-    pub events: events::Events,
+    /// This replica's view of the event log.
+    pub events: Arc<events::Events>,
+    /// Whether this replica leads (runs the scheduled work); set by [`run`].
+    pub leader: std::sync::OnceLock<meshca_store::Leadership>,
+    /// This replica's name in the leader election.
+    pub replica: String,
     /// The audit log.
     pub audit: audit::Audit,
     /// Metrics.
@@ -86,10 +90,12 @@ impl AppState {
         let store = authority.store().clone();
         Ok(AppState {
             authority,
-            store,
+            store: store.clone(),
             rules,
             key_type,
-            events: events::Events::default(),
+            events: Arc::new(events::Events::new(Arc::clone(&store))),
+            leader: std::sync::OnceLock::new(),
+            replica: replica_name(),
             audit: audit::Audit::open(&dir.join("audit.log"))?,
             metrics: metrics::Metrics::default(),
             crl: tokio::sync::Mutex::new(None),
@@ -98,6 +104,11 @@ impl AppState {
                 u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1),
             ),
         })
+    }
+
+    /// Whether this replica leads now.
+    pub fn is_leader(&self) -> bool {
+        self.leader.get().is_some_and(|l| *l.borrow())
     }
 
     /// Forgets the cached CRL (after a revocation).
@@ -367,8 +378,74 @@ pub async fn ensure_server_cert(
     Ok(true)
 }
 
+/// This replica's name: host and process, unique among live replicas.
+fn replica_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "meshca".into());
+    format!("{host}/{}", std::process::id())
+}
+
+/// How long after its expiry a join token is deleted by the leader's sweep.
+pub const TOKEN_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// The leader's scheduled work, once: deletes join tokens that expired more
+/// than [`TOKEN_GRACE`] ago (as Kubernetes' token cleaner does), so the token
+/// list does not grow forever. Returns how many went.
+pub async fn sweep(state: &AppState) -> Result<usize, meshca_store::StoreError> {
+    let cutoff = OffsetDateTime::now_utc() - TOKEN_GRACE;
+    let mut gone = 0;
+    for t in state.store.list_tokens().await? {
+        if t.expires_at < cutoff {
+            match state.store.delete_token(&t.id).await {
+                Ok(()) => gone += 1,
+                // Deleted meanwhile by an earlier leader: fine.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(gone)
+}
+
+/// Starts what runs beside the API: following the event log, the leader
+/// election, and the leader's scheduled work.
+async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
+    let st = state.clone();
+    tokio::spawn(state.events.clone().follow(move |e| {
+        // A revocation on any replica makes every replica's CRL stale.
+        if e.kind == "revoked" {
+            st.invalidate_crl();
+        }
+    }));
+    let leadership = state
+        .store
+        .campaign(&state.replica)
+        .await
+        .map_err(|e| ServeError::Listen(format!("leader election: {e}")))?;
+    let _ = state.leader.set(leadership);
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            if !st.is_leader() {
+                continue;
+            }
+            match sweep(&st).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("deleted {n} join tokens expired over a day ago"),
+                Err(e) => tracing::warn!("token sweep failed (will retry): {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Runs the service until the process is stopped.
 pub async fn run(opts: ServeOptions, state: Arc<AppState>) -> Result<(), ServeError> {
+    start_background(&state).await?;
     ensure_server_cert(&state, &opts.dir, &opts.server_names)
         .await
         .map_err(ServeError::Certificate)?;

@@ -22,6 +22,9 @@ pub struct Config {
     /// What workloads may ask for (`[[policy]]` tables).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy: Vec<meshca_issuer::PolicyRule>,
+    /// Where the state lives (`[store]`); absent: the embedded store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::store::StoreSettings>,
 }
 
 fn default_max_ttl() -> GoDuration {
@@ -36,15 +39,21 @@ impl Config {
             key_type,
             max_ttl: default_max_ttl(),
             policy: Vec::new(),
+            store: None,
         }
     }
 
     /// Reads and validates `path`, naming the file and the field on error.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let bytes = meshca_files::read_limited(path, 1024 * 1024)?;
-        let text = String::from_utf8(bytes)
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses and validates a configuration read from `path` (for messages).
+    pub fn parse(bytes: &[u8], path: &Path) -> anyhow::Result<Self> {
+        let text = std::str::from_utf8(bytes)
             .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
-        let config: Config = toml::from_str(&text)
+        let config: Config = toml::from_str(text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
         config.validate(path)?;
         Ok(config)

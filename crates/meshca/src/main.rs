@@ -4,6 +4,7 @@
 
 mod cmd;
 mod config;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ struct Cli {
     /// CA bundle to verify --server with [default: DIR/admin/ca.crt].
     #[arg(long, global = true, value_name = "FILE")]
     ca: Option<PathBuf>,
+
+    #[command(flatten)]
+    store: store::StoreArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -310,6 +314,7 @@ fn main() -> ExitCode {
         ca: cli.ca.clone().unwrap_or_else(|| dir.join("admin/ca.crt")),
     });
     let server_url = cli.server.clone();
+    let store_args = cli.store.clone();
     let ca_file = cli.ca.clone();
     if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
         tracing_subscriber::fmt()
@@ -318,20 +323,20 @@ fn main() -> ExitCode {
     }
     let result = runtime.block_on(async {
         match (cli.command, online) {
-            (Command::Init(a), _) => cmd::init::run(&dir, a).await,
+            (Command::Init(a), _) => cmd::init::run(&dir, &store_args, a).await,
             (Command::Agent(a), _) => cmd::agent::run(server_url, ca_file, a).await,
-            (Command::Serve(a), _) => cmd::serve::run(&dir, a).await,
-            (Command::Inspect(a), _) => cmd::inspect::run(explicit_dir.then_some(dir.as_path()), a).await,
+            (Command::Serve(a), _) => cmd::serve::run(&dir, &store_args, a).await,
+            (Command::Inspect(a), _) => cmd::inspect::run(explicit_dir.then_some(dir.as_path()), &store_args, a).await,
             (Command::Issue(a), Some(t)) => cmd::online::issue(&t, a).await,
-            (Command::Issue(a), None) => cmd::issue::run(&dir, a).await,
+            (Command::Issue(a), None) => cmd::issue::run(&dir, &store_args, a).await,
             (Command::List(a), Some(t)) => cmd::online::list(&t, a).await,
-            (Command::List(a), None) => cmd::records::list(&dir, a).await,
+            (Command::List(a), None) => cmd::records::list(&dir, &store_args, a).await,
             (Command::Revoke(a), Some(t)) => cmd::online::revoke(&t, a).await,
-            (Command::Revoke(a), None) => cmd::records::revoke(&dir, a).await,
+            (Command::Revoke(a), None) => cmd::records::revoke(&dir, &store_args, a).await,
             (Command::Token(c), Some(t)) => cmd::online::token(&t, c).await,
             (Command::Rotate(a), Some(t)) => cmd::online::rotate(&t, a).await,
             (Command::Ca(c), Some(t)) => cmd::online::ca(&t, c).await,
-            (Command::Ca(c), None) => cmd::records::ca(&dir, c).await,
+            (Command::Ca(c), None) => cmd::records::ca(&dir, &store_args, c).await,
             (Command::Token(_) | Command::Rotate(_), None) => Err(anyhow::anyhow!(
                 "this command talks to a running server: give --server https://HOST:9443 (or MESHCA_SERVER)"
             )),

@@ -9,8 +9,9 @@ use serde_json::json;
 
 use crate::InitArgs;
 use crate::config::Config;
+use crate::store::{StoreArgs, StoreChoice};
 
-pub async fn run(dir: &Path, a: InitArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(dir: &Path, store_args: &StoreArgs, a: InitArgs) -> anyhow::Result<ExitCode> {
     let trust_domain = TrustDomain::new(&a.trust_domain)?;
     let key_type: KeyType = a.key_type.parse()?;
     let root_ttl = parse_duration(&a.root_ttl)?;
@@ -27,18 +28,18 @@ pub async fn run(dir: &Path, a: InitArgs) -> anyhow::Result<ExitCode> {
         intermediate_key: a.import_intermediate_key,
     });
     let config = Config::new(trust_domain.clone(), key_type);
-    let report = init_data_dir(
-        dir,
-        InitOptions {
-            trust_domain,
-            key_type,
-            root_ttl,
-            import,
-            config_toml: config.to_toml()?,
-            max_ttl: config.max_ttl.get(),
-        },
-    )
-    .await?;
+    let opts = InitOptions {
+        trust_domain,
+        key_type,
+        root_ttl,
+        import,
+        config_toml: config.to_toml()?,
+        max_ttl: config.max_ttl.get(),
+    };
+    let report = match store_args.choose(None)? {
+        StoreChoice::Embedded => init_data_dir(dir, opts).await?,
+        StoreChoice::Etcd(settings) => super::init_shared_ca(dir, &settings, opts, &config).await?,
+    };
     if a.json {
         super::print_json(&json!({
             "dir": dir,

@@ -10,8 +10,13 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::InspectArgs;
+use crate::store::StoreArgs;
 
-pub async fn run(dir: Option<&Path>, a: InspectArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    dir: Option<&Path>,
+    store_args: &StoreArgs,
+    a: InspectArgs,
+) -> anyhow::Result<ExitCode> {
     let (source, bytes) = if a.file == "-" {
         let mut buf = Vec::new();
         std::io::stdin()
@@ -42,7 +47,7 @@ pub async fn run(dir: Option<&Path>, a: InspectArgs) -> anyhow::Result<ExitCode>
             ))
         }
         (None, Some(d)) => {
-            let (_, store) = super::open_store(d)?;
+            let (_, store, _) = super::open_store(d, store_args).await?;
             let mut roots = Vec::new();
             for h in store.list_hierarchies().await? {
                 if h.status.in_bundle() {

@@ -13,8 +13,9 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::IssueArgs;
+use crate::store::StoreArgs;
 
-pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(dir: &Path, store_args: &StoreArgs, a: IssueArgs) -> anyhow::Result<ExitCode> {
     // Every argument is checked before the CA is touched or a file written.
     if a.out.exists() && !a.out.is_dir() {
         bail!(
@@ -39,7 +40,7 @@ pub async fn run(dir: &Path, a: IssueArgs) -> anyhow::Result<ExitCode> {
         .dns(a.dns)
         .ips(a.ips);
 
-    let (config, authority) = super::open_authority(dir).await?;
+    let (config, authority) = super::open_authority(dir, store_args).await?;
     req = match csr {
         Some(csr) => req.csr(csr),
         None => req.generate_key(key_type.unwrap_or(config.key_type)),

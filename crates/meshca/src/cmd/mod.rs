@@ -9,31 +9,109 @@ pub mod online;
 pub mod records;
 pub mod serve;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use meshca_issuer::{Authority, BuiltinIssuer, DataDir};
+use meshca_issuer::{
+    Authority, BuiltinIssuer, DataDir, InitOptions, InitReport, SHARED_CONFIG_BLOB, init_shared,
+};
+use meshca_pki::SealKey;
 use meshca_store::{EmbeddedStore, Store};
 
 use crate::config::Config;
+use crate::store::{StoreArgs, StoreChoice, StoreSettings};
 
-/// Opens the store of a data directory that must hold a CA.
-pub fn open_store(dir: &Path) -> anyhow::Result<(Config, Arc<dyn Store>)> {
+/// Opens the store of a data directory that must hold a CA: the embedded
+/// `DIR/store.redb`, or the shared store its `[store]` table (or the flags)
+/// name, with the seal key of the CA keys.
+pub async fn open_store(
+    dir: &Path,
+    args: &StoreArgs,
+) -> anyhow::Result<(Config, Arc<dyn Store>, Option<SealKey>)> {
     let data = DataDir::new(dir);
-    data.require_ca()?;
-    let config = Config::load(&data.config_path())?;
-    let store = EmbeddedStore::open_existing(&data.store_path())
-        .with_context(|| format!("opening the store of {}", dir.display()))?;
-    Ok((config, Arc::new(store)))
+    let file = if data.config_path().exists() {
+        Some(Config::load(&data.config_path())?)
+    } else {
+        None
+    };
+    match args.choose(file.as_ref().and_then(|c| c.store.as_ref()))? {
+        StoreChoice::Embedded => {
+            data.require_ca()?;
+            let config = Config::load(&data.config_path())?;
+            let store = EmbeddedStore::open_existing(&data.store_path())
+                .with_context(|| format!("opening the store of {}", dir.display()))?;
+            Ok((config, Arc::new(store), None))
+        }
+        StoreChoice::Etcd(settings) => {
+            let Some(config) = file else {
+                // Fails with the clear "no CA here" message.
+                data.require_ca()?;
+                anyhow::bail!("no meshca.toml in {}", dir.display());
+            };
+            let store = settings.open().await?;
+            let seal = settings.seal_key(false)?;
+            Ok((config, store, Some(seal)))
+        }
+    }
 }
 
 /// Opens everything needed to issue from a data directory.
-pub async fn open_authority(dir: &Path) -> anyhow::Result<(Config, Authority)> {
-    let (config, store) = open_store(dir)?;
-    let issuer = BuiltinIssuer::open(dir, store.clone()).await?;
+pub async fn open_authority(dir: &Path, args: &StoreArgs) -> anyhow::Result<(Config, Authority)> {
+    let (config, store, seal) = open_store(dir, args).await?;
+    let issuer = BuiltinIssuer::open(dir, store.clone(), seal.as_ref()).await?;
     let policy = config.policy();
     Ok((config, Authority::new(Arc::new(issuer), store, policy)))
+}
+
+/// `init` on a shared store: the seal key (created when its file does not
+/// exist), the CA sealed into the store, and in `dir` the admin credentials
+/// and a `meshca.toml` whose `[store]` table points at the store.
+pub async fn init_shared_ca(
+    dir: &Path,
+    settings: &StoreSettings,
+    mut opts: InitOptions,
+    config: &Config,
+) -> anyhow::Result<InitReport> {
+    let store = settings.open().await?;
+    let seal = settings.seal_key(true)?;
+    let mut shared = config.clone();
+    shared.store = None;
+    opts.config_toml = shared.to_toml()?;
+    let mut local = config.clone();
+    local.store = Some(crate::store::settings_for_file(settings));
+    Ok(init_shared(dir, store, &seal, opts, &local.to_toml()?).await?)
+}
+
+/// A new replica of a CA that lives in a shared store: checks that the seal
+/// key opens the CA's keys, then writes `dir/meshca.toml` from the store's
+/// shared configuration with this replica's `[store]` table.
+pub async fn join_shared_ca(dir: &Path, settings: &StoreSettings) -> anyhow::Result<()> {
+    let store = settings.open().await?;
+    let seal = settings.seal_key(false)?;
+    let Some(blob) = store.get_blob(SHARED_CONFIG_BLOB).await? else {
+        anyhow::bail!(
+            "the store {} holds no CA configuration (was it initialised by `meshca init --store ...`?)",
+            store.location()
+        );
+    };
+    let origin = PathBuf::from(format!("{}blobs/{SHARED_CONFIG_BLOB}", store.location()));
+    let mut config = Config::parse(&blob, &origin)?;
+    // Refuse now, before anything is written, when the seal key is wrong.
+    BuiltinIssuer::open(dir, store.clone(), Some(&seal)).await?;
+    config.store = Some(crate::store::settings_for_file(settings));
+    meshca_files::create_private_dir(dir)?;
+    meshca_files::write_atomic(
+        &DataDir::new(dir).config_path(),
+        config.to_toml()?.as_bytes(),
+        meshca_files::SECRET_MODE,
+    )?;
+    eprintln!(
+        "Joined the CA in {} as a new replica ({} written; admin credentials stay where `meshca init` put them)",
+        store.location(),
+        DataDir::new(dir).config_path().display()
+    );
+    Ok(())
 }
 
 /// Prints a value as pretty JSON on stdout.

@@ -9,9 +9,10 @@ use meshca_store::{CertFilter, CertStatus, RevocationReason, RevokeOutcome};
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::store::StoreArgs;
 use crate::{ListArgs, RevokeArgs};
 
-pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
+pub async fn list(dir: &Path, store_args: &StoreArgs, a: ListArgs) -> anyhow::Result<ExitCode> {
     let now = OffsetDateTime::now_utc();
     let within = a
         .expiring_within
@@ -37,7 +38,7 @@ pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
         not_after_before: within.map(|d| now + d),
         exclude_expired_before: within.map(|_| now),
     };
-    let (_, store) = super::open_store(dir)?;
+    let (_, store, _) = super::open_store(dir, store_args).await?;
     let records = store.list_certificates(&filter).await?;
     if a.json {
         let rows: Vec<_> = records.iter().map(super::record_json).collect();
@@ -62,10 +63,10 @@ pub async fn list(dir: &Path, a: ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn revoke(dir: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
+pub async fn revoke(dir: &Path, store_args: &StoreArgs, a: RevokeArgs) -> anyhow::Result<ExitCode> {
     let serial: Serial = a.serial.parse()?;
     let reason: RevocationReason = a.reason.parse().map_err(|e: String| anyhow!(e))?;
-    let (_, store) = super::open_store(dir)?;
+    let (_, store, _) = super::open_store(dir, store_args).await?;
     let now = OffsetDateTime::now_utc();
     let (record, fresh) = match store.revoke_certificate(&serial, reason, now).await? {
         RevokeOutcome::Revoked(r) => (r, true),
@@ -98,9 +99,13 @@ pub async fn revoke(dir: &Path, a: RevokeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `meshca ca status` on a data directory.
-pub async fn ca(dir: &Path, c: crate::CaCommand) -> anyhow::Result<ExitCode> {
+pub async fn ca(
+    dir: &Path,
+    store_args: &StoreArgs,
+    c: crate::CaCommand,
+) -> anyhow::Result<ExitCode> {
     let crate::CaCommand::Status { json } = c;
-    let (_, authority) = super::open_authority(dir).await?;
+    let (_, authority) = super::open_authority(dir, store_args).await?;
     let v = meshca_server::views::ca_status_json(&authority)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;

@@ -12,5 +12,6 @@ mod init;
 mod issue;
 mod lint;
 mod records;
+mod replicas;
 mod serve;
 mod tls;

@@ -1,0 +1,425 @@
+//! Several `meshca serve` replicas sharing one CA in a real etcd cluster
+//! (Debian's etcd-server, three members on loopback ports).
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshca_testkit::EtcdCluster;
+use serde_json::Value;
+
+use crate::common::*;
+
+/// A CA in etcd: `init` into replica A's directory, the seal key beside it.
+struct Shared {
+    tmp: tempfile::TempDir,
+    url: String,
+    seal: PathBuf,
+}
+
+impl Shared {
+    fn init(cluster: &EtcdCluster, prefix: &str) -> Shared {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = cluster.store_url(prefix);
+        let seal = tmp.path().join("secrets/seal.key");
+        let a = tmp.path().join("a");
+        let out = run(&[
+            "init",
+            "--dir",
+            a.to_str().unwrap(),
+            "--store",
+            &url,
+            "--seal-key-file",
+            seal.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "init --store: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Created the seal key"));
+        assert_eq!(mode(&seal), 0o600);
+        Shared { tmp, url, seal }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// A replica on its own directory: A was initialised; any other joins
+    /// with `--store` and the seal key (its admin/ is copied from A only so
+    /// that the test's curl can use the CA bundle and admin certificate).
+    fn replica(&self, name: &str) -> Server {
+        let dir = self.dir(name);
+        if name == "a" {
+            return Server::start(&dir, &[]);
+        }
+        if !dir.join("meshca.toml").exists() {
+            copy_dir(&self.dir("a/admin"), &dir.join("admin"));
+        }
+        Server::start(
+            &dir,
+            &[
+                "--store",
+                &self.url,
+                "--seal-key-file",
+                self.seal.to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn status(s: &Server) -> Value {
+    json(&s.cli_ok(&["ca", "status", "--json"]))
+}
+
+fn issue_via(s: &Server, name: &str) -> (u16, String) {
+    s.curl(
+        "POST",
+        "/v1/issue",
+        Some(&format!(r#"{{"name":"{name}"}}"#)),
+        &s.admin(),
+    )
+}
+
+fn serial_of(body: &str) -> String {
+    json(body)["serial"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn replicas_share_one_ca_through_etcd() {
+    let cluster = EtcdCluster::start(3);
+    let shared = Shared::init(&cluster, "/shared/");
+    let a = shared.replica("a");
+    let b = shared.replica("b");
+    let b_log = std::fs::read_to_string(&b.log).unwrap();
+    assert!(b_log.contains("Joined the CA"), "{b_log}");
+
+    // Both serve the same CA: the same root fingerprint, one leader.
+    let (sa, sb) = (status(&a), status(&b));
+    assert_eq!(sa["root_fingerprint"], sb["root_fingerprint"]);
+    assert!(sa["store"].as_str().unwrap().starts_with("etcd://"));
+    assert!(
+        sa["leader"].as_bool().unwrap() ^ sb["leader"].as_bool().unwrap(),
+        "exactly one replica leads: {sa} {sb}"
+    );
+
+    // B's event stream sees what A does.
+    let events = Command::new("curl")
+        .args(["-sN", "--max-time", "6", "--cacert"])
+        .arg(b.dir.join("admin/ca.crt"))
+        .args(b.admin())
+        .arg(format!("{}/v1/events", b.url()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Issue through A, read and revoke through B, see it revoked through A.
+    let (code, body) = issue_via(&a, "web");
+    assert_eq!(code, 200, "{body}");
+    let serial = serial_of(&body);
+    let (code, got) = b.curl(
+        "GET",
+        &format!("/v1/certificates/{serial}"),
+        None,
+        &b.admin(),
+    );
+    assert_eq!(code, 200, "{got}");
+    assert_eq!(json(&got)["status"], "active");
+    let (code, out) = b.curl(
+        "POST",
+        &format!("/v1/certificates/{serial}/revoke"),
+        Some(r#"{"reason":"keyCompromise"}"#),
+        &b.admin(),
+    );
+    assert_eq!(code, 200, "{out}");
+    let (_, got) = a.curl(
+        "GET",
+        &format!("/v1/certificates/{serial}"),
+        None,
+        &a.admin(),
+    );
+    assert_eq!(json(&got)["status"], "revoked");
+    // A's CRL lists it (the revocation reached A through the event log).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let crl = shared.dir("crl.der");
+        let code = Command::new("curl")
+            .args(["-s", "-o"])
+            .arg(&crl)
+            .args(["-w", "%{http_code}", "--cacert"])
+            .arg(a.dir.join("admin/ca.crt"))
+            .arg(format!("{}/v1/crl", a.url()))
+            .output()
+            .unwrap();
+        assert_eq!(code.stdout, b"200");
+        let text = tool(
+            "openssl",
+            &[
+                "crl",
+                "-inform",
+                "DER",
+                "-noout",
+                "-text",
+                "-in",
+                crl.to_str().unwrap(),
+            ],
+        );
+        if text.to_uppercase().contains(&serial.to_uppercase()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's CRL never listed {serial}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let seen = String::from_utf8_lossy(&events.wait_with_output().unwrap().stdout).into_owned();
+    assert!(
+        seen.contains("event: issued") && seen.contains(&serial),
+        "B's stream lacks A's issuance:\n{seen}"
+    );
+    assert!(seen.contains("event: revoked"), "{seen}");
+
+    // A one-use token used at both replicas at once: exactly one certificate.
+    let token = a
+        .cli_ok(&["token", "create", "racer", "--uses", "1"])
+        .trim()
+        .to_owned();
+    let go = |s: &Server| {
+        let (dir, url, token) = (s.dir.clone(), s.url(), token.clone());
+        std::thread::spawn(move || {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(dir.join("admin/ca.crt"))
+                .args(["-H", &format!("Authorization: Bearer {token}")])
+                .args(["-H", "Content-Type: application/json"])
+                .args(["--data-binary", r#"{"name":"racer"}"#])
+                .arg(format!("{url}/v1/issue"))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let (x, y) = (go(&a), go(&b));
+        codes.push(x.join().unwrap());
+        codes.push(y.join().unwrap());
+    }
+    assert_eq!(
+        codes.iter().filter(|c| c.as_str() == "200").count(),
+        1,
+        "one use, one certificate: {codes:?}"
+    );
+
+    // A replica with another seal key refuses to start, clearly, and writes nothing.
+    let wrong = shared.dir("wrong.key");
+    std::fs::write(&wrong, format!("{}\n", "ab".repeat(32))).unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let c = shared.dir("c");
+    fails(
+        &[
+            "serve",
+            "--dir",
+            c.to_str().unwrap(),
+            "--store",
+            &shared.url,
+            "--seal-key-file",
+            wrong.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        &["seal key does not open", "--seal-key-file"],
+    );
+    assert!(!c.join("meshca.toml").exists());
+    // And a second init on the same store changes nothing.
+    fails(
+        &[
+            "init",
+            "--dir",
+            shared.dir("d").to_str().unwrap(),
+            "--store",
+            &shared.url,
+            "--seal-key-file",
+            shared.seal.to_str().unwrap(),
+        ],
+        &["already holds a CA"],
+    );
+    // No key material in etcd in clear.
+    let dump = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &cluster.endpoints().join(","),
+            "get",
+            "--prefix",
+            "/shared/",
+        ])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("/shared/hierarchies/") && dump.contains("sealed_keys"));
+    assert!(
+        !dump.contains("PRIVATE KEY"),
+        "a private key is in etcd in clear"
+    );
+}
+
+#[test]
+fn the_cluster_survives_losing_its_leader_and_an_etcd_member() {
+    let cluster = EtcdCluster::start(3);
+    let shared = Shared::init(&cluster, "/ha/");
+    let a = shared.replica("a");
+    let b = shared.replica("b");
+    // Wait for the election to settle.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut leader, follower) = loop {
+        let (sa, sb) = (status(&a), status(&b));
+        if sa["leader"] == true {
+            break (a, b);
+        }
+        if sb["leader"] == true {
+            break (b, a);
+        }
+        assert!(Instant::now() < deadline, "nobody leads");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+
+    // Load on both replicas; every answered issuance is remembered.
+    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for (i, s) in [&leader, &follower].into_iter().enumerate() {
+        let (dir, url) = (s.dir.clone(), s.url());
+        let (answered, failures, stop) = (answered.clone(), failures.clone(), stop.clone());
+        load.push(std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let out = Command::new("curl")
+                    .args(["-s", "--max-time", "10", "-w", "\n%{http_code}", "--cacert"])
+                    .arg(dir.join("admin/ca.crt"))
+                    .args(cert_args(&dir.join("admin")))
+                    .args(["-H", "Content-Type: application/json"])
+                    .args(["--data-binary", &format!(r#"{{"name":"load{i}-{n}"}}"#)])
+                    .arg(format!("{url}/v1/issue"))
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+                if code == "200" {
+                    answered.lock().unwrap().push(serial_of(body));
+                } else {
+                    failures.lock().unwrap().push(format!("{i}: {code} {body}"));
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    // kill -9 the leader replica: the follower leads within 15 s.
+    leader.kill();
+    let killed = Instant::now();
+    loop {
+        if status(&follower)["leader"] == true {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no new leader within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let takeover = killed.elapsed();
+    println!("new leader after {takeover:?}");
+
+    // One etcd member down: issuance through the survivor goes on.
+    cluster.stop_member(0);
+    let before = answered.lock().unwrap().len();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = answered.lock().unwrap().len();
+    assert!(
+        during > before + 5,
+        "issuance stalled with one etcd member down ({before} -> {during})"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+
+    // Every answered issuance is in the store, seen from the survivor.
+    let listed = json(&follower.cli_ok(&["list", "--json"]));
+    let known: std::collections::HashSet<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["serial"].as_str())
+        .collect();
+    let answered = answered.lock().unwrap();
+    assert!(answered.len() > 20, "too little load: {}", answered.len());
+    for s in answered.iter() {
+        assert!(
+            known.contains(s.as_str()),
+            "answered {s} is not in the store"
+        );
+    }
+    // Only the killed replica's requests may have failed.
+    for f in failures.lock().unwrap().iter() {
+        assert!(
+            f.starts_with("0:"),
+            "the surviving replica failed a request: {f}"
+        );
+    }
+
+    // Two members down (no quorum): fast, clear 503s and a red /readyz.
+    cluster.stop_member(1);
+    let started = Instant::now();
+    let (code, body) = issue_via(&follower, "no-quorum");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("etcd"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let (code, _) = follower.curl("GET", "/readyz", None, &[]);
+    assert_eq!(code, 503);
+
+    // They come back: the replica recovers by itself.
+    cluster.restart_member(0);
+    cluster.restart_member(1);
+    let back = Instant::now();
+    loop {
+        let (code, body) = issue_via(&follower, "after");
+        if code == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "no recovery within 30 s: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, _) = follower.curl("GET", "/readyz", None, &[]);
+    assert_eq!(code, 200);
+
+    // The killed replica restarts from its directory and rejoins.
+    let dir = leader.dir.clone();
+    leader = Server::start(&dir, &[]);
+    let (code, body) = issue_via(&leader, "rejoined");
+    assert_eq!(code, 200, "{body}");
+}
