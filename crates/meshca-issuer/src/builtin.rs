@@ -164,12 +164,12 @@ impl BuiltinIssuer {
 }
 
 /// What a hierarchy's sealed intermediate key is bound to.
-fn intermediate_seal_label(id: &str) -> String {
+pub(crate) fn intermediate_seal_label(id: &str) -> String {
     format!("the intermediate key of hierarchy {id}")
 }
 
 /// What a hierarchy's sealed root key is bound to.
-fn root_seal_label(id: &str) -> String {
+pub(crate) fn root_seal_label(id: &str) -> String {
     format!("the root key of hierarchy {id}")
 }
 

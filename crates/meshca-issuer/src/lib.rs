@@ -35,6 +35,7 @@
 mod authority;
 mod builtin;
 mod error;
+mod migrate;
 mod policy;
 
 use async_trait::async_trait;
@@ -46,6 +47,7 @@ pub use builtin::{
     SHARED_CONFIG_BLOB, init_data_dir, init_shared,
 };
 pub use error::IssuerError;
+pub use migrate::{CaPlace, CopyReport, copy_ca, verify_copy};
 pub use policy::{PolicyRule, check_workload};
 
 /// A signed leaf with the chain that goes with it.

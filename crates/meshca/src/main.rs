@@ -66,6 +66,24 @@ enum Command {
     Rotate(RotateArgs),
     /// Keep one identity's tls.crt, tls.key and ca.crt fresh in a directory.
     Agent(AgentArgs),
+    /// The store: move a CA between the embedded store and etcd.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy a whole CA (hierarchies and keys, records, tokens) to an empty
+    /// store, then read both back and compare. FROM/TO: a data directory
+    /// (embedded store) or etcd://host:2379[,host2:2379][/prefix].
+    Copy {
+        /// Where the CA is now.
+        #[arg(long, value_name = "DIR|URL")]
+        from: String,
+        /// Where it goes (empty).
+        #[arg(long, value_name = "DIR|URL")]
+        to: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -325,6 +343,9 @@ fn main() -> ExitCode {
         match (cli.command, online) {
             (Command::Init(a), _) => cmd::init::run(&dir, &store_args, a).await,
             (Command::Agent(a), _) => cmd::agent::run(server_url, ca_file, a).await,
+            (Command::Store(StoreCommand::Copy { from, to }), _) => {
+                cmd::copy::run(&from, &to, &store_args).await
+            }
             (Command::Serve(a), _) => cmd::serve::run(&dir, &store_args, a).await,
             (Command::Inspect(a), _) => cmd::inspect::run(explicit_dir.then_some(dir.as_path()), &store_args, a).await,
             (Command::Issue(a), Some(t)) => cmd::online::issue(&t, a).await,

@@ -2,6 +2,7 @@
 //! wires the library parts together and prints the result.
 
 pub mod agent;
+pub mod copy;
 pub mod init;
 pub mod inspect;
 pub mod issue;

@@ -423,3 +423,113 @@ fn the_cluster_survives_losing_its_leader_and_an_etcd_member() {
     let (code, body) = issue_via(&leader, "rejoined");
     assert_eq!(code, 200, "{body}");
 }
+
+#[test]
+fn a_ca_moves_from_the_embedded_store_to_etcd_and_back() {
+    let cluster = EtcdCluster::start(1);
+    let ca = Ca::new(&[]);
+    ca.issue("web", "web", &[]);
+    ca.issue("db", "db", &[]);
+    let records = ca.count();
+    let root = json(&ok(&["--dir", ca.d(), "ca", "status", "--json"]))["root_fingerprint"].clone();
+    let url = cluster.store_url("/moved/");
+    let seal = ca.p("seal.key");
+
+    let out = ok(&[
+        "store",
+        "copy",
+        "--from",
+        ca.d(),
+        "--to",
+        &url,
+        "--seal-key-file",
+        &seal,
+    ]);
+    assert!(
+        out.contains("Verified") && out.contains(&format!("{records} certificate records")),
+        "{out}"
+    );
+    // Into a store that holds a CA: refused, nothing changed.
+    fails(
+        &[
+            "store",
+            "copy",
+            "--from",
+            ca.d(),
+            "--to",
+            &url,
+            "--seal-key-file",
+            &seal,
+        ],
+        &["already holds a CA"],
+    );
+
+    // A replica on the copy serves the same CA with the same records.
+    let replica_dir = ca.path("replica");
+    copy_dir(&ca.dir.join("admin"), &replica_dir.join("admin"));
+    let replica = Server::start(&replica_dir, &["--store", &url, "--seal-key-file", &seal]);
+    let status = status(&replica);
+    assert_eq!(status["root_fingerprint"], root);
+    // Every copied record, and the replica's own serving certificate.
+    let listed = json(&replica.cli_ok(&["list", "--json"]));
+    assert_eq!(listed.as_array().unwrap().len(), records + 1);
+    let (code, body) = issue_via(&replica, "after-move");
+    assert_eq!(code, 200, "{body}");
+    drop(replica);
+
+    // And back into a new data directory, which works offline.
+    let back = ca.p("back");
+    let wrong = ca.p("wrong.key");
+    std::fs::write(&wrong, format!("{}\n", "cd".repeat(32))).unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    fails(
+        &[
+            "store",
+            "copy",
+            "--from",
+            &url,
+            "--to",
+            &back,
+            "--seal-key-file",
+            &wrong,
+        ],
+        &["seal key does not open"],
+    );
+    let out = ok(&[
+        "store",
+        "copy",
+        "--from",
+        &url,
+        "--to",
+        &back,
+        "--seal-key-file",
+        &seal,
+    ]);
+    assert!(out.contains("Verified"), "{out}");
+    let key = std::fs::read_dir(ca.path("back/ca"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(mode(&key.join("intermediate.key")), 0o600);
+    assert_eq!(
+        json(&ok(&["--dir", &back, "ca", "status", "--json"]))["root_fingerprint"],
+        root
+    );
+    assert_eq!(
+        json(&ok(&["--dir", &back, "list", "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        records + 2
+    );
+    ok(&[
+        "--dir",
+        &back,
+        "issue",
+        "offline",
+        "--out",
+        &ca.p("offline"),
+    ]);
+}
