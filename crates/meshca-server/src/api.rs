@@ -770,7 +770,7 @@ pub async fn metrics(State(s): S) -> Result<Response, ApiError> {
         .map(|h| (h.root_not_after - now).as_seconds_f64())
         .reduce(f64::min);
     let (_, int_after) = s.authority.issuer().issuing_ca();
-    let text = s.metrics.render(
+    let mut text = s.metrics.render(
         &by_status,
         &[
             ("leaf", earliest_leaf),
@@ -778,6 +778,10 @@ pub async fn metrics(State(s): S) -> Result<Response, ApiError> {
             ("root", root),
         ],
     );
+    text.push_str(&format!(
+        "# HELP meshca_leader 1 while this replica leads (runs the scheduled work).\n# TYPE meshca_leader gauge\nmeshca_leader {}\n",
+        u8::from(s.is_leader())
+    ));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

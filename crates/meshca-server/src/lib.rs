@@ -121,16 +121,34 @@ impl AppState {
     pub async fn crl(&self) -> Result<Vec<u8>, ApiError> {
         let mut cached = self.crl.lock().await;
         let generation = self.crl_generation.load(Ordering::SeqCst);
+        // Before the election has run (tests, `init`) this process is alone.
+        let leading = self.leader.get().is_none_or(|l| *l.borrow());
+        let max_age = if leading {
+            CRL_VALIDITY / 2
+        } else {
+            FOLLOWER_CRL_CACHE
+        };
         if let Some((made, made_gen, der)) = cached.as_ref() {
-            if made.elapsed() < CRL_VALIDITY / 2 && *made_gen == generation {
+            if made.elapsed() < max_age && *made_gen == generation {
                 return Ok(der.clone());
+            }
+        }
+        let stored = self.stored_crl().await;
+        let now = OffsetDateTime::now_utc();
+        if !leading {
+            // The leader makes the CRL; the others serve what it stored.
+            if let Some(c) = &stored {
+                let age = Duration::try_from(now - c.made_at).unwrap_or_default();
+                if age < CRL_VALIDITY / 2 {
+                    *cached = Some((Instant::now(), generation, c.der.clone()));
+                    return Ok(c.der.clone());
+                }
             }
         }
         let filter = CertFilter {
             status: Some(CertStatus::Revoked),
             ..Default::default()
         };
-        let now = OffsetDateTime::now_utc();
         let revoked: Vec<RevokedEntry> = self
             .store
             .list_certificates(&filter)
@@ -144,14 +162,40 @@ impl AppState {
                 reason_code: reason_code(r.revocation_reason),
             })
             .collect();
-        let number = self.crl_number.fetch_add(1, Ordering::SeqCst);
+        // CRL numbers only grow, whichever replica made the last one.
+        let number = self
+            .crl_number
+            .fetch_add(1, Ordering::SeqCst)
+            .max(stored.as_ref().map_or(0, |c| c.number + 1));
+        self.crl_number.fetch_max(number + 1, Ordering::SeqCst);
         let der = self
             .authority
             .issuer()
             .crl(revoked, number, CRL_VALIDITY)
             .await?;
+        if leading {
+            let blob = StoredCrl {
+                number,
+                made_at: now,
+                der: der.clone(),
+            };
+            if let Err(e) = self.store.put_blob(CRL_BLOB, &blob.encode()).await {
+                tracing::warn!("the new CRL is served here but not shared: {e}");
+            }
+        }
         *cached = Some((Instant::now(), generation, der.clone()));
         Ok(der)
+    }
+
+    async fn stored_crl(&self) -> Option<StoredCrl> {
+        match self.store.get_blob(CRL_BLOB).await {
+            Ok(Some(bytes)) => StoredCrl::decode(&bytes),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!("reading the shared CRL: {e}");
+                None
+            }
+        }
     }
 
     /// SHA-256 of the active root, what agents pin.
@@ -161,6 +205,39 @@ impl AppState {
             .first()
             .map(|d| meshca_pki::fingerprint(d))
             .ok_or_else(|| ApiError::internal("the trust bundle is empty"))
+    }
+}
+
+/// The blob under which the leader shares the CRL it made.
+const CRL_BLOB: &str = "crl";
+/// How long a follower serves the shared CRL before reading it again.
+const FOLLOWER_CRL_CACHE: Duration = Duration::from_secs(5);
+
+/// The CRL as the store keeps it for every replica.
+struct StoredCrl {
+    number: u64,
+    made_at: OffsetDateTime,
+    der: Vec<u8>,
+}
+
+impl StoredCrl {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::json!({
+            "number": self.number,
+            "made_at": self.made_at.unix_timestamp(),
+            "der": hex::encode(&self.der),
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        Some(StoredCrl {
+            number: v.get("number")?.as_u64()?,
+            made_at: OffsetDateTime::from_unix_timestamp(v.get("made_at")?.as_i64()?).ok()?,
+            der: hex::decode(v.get("der")?.as_str()?).ok()?,
+        })
     }
 }
 
@@ -415,9 +492,18 @@ pub async fn sweep(state: &AppState) -> Result<usize, meshca_store::StoreError> 
 async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
     let st = state.clone();
     tokio::spawn(state.events.clone().follow(move |e| {
-        // A revocation on any replica makes every replica's CRL stale.
+        // A revocation on any replica makes every replica's CRL stale; the
+        // leader makes and shares the new one at once.
         if e.kind == "revoked" {
             st.invalidate_crl();
+            if st.is_leader() {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = st.crl().await {
+                        tracing::warn!("remaking the CRL failed: {e}");
+                    }
+                });
+            }
         }
     }));
     let leadership = state
@@ -432,6 +518,10 @@ async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
             tokio::time::sleep(Duration::from_secs(60)).await;
             if !st.is_leader() {
                 continue;
+            }
+            // Remade (and shared) well before its nextUpdate.
+            if let Err(e) = st.crl().await {
+                tracing::warn!("refreshing the CRL failed (will retry): {e}");
             }
             match sweep(&st).await {
                 Ok(0) => {}
