@@ -8,7 +8,7 @@
 //! | `P` `hierarchies/<id>` | hierarchy record (JSON; CA keys sealed) |
 //! | `P` `tokens/<id>` | join token record (JSON; secret hashed) |
 //! | `P` `blobs/<name>` | named CA state (the shared `meshca.toml`, ...) |
-//! | `P` `events/<random>` | event body (JSON), on a lease: the retention |
+//! | `P` `events/<random>` | the events of one transaction (JSON array), on a lease: the retention |
 //! | `P` `leader` | the leading replica's name, on its lease |
 //!
 //! Every read-check-write is a compare-and-swap on the key's `mod_revision`
@@ -41,6 +41,14 @@ pub const EVENT_RETENTION: Duration = Duration::from_secs(1800);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// How often a compare-and-swap is tried before giving up.
 const CAS_TRIES: usize = 50;
+/// Most writes grouped into one transaction (etcd allows 128 operations
+/// per transaction by default).
+const MAX_BATCH: usize = 64;
+/// Batches in flight at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// An event id is the etcd revision that wrote it, shifted, plus its place
+/// in that transaction (several events share a revision when grouped).
+const EVENT_SLOT_BITS: u32 = 12;
 
 /// Where the etcd store is.
 #[derive(Debug, Clone)]
@@ -104,6 +112,23 @@ pub struct EtcdStore {
     location: String,
     lease_ttl: Duration,
     event_lease: Arc<Mutex<Option<(i64, Instant)>>>,
+    writes: tokio::sync::mpsc::Sender<Write>,
+}
+
+/// A write the group-commit task puts into a shared transaction.
+enum Write {
+    /// Create `key` unless it exists; answers whether it was created.
+    Create {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+    },
+    /// Append an event (on `lease`); answers its id.
+    Event {
+        value: Vec<u8>,
+        lease: i64,
+        reply: tokio::sync::oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -141,12 +166,20 @@ impl EtcdStore {
             location: location.clone(),
             reason: e.to_string(),
         })?;
+        let (writes, rx) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(group_commit(
+            client.clone(),
+            format!("{}events/", config.prefix).into_bytes(),
+            location.clone(),
+            rx,
+        ));
         let store = EtcdStore {
             client,
             prefix: config.prefix,
             location,
             lease_ttl: config.lease_ttl,
             event_lease: Arc::new(Mutex::new(None)),
+            writes,
         };
         store.check().await?;
         Ok(store)
@@ -246,6 +279,20 @@ impl EtcdStore {
         }
     }
 
+    /// Hands a write to the group-commit task and waits for its answer.
+    async fn submit<T>(
+        &self,
+        write: Write,
+        answer: tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let stopped = || StoreError::Unavailable {
+            location: self.location.clone(),
+            reason: "the store's writer has stopped".into(),
+        };
+        self.writes.send(write).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     /// The lease events are written on: renewed every half retention, so
     /// each event lives between one and two retention periods.
     async fn event_lease(&self) -> Result<i64, StoreError> {
@@ -295,14 +342,21 @@ impl Store for EtcdStore {
 
     async fn insert_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
         let serial = record.serial.to_hex();
-        self.insert_new("certs", &serial, record)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(_) => {
-                    StoreError::Conflict(format!("serial {serial} is already recorded"))
-                }
-                other => other,
-            })
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let write = Write::Create {
+            key: self.key("certs", &serial),
+            value: encode(&serial, record)?,
+            reply,
+        };
+        self.submit(write, answer).await.and_then(|created| {
+            if created {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict(format!(
+                    "serial {serial} is already recorded"
+                )))
+            }
+        })
     }
 
     async fn serial_exists(&self, serial: &Serial) -> Result<bool, StoreError> {
@@ -396,18 +450,13 @@ impl Store for EtcdStore {
 
     async fn append_event(&self, body: &[u8]) -> Result<u64, StoreError> {
         let lease = self.event_lease().await?;
-        let id = Serial::random()
-            .map_err(|e| StoreError::Unavailable {
-                location: self.location.clone(),
-                reason: e.to_string(),
-            })?
-            .to_hex();
-        let revision = self
-            .client
-            .put(&self.key("events", &id), body, Some(lease))
-            .await
-            .map_err(|e| self.fail(e))?;
-        Ok(u64::try_from(revision).unwrap_or(0))
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let write = Write::Event {
+            value: body.to_vec(),
+            lease,
+            reply,
+        };
+        self.submit(write, answer).await
     }
 
     async fn watch_events(&self, after: u64) -> Result<EventFeed, StoreError> {
@@ -416,7 +465,7 @@ impl Store for EtcdStore {
         let (tx, rx) = tokio::sync::mpsc::channel::<StoredEvent>(1024);
         let (client, dir) = (self.client.clone(), self.dir("events"));
         tokio::spawn(async move {
-            let mut last = i64::try_from(after).unwrap_or(i64::MAX);
+            let mut last = after;
             // Each round: what is retained after `last`, then a watch from
             // the snapshot on; when the watch breaks, round again.
             while !tx.is_closed() {
@@ -470,21 +519,187 @@ impl Store for EtcdStore {
     }
 }
 
+/// The events one key holds: the events of one transaction, as a JSON
+/// array of their bodies; the id of each is the revision that wrote the
+/// key, shifted, plus its place in the array.
+fn events_of(kv: &KeyValue) -> Vec<StoredEvent> {
+    let revision = u64::try_from(kv.mod_revision).unwrap_or(0);
+    let bodies: Vec<Box<serde_json::value::RawValue>> = match serde_json::from_slice(&kv.value) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(
+                key = %String::from_utf8_lossy(&kv.key),
+                "skipping an event record that does not decode: {e}"
+            );
+            return Vec::new();
+        }
+    };
+    bodies
+        .into_iter()
+        .enumerate()
+        .take(1 << EVENT_SLOT_BITS)
+        .map(|(i, b)| StoredEvent {
+            id: (revision << EVENT_SLOT_BITS) | i as u64,
+            body: b.get().as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// The value of an events key: the bodies as a JSON array.
+fn events_value<'a>(bodies: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = b"[".to_vec();
+    for (i, b) in bodies.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b);
+    }
+    out.push(b']');
+    out
+}
+
+/// The group-commit task: takes the first waiting write and whatever else is
+/// queued (up to [`MAX_BATCH`]), and commits them in one transaction, with
+/// up to [`BATCHES_IN_FLIGHT`] transactions in flight. Under load one raft
+/// round trip carries many issuances instead of capping throughput at
+/// etcd's commit rate.
+async fn group_commit(
+    client: Client,
+    events_dir: Vec<u8>,
+    location: String,
+    mut rx: tokio::sync::mpsc::Receiver<Write>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (client, dir, location) = (client.clone(), events_dir.clone(), location.clone());
+        tokio::spawn(async move {
+            commit_batch(&client, &dir, &location, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn commit_batch(client: &Client, events_dir: &[u8], location: &str, batch: Vec<Write>) {
+    let fail = |e: &EtcdError| StoreError::Unavailable {
+        location: location.to_owned(),
+        reason: e.to_string(),
+    };
+    let events_key = || {
+        let mut key = events_dir.to_vec();
+        key.extend_from_slice(
+            Serial::random()
+                .map(|s| s.to_hex())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        key
+    };
+    let mut txn = Txn::new();
+    let mut lease = None;
+    for w in &batch {
+        match w {
+            Write::Create { key, value, .. } => {
+                txn = txn
+                    .when(Compare::absent(key))
+                    .then(Op::put(key, value, None));
+            }
+            Write::Event { lease: l, .. } => lease = Some(*l),
+        }
+    }
+    // All the batch's events in one key: one put, whatever their number.
+    let events: Vec<&[u8]> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::Event { value, .. } => Some(value.as_slice()),
+            Write::Create { .. } => None,
+        })
+        .collect();
+    if !events.is_empty() {
+        txn = txn.then(Op::put(
+            &events_key(),
+            &events_value(events.into_iter()),
+            lease,
+        ));
+    }
+    match client.txn(&txn).await {
+        Ok(r) if r.succeeded => {
+            let revision = u64::try_from(r.revision).unwrap_or(0);
+            let mut slot = 0u64;
+            for w in batch {
+                match w {
+                    Write::Create { reply, .. } => {
+                        let _ = reply.send(Ok(true));
+                    }
+                    Write::Event { reply, .. } => {
+                        let _ = reply.send(Ok((revision << EVENT_SLOT_BITS) | slot));
+                        slot += 1;
+                    }
+                }
+            }
+        }
+        // Some key exists already (a serial collision, or a retried batch
+        // that had landed): each write on its own, so only that one fails.
+        Ok(_) => {
+            for w in batch {
+                match w {
+                    Write::Create { key, value, reply } => {
+                        let one = Txn::new()
+                            .when(Compare::absent(&key))
+                            .then(Op::put(&key, &value, None));
+                        let r = client.txn(&one).await;
+                        let _ = reply.send(r.map(|r| r.succeeded).map_err(|e| fail(&e)));
+                    }
+                    Write::Event {
+                        value,
+                        lease,
+                        reply,
+                    } => {
+                        let value = events_value(std::iter::once(value.as_slice()));
+                        let r = client.put(&events_key(), &value, Some(lease)).await;
+                        let _ = reply.send(
+                            r.map(|rev| u64::try_from(rev).unwrap_or(0) << EVENT_SLOT_BITS)
+                                .map_err(|e| fail(&e)),
+                        );
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            for w in batch {
+                match w {
+                    Write::Create { reply, .. } => {
+                        let _ = reply.send(Err(fail(&e)));
+                    }
+                    Write::Event { reply, .. } => {
+                        let _ = reply.send(Err(fail(&e)));
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn follow_events(
     client: &Client,
     dir: &[u8],
-    last: &mut i64,
+    last: &mut u64,
     tx: &tokio::sync::mpsc::Sender<StoredEvent>,
 ) -> Result<(), EtcdError> {
     let (mut kvs, revision) = client.get_prefix_at(dir).await?;
     kvs.sort_by_key(|kv| kv.mod_revision);
-    for kv in kvs {
-        if kv.mod_revision > *last {
-            *last = kv.mod_revision;
-            let event = StoredEvent {
-                id: u64::try_from(kv.mod_revision).unwrap_or(0),
-                body: kv.value,
-            };
+    for event in kvs.iter().flat_map(events_of) {
+        if event.id > *last {
+            *last = event.id;
             if tx.send(event).await.is_err() {
                 return Ok(());
             }
@@ -494,16 +709,17 @@ async fn follow_events(
     while let Some(batch) = watch.next().await {
         for e in batch? {
             // Deletions are events leaving the retention window.
-            if e.deleted || e.kv.mod_revision <= *last {
+            if e.deleted {
                 continue;
             }
-            *last = e.kv.mod_revision;
-            let event = StoredEvent {
-                id: u64::try_from(e.kv.mod_revision).unwrap_or(0),
-                body: e.kv.value,
-            };
-            if tx.send(event).await.is_err() {
-                return Ok(());
+            for event in events_of(&e.kv) {
+                if event.id <= *last {
+                    continue;
+                }
+                *last = event.id;
+                if tx.send(event).await.is_err() {
+                    return Ok(());
+                }
             }
         }
     }

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Issuance rate with the etcd store (three etcd members on loopback) against
+# the embedded store, in one run on one machine, with one load generator.
+#
+#   bench/etcd.sh                            # 20 s per run, 32 connections
+#   SECONDS_PER_RUN=10 CONNECTIONS=64 bench/etcd.sh
+#
+# Installs etcd from Debian (etcd-server, etcd-client) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS="${SECONDS_PER_RUN:-20}"
+CONN="${CONNECTIONS:-32}"
+have() { command -v "$1" >/dev/null 2>&1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+{ have etcd && have etcdctl; } || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client; }
+
+cargo build --release --quiet -p meshca --bin meshca
+cargo build --release --quiet -p meshca-client --example loadgen
+M=target/release/meshca
+LOAD=target/release/examples/loadgen
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_ready() { # dir port
+  local tries=0
+  until curl -sf --cacert "$1/admin/ca.crt" "https://localhost:$2/readyz" >/dev/null 2>&1; do
+    tries=$((tries + 1)); [ "$tries" -lt 300 ] || { echo "meshca on $2 did not become ready"; exit 1; }; sleep 0.1
+  done
+}
+
+# --- three etcd members
+cluster=""; endpoints=""
+for i in 0 1 2; do
+  cp[$i]=$(free_port); pp[$i]=$(free_port)
+  cluster="${cluster:+$cluster,}m$i=http://127.0.0.1:${pp[$i]}"
+  endpoints="${endpoints:+$endpoints,}127.0.0.1:${cp[$i]}"
+done
+for i in 0 1 2; do
+  etcd --name "m$i" --data-dir "$work/etcd$i" \
+    --listen-client-urls "http://127.0.0.1:${cp[$i]}" --advertise-client-urls "http://127.0.0.1:${cp[$i]}" \
+    --listen-peer-urls "http://127.0.0.1:${pp[$i]}" --initial-advertise-peer-urls "http://127.0.0.1:${pp[$i]}" \
+    --initial-cluster "$cluster" --initial-cluster-state new >"$work/etcd$i.log" 2>&1 &
+  pids+=($!)
+done
+until ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1; do sleep 0.2; done
+
+# --- meshca on each store
+EP=$(free_port); XP=$(free_port)
+$M serve --dir "$work/embedded" --listen "127.0.0.1:$EP" 2>"$work/embedded.log" &
+pids+=($!)
+$M serve --dir "$work/etcd" --listen "127.0.0.1:$XP" --store "etcd://$endpoints/bench/" \
+  --seal-key-file "$work/seal.key" 2>"$work/etcd.log" &
+pids+=($!)
+wait_ready "$work/embedded" "$EP"
+wait_ready "$work/etcd" "$XP"
+
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$work/csr.key" \
+  -out "$work/csr.pem" -subj "/CN=web" 2>/dev/null
+CSR_JSON=$(python3 -c 'import json,sys; print(json.dumps(open(sys.argv[1]).read()))' "$work/csr.pem")
+echo '{"name":"web","key_type":"ecdsa-p256"}' > "$work/issue.json"
+echo "{\"name\":\"web\",\"csr\":$CSR_JSON}" > "$work/sign.json"
+
+run() { # label dir port path body
+  local out
+  out=$($LOAD --url "https://localhost:$3$4" --body "$5" --connections "$CONN" --seconds "$SECS" \
+    --ca "$2/admin/ca.crt" --cert "$2/admin/tls.crt" --key "$2/admin/tls.key")
+  echo "$1 $out"
+}
+{
+  run embedded-issue "$work/embedded" "$EP" /v1/issue "$work/issue.json"
+  run etcd-issue "$work/etcd" "$XP" /v1/issue "$work/issue.json"
+  run embedded-sign "$work/embedded" "$EP" /v1/sign "$work/sign.json"
+  run etcd-sign "$work/etcd" "$XP" /v1/sign "$work/sign.json"
+} | tee "$work/results"
+
+rate() { awk -v l="$1" '$1 == l {print $3}' "$work/results"; }
+for kind in issue sign; do
+  awk -v e="$(rate etcd-$kind)" -v m="$(rate embedded-$kind)" -v k="$kind" \
+    'BEGIN {printf "== %s: etcd store %.0f certs/s, embedded store %.0f certs/s, ratio %.0f%%\n", k, e, m, 100*e/m}'
+done
+echo "(target: the etcd store at least 50% of the embedded rate)"
