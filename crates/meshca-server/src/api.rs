@@ -367,6 +367,7 @@ async fn revoke_one(
             "allowed",
             Some(reason.as_str()),
         );
+        s.peers.mark_revoked(serial);
         s.events.publish(
             "revoked",
             Some((&record.namespace, &record.name)),

@@ -66,24 +66,42 @@ pub async fn authenticate(
             .serial
             .parse()
             .map_err(|_| ApiError::unauthenticated("unreadable client certificate serial"))?;
-        let record = match state.store.get_certificate(&serial).await {
-            Ok(r) => r,
-            Err(e) if e.is_not_found() => {
+        // Callers keep their certificate for many requests: what the store
+        // said about it is remembered, and revocations (from this replica or,
+        // through the event log, any other) mark it at once.
+        let (namespace, name) = match state.peers.lookup(&serial) {
+            Some(PeerState::Revoked) => {
                 return Err(ApiError::unauthenticated(format!(
-                    "client certificate {serial} was not issued by this CA"
+                    "client certificate {serial} is revoked"
                 )));
             }
-            Err(e) => return Err(e.into()),
+            Some(PeerState::Good { namespace, name }) => (namespace, name),
+            None => {
+                let record = match state.store.get_certificate(&serial).await {
+                    Ok(r) => r,
+                    Err(e) if e.is_not_found() => {
+                        return Err(ApiError::unauthenticated(format!(
+                            "client certificate {serial} was not issued by this CA"
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if record.status == CertStatus::Revoked {
+                    state.peers.mark_revoked(&serial);
+                    return Err(ApiError::unauthenticated(format!(
+                        "client certificate {serial} is revoked"
+                    )));
+                }
+                state
+                    .peers
+                    .remember(&serial, &record.namespace, &record.name);
+                (record.namespace, record.name)
+            }
         };
-        if record.status == CertStatus::Revoked {
-            return Err(ApiError::unauthenticated(format!(
-                "client certificate {serial} is revoked"
-            )));
-        }
-        if record.namespace == ADMIN_NAMESPACE && record.name == ADMIN_NAME {
+        if namespace == ADMIN_NAMESPACE && name == ADMIN_NAME {
             return Ok(Caller::Admin);
         }
-        let identity = Identity::new(&record.namespace, &record.name)?;
+        let identity = Identity::new(&namespace, &name)?;
         return Ok(Caller::Workload(identity));
     }
     if let Some(value) = headers.get(http::header::AUTHORIZATION) {
@@ -110,4 +128,69 @@ pub fn parse_token(token: &str) -> Option<(&str, &str)> {
     let hexish =
         |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_hexdigit());
     (hexish(id) && hexish(secret)).then_some((id, secret))
+}
+
+/// What is known about a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerState {
+    /// Issued by this CA to `namespace/name`, not revoked when last heard of.
+    Good {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// Revoked.
+    Revoked,
+}
+
+/// The client certificates seen lately, by serial (bounded).
+#[derive(Debug, Default)]
+pub struct PeerCache {
+    map: std::sync::Mutex<std::collections::HashMap<Serial, PeerState>>,
+}
+
+/// Most certificates remembered; past that the cache starts over.
+const PEER_CACHE_MAX: usize = 100_000;
+
+impl PeerCache {
+    /// What is known about `serial`.
+    pub fn lookup(&self, serial: &Serial) -> Option<PeerState> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(serial)
+            .cloned()
+    }
+
+    fn insert(&self, serial: &Serial, state: PeerState) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= PEER_CACHE_MAX {
+            map.clear();
+        }
+        // A revocation is never overwritten by an older "good".
+        if map.get(serial) == Some(&PeerState::Revoked) {
+            return;
+        }
+        map.insert(serial.clone(), state);
+    }
+
+    /// Remembers a good certificate.
+    pub fn remember(&self, serial: &Serial, namespace: &str, name: &str) {
+        self.insert(
+            serial,
+            PeerState::Good {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            },
+        );
+    }
+
+    /// Marks a certificate revoked.
+    pub fn mark_revoked(&self, serial: &Serial) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(serial.clone(), PeerState::Revoked);
+    }
 }

@@ -70,6 +70,8 @@ pub struct AppState {
     pub leader: std::sync::OnceLock<meshca_store::Leadership>,
     /// This replica's name in the leader election.
     pub replica: String,
+    /// Client certificates seen lately and whether they are revoked.
+    pub peers: auth::PeerCache,
     /// The audit log.
     pub audit: audit::Audit,
     /// Metrics.
@@ -96,6 +98,7 @@ impl AppState {
             events: Arc::new(events::Events::new(Arc::clone(&store))),
             leader: std::sync::OnceLock::new(),
             replica: replica_name(),
+            peers: auth::PeerCache::default(),
             audit: audit::Audit::open(&dir.join("audit.log"))?,
             metrics: metrics::Metrics::default(),
             crl: tokio::sync::Mutex::new(None),
@@ -495,6 +498,9 @@ async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
         // A revocation on any replica makes every replica's CRL stale; the
         // leader makes and shares the new one at once.
         if e.kind == "revoked" {
+            if let Some(serial) = e.serial.as_deref().and_then(|s| s.parse().ok()) {
+                st.peers.mark_revoked(&serial);
+            }
             st.invalidate_crl();
             if st.is_leader() {
                 let st = st.clone();

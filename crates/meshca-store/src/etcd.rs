@@ -570,7 +570,15 @@ async fn group_commit(
     mut rx: tokio::sync::mpsc::Receiver<Write>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    loop {
+        // The slot first, then the batch: while every slot is busy, writes
+        // pile up in the queue and all go into the next transaction.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -578,9 +586,6 @@ async fn group_commit(
                 Err(_) => break,
             }
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (client, dir, location) = (client.clone(), events_dir.clone(), location.clone());
         tokio::spawn(async move {
             commit_batch(&client, &dir, &location, batch).await;

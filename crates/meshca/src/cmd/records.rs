@@ -72,6 +72,19 @@ pub async fn revoke(dir: &Path, store_args: &StoreArgs, a: RevokeArgs) -> anyhow
         RevokeOutcome::Revoked(r) => (r, true),
         RevokeOutcome::AlreadyRevoked(r) => (r, false),
     };
+    if fresh {
+        // Running replicas of a shared store hear of it through the event log
+        // (their CRL and their view of client certificates change at once).
+        let event = meshca_server::events::Event {
+            id: 0,
+            kind: "revoked".into(),
+            namespace: Some(record.namespace.clone()),
+            name: Some(record.name.clone()),
+            serial: Some(record.serial.to_hex()),
+            at: rfc3339(now),
+        };
+        store.append_event(&serde_json::to_vec(&event)?).await?;
+    }
     if a.json {
         super::print_json(&json!({
             "serial": record.serial,

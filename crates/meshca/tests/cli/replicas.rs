@@ -134,6 +134,39 @@ fn replicas_share_one_ca_through_etcd() {
     let (code, body) = issue_via(&a, "web");
     assert_eq!(code, 200, "{body}");
     let serial = serial_of(&body);
+    // The workload's certificate opens its own event stream at A...
+    let wl = shared.dir("web-client");
+    std::fs::create_dir_all(&wl).unwrap();
+    std::fs::write(
+        wl.join("tls.crt"),
+        json(&body)["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        wl.join("tls.key"),
+        json(&body)["private_key"].as_str().unwrap(),
+    )
+    .unwrap();
+    let events_code = |s: &Server| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "1",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ])
+            .arg(s.dir.join("admin/ca.crt"))
+            .args(cert_args(&wl))
+            .arg(format!("{}/v1/events", s.url()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(events_code(&a), "200");
     let (code, got) = b.curl(
         "GET",
         &format!("/v1/certificates/{serial}"),
@@ -156,6 +189,15 @@ fn replicas_share_one_ca_through_etcd() {
         &a.admin(),
     );
     assert_eq!(json(&got)["status"], "revoked");
+    // ...and, revoked at B, is refused at A (A heard of it through the event log).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while events_code(&a) != "401" {
+        assert!(
+            Instant::now() < deadline,
+            "A still accepts a certificate revoked at B"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // A's CRL lists it (the revocation reached A through the event log).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
