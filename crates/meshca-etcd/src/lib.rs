@@ -1,21 +1,24 @@
 //! A small etcd v3 client: key-value reads and writes, transactions, leases
-//! and watches, over etcd's JSON gateway.
+//! and watches, over etcd's gRPC API.
 //!
 //! # Design
-//! etcd serves its v3 API twice on the client port: as gRPC and as JSON over
-//! HTTP (`/v3/kv/range`, `/v3/kv/txn`, `/v3/watch`, ...; the "gRPC gateway",
-//! documented and on by default since etcd 3.4). The gRPC client crates need
-//! `protoc` at build time, which meshca's build must not; the gateway needs
-//! nothing but an HTTP client, and carries the same operations with the same
-//! guarantees (the gateway is a thin translation in front of the same server).
+//! The protobuf code is generated at build time from the vendored `.proto`
+//! files by protox, a protobuf compiler written in Rust, so the build needs
+//! nothing but the Rust toolchain (the usual Rust etcd clients need `protoc`).
+//! An earlier version spoke etcd's JSON gateway instead; the gateway decodes
+//! JSON and base64 and then forwards each request to etcd's own gRPC server,
+//! so every request was parsed twice and etcd spent most of its CPU on it.
 //!
-//! One [`Client`] holds a pool of keep-alive connections (reqwest on rustls)
-//! and the list of endpoints. A request goes to the endpoint that answered
-//! last; when the connection fails (refused, reset, closed) it moves on to
-//! the next, so a dead member is skipped. A request that timed out is not
-//! sent again (the cluster is slow or has no quorum): the caller gets
-//! [`EtcdError::Unavailable`] at once and decides. With username/password the client authenticates, keeps the
-//! token and authenticates again when etcd says the token expired.
+//! One [`Client`] holds one lazily connected gRPC channel (HTTP/2, many
+//! requests multiplexed) per endpoint. A request goes to the endpoint that
+//! answered last; when it is unavailable (refused, reset, no leader) the
+//! next one is tried, so a dead member is skipped. Every write meshca sends is
+//! a compare-and-swap or the put of one value, so a second delivery of one
+//! that did land changes nothing. A request that timed out is not sent
+//! again (the cluster is slow or has no quorum): the caller gets
+//! [`EtcdError::Unavailable`] at once and decides. With username/password
+//! the client authenticates, keeps the token and authenticates again when
+//! etcd says the token expired.
 //!
 //! # Example
 //! ```no_run
@@ -32,17 +35,42 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request, Status};
+
+#[allow(
+    dead_code,
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+mod pb {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
+use pb::etcdserverpb as rpc;
+use pb::etcdserverpb::auth_client::AuthClient;
+use pb::etcdserverpb::kv_client::KvClient;
+use pb::etcdserverpb::lease_client::LeaseClient;
+use pb::etcdserverpb::maintenance_client::MaintenanceClient;
+use pb::etcdserverpb::watch_client::WatchClient;
 
 /// How long one request may take by default: short, so that a caller hears
 /// "unavailable" quickly instead of hanging while etcd has no quorum.
@@ -168,6 +196,18 @@ pub struct KeyValue {
     pub lease: i64,
 }
 
+impl From<pb::mvccpb::KeyValue> for KeyValue {
+    fn from(kv: pb::mvccpb::KeyValue) -> Self {
+        KeyValue {
+            key: kv.key,
+            value: kv.value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            lease: kv.lease,
+        }
+    }
+}
+
 /// One change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchEvent {
@@ -179,57 +219,82 @@ pub struct WatchEvent {
 
 /// A condition of a transaction.
 #[derive(Debug, Clone)]
-pub struct Compare(Value);
+pub struct Compare(rpc::Compare);
 
 impl Compare {
     /// The key does not exist.
     pub fn absent(key: &[u8]) -> Self {
-        Compare(
-            json!({"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}),
-        )
+        Compare(rpc::Compare {
+            result: rpc::compare::CompareResult::Equal as i32,
+            target: rpc::compare::CompareTarget::Create as i32,
+            key: key.to_vec(),
+            range_end: Vec::new(),
+            target_union: Some(rpc::compare::TargetUnion::CreateRevision(0)),
+        })
     }
 
     /// The key was last changed at `revision` (0: it does not exist).
     pub fn mod_revision_is(key: &[u8], revision: i64) -> Self {
-        Compare(
-            json!({"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": revision.to_string()}),
-        )
+        Compare(rpc::Compare {
+            result: rpc::compare::CompareResult::Equal as i32,
+            target: rpc::compare::CompareTarget::Mod as i32,
+            key: key.to_vec(),
+            range_end: Vec::new(),
+            target_union: Some(rpc::compare::TargetUnion::ModRevision(revision)),
+        })
     }
 }
 
 /// An operation of a transaction.
 #[derive(Debug, Clone)]
-pub struct Op(Value);
+pub struct Op(rpc::RequestOp);
 
 impl Op {
     /// Sets `key` to `value`, attached to `lease` when given.
     pub fn put(key: &[u8], value: &[u8], lease: Option<i64>) -> Self {
-        let mut put = json!({"key": b64(key), "value": b64(value)});
-        if let Some(l) = lease {
-            put["lease"] = json!(l.to_string());
-        }
-        Op(json!({ "request_put": put }))
+        Op(rpc::RequestOp {
+            request: Some(rpc::request_op::Request::RequestPut(put_request(
+                key, value, lease,
+            ))),
+        })
     }
 
     /// Reads `key`.
     pub fn get(key: &[u8]) -> Self {
-        Op(json!({"request_range": {"key": b64(key)}}))
+        Op(rpc::RequestOp {
+            request: Some(rpc::request_op::Request::RequestRange(rpc::RangeRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })),
+        })
     }
 
     /// Deletes `key`.
     pub fn delete(key: &[u8]) -> Self {
-        Op(json!({"request_delete_range": {"key": b64(key)}}))
+        Op(rpc::RequestOp {
+            request: Some(rpc::request_op::Request::RequestDeleteRange(
+                rpc::DeleteRangeRequest {
+                    key: key.to_vec(),
+                    ..Default::default()
+                },
+            )),
+        })
+    }
+}
+
+fn put_request(key: &[u8], value: &[u8], lease: Option<i64>) -> rpc::PutRequest {
+    rpc::PutRequest {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        lease: lease.unwrap_or(0),
+        ..Default::default()
     }
 }
 
 /// An atomic if-then-else: when every comparison holds, the `then`
 /// operations run, else the `otherwise` ones, all at one revision.
 #[derive(Debug, Clone, Default)]
-pub struct Txn {
-    compare: Vec<Value>,
-    success: Vec<Value>,
-    failure: Vec<Value>,
-}
+pub struct Txn(rpc::TxnRequest);
 
 impl Txn {
     /// An empty transaction.
@@ -238,26 +303,26 @@ impl Txn {
     }
     /// Adds a condition.
     pub fn when(mut self, c: Compare) -> Self {
-        self.compare.push(c.0);
+        self.0.compare.push(c.0);
         self
     }
     /// Adds an operation run when the conditions hold.
     pub fn then(mut self, op: Op) -> Self {
-        self.success.push(op.0);
+        self.0.success.push(op.0);
         self
     }
     /// Adds an operation run when they do not.
     pub fn otherwise(mut self, op: Op) -> Self {
-        self.failure.push(op.0);
+        self.0.failure.push(op.0);
         self
     }
     /// Number of operations on the success branch.
     pub fn len(&self) -> usize {
-        self.success.len()
+        self.0.success.len()
     }
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.success.is_empty() && self.failure.is_empty()
+        self.0.success.is_empty() && self.0.failure.is_empty()
     }
 }
 
@@ -279,10 +344,10 @@ pub struct Client {
 }
 
 struct Inner {
-    http: reqwest::Client,
-    watch_http: reqwest::Client,
-    bases: Vec<String>,
+    channels: Vec<Channel>,
+    names: Vec<String>,
     current: AtomicUsize,
+    timeout: Duration,
     user: Option<EtcdUser>,
     token: RwLock<Option<String>>,
 }
@@ -290,47 +355,8 @@ struct Inner {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("etcd::Client")
-            .field("endpoints", &self.inner.bases)
+            .field("endpoints", &self.inner.names)
             .finish_non_exhaustive()
-    }
-}
-
-fn b64(bytes: &[u8]) -> String {
-    B64.encode(bytes)
-}
-
-fn unb64(field: &str, v: Option<&Value>) -> Result<Vec<u8>, EtcdError> {
-    match v.and_then(Value::as_str) {
-        None => Ok(Vec::new()),
-        Some(s) => B64
-            .decode(s)
-            .map_err(|e| EtcdError::Protocol(format!("{field} is not base64: {e}"))),
-    }
-}
-
-/// The gateway writes int64 as strings and leaves out zero values.
-fn int(v: Option<&Value>) -> i64 {
-    match v {
-        Some(Value::String(s)) => s.parse().unwrap_or(0),
-        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn kv_of(v: &Value) -> Result<KeyValue, EtcdError> {
-    Ok(KeyValue {
-        key: unb64("key", v.get("key"))?,
-        value: unb64("value", v.get("value"))?,
-        create_revision: int(v.get("create_revision")),
-        mod_revision: int(v.get("mod_revision")),
-        lease: int(v.get("lease")),
-    })
-}
-
-fn kvs_of(v: &Value) -> Result<Vec<KeyValue>, EtcdError> {
-    match v.get("kvs").and_then(Value::as_array) {
-        None => Ok(Vec::new()),
-        Some(a) => a.iter().map(kv_of).collect(),
     }
 }
 
@@ -347,69 +373,60 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-fn tls_config(tls: &EtcdTls) -> Result<rustls::ClientConfig, EtcdError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+fn tls_config(tls: &EtcdTls) -> Result<ClientTlsConfig, EtcdError> {
     let read = |p: &PathBuf, what: &str| {
         std::fs::read(p).map_err(|e| EtcdError::Config(format!("{what} {}: {e}", p.display())))
     };
-    let mut roots = rustls::RootCertStore::empty();
     let ca = tls.ca.as_ref().ok_or_else(|| {
         EtcdError::Config(
             "TLS to etcd needs the CA that signed etcd's certificate (--etcd-ca)".into(),
         )
     })?;
-    let pem = read(ca, "--etcd-ca")?;
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert =
-            cert.map_err(|e| EtcdError::Config(format!("--etcd-ca {}: {e}", ca.display())))?;
-        roots
-            .add(cert)
-            .map_err(|e| EtcdError::Config(format!("--etcd-ca {}: {e}", ca.display())))?;
-    }
-    if roots.is_empty() {
+    let ca_pem = read(ca, "--etcd-ca")?;
+    if !String::from_utf8_lossy(&ca_pem).contains("-----BEGIN CERTIFICATE-----") {
         return Err(EtcdError::Config(format!(
-            "--etcd-ca {}: no certificate in it",
+            "--etcd-ca {}: no PEM certificate in it",
             ca.display()
         )));
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| EtcdError::Config(e.to_string()))?
-        .with_root_certificates(roots);
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
     match (&tls.cert, &tls.key) {
         (Some(c), Some(k)) => {
-            let cert_pem = read(c, "--etcd-cert")?;
-            let certs = CertificateDer::pem_slice_iter(&cert_pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| EtcdError::Config(format!("--etcd-cert {}: {e}", c.display())))?;
-            let key_pem = read(k, "--etcd-key")?;
-            let key = PrivateKeyDer::from_pem_slice(&key_pem)
-                .map_err(|e| EtcdError::Config(format!("--etcd-key {}: {e}", k.display())))?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| EtcdError::Config(format!("--etcd-cert/--etcd-key: {e}")))
+            config = config.identity(Identity::from_pem(
+                read(c, "--etcd-cert")?,
+                read(k, "--etcd-key")?,
+            ));
         }
-        (None, None) => Ok(builder.with_no_client_auth()),
-        _ => Err(EtcdError::Config(
-            "give both --etcd-cert and --etcd-key, or neither".into(),
-        )),
+        (None, None) => {}
+        _ => {
+            return Err(EtcdError::Config(
+                "give both --etcd-cert and --etcd-key, or neither".into(),
+            ));
+        }
     }
+    Ok(config)
 }
 
-const GRPC_DEADLINE_EXCEEDED: i64 = 4;
-const GRPC_UNAVAILABLE: i64 = 14;
-const GRPC_UNAUTHENTICATED: i64 = 16;
+/// Whether another member (or a later try) may serve what failed with `s`.
+fn retryable(s: &Status) -> bool {
+    // Unavailable: refused, reset, no leader, member stopping; etcd also
+    // says "request timed out" this way.
+    s.code() == Code::Unavailable
+}
 
-#[derive(Deserialize)]
-struct GatewayError {
-    #[serde(default)]
-    code: i64,
-    #[serde(default)]
-    error: String,
-    #[serde(default)]
-    message: String,
+fn describe(s: &Status) -> String {
+    let mut text = if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        s.message().to_owned()
+    };
+    let mut src = std::error::Error::source(s);
+    while let Some(inner) = src {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    text
 }
 
 impl Client {
@@ -423,37 +440,36 @@ impl Client {
         } else {
             "http"
         };
-        let mut bases = Vec::new();
+        let tls = config.tls.as_ref().map(tls_config).transpose()?;
+        let mut channels = Vec::new();
+        let mut names = Vec::new();
         for e in &config.endpoints {
             if e.is_empty() || e.contains('/') || e.contains('@') {
                 return Err(EtcdError::Config(format!(
                     "endpoint {e:?}: expected host:port"
                 )));
             }
-            bases.push(format!("{scheme}://{e}"));
-        }
-        let build = |timeout: Option<Duration>| -> Result<reqwest::Client, EtcdError> {
-            let mut b = reqwest::Client::builder()
-                .http1_only()
+            let url = format!("{scheme}://{e}");
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|err| EtcdError::Config(format!("endpoint {e:?}: {err}")))?
                 .connect_timeout(config.timeout)
-                .pool_idle_timeout(Duration::from_secs(60))
-                .tcp_nodelay(true);
-            if let Some(t) = timeout {
-                b = b.timeout(t);
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(config.timeout);
+            if let Some(t) = &tls {
+                endpoint = endpoint
+                    .tls_config(t.clone())
+                    .map_err(|err| EtcdError::Config(format!("TLS to {e}: {err}")))?;
             }
-            if let Some(tls) = &config.tls {
-                b = b.tls_backend_preconfigured(tls_config(tls)?);
-            }
-            b.build()
-                .map_err(|e| EtcdError::Config(format!("HTTP client: {e}")))
-        };
+            channels.push(endpoint.connect_lazy());
+            names.push(url);
+        }
         Ok(Client {
             inner: Arc::new(Inner {
-                http: build(Some(config.timeout))?,
-                // A watch stays open for as long as it is wanted.
-                watch_http: build(None)?,
-                bases,
+                channels,
+                names,
                 current: AtomicUsize::new(0),
+                timeout: config.timeout,
                 user: config.user,
                 token: RwLock::new(None),
             }),
@@ -462,7 +478,7 @@ impl Client {
 
     /// The endpoints, for messages.
     pub fn endpoints(&self) -> String {
-        self.inner.bases.join(",")
+        self.inner.names.join(",")
     }
 
     fn unavailable(&self, reason: impl fmt::Display) -> EtcdError {
@@ -472,144 +488,129 @@ impl Client {
         }
     }
 
-    async fn authenticate(&self, base: &str) -> Result<Option<String>, EtcdError> {
+    fn token(&self) -> Option<String> {
+        self.inner.token.read().ok().and_then(|t| t.clone())
+    }
+
+    async fn authenticate(&self, channel: Channel) -> Result<Option<String>, Status> {
         let Some(user) = &self.inner.user else {
             return Ok(None);
         };
-        let resp = self
-            .inner
-            .http
-            .post(format!("{base}/v3/auth/authenticate"))
-            .json(&json!({"name": user.name, "password": user.password}))
-            .send()
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        let status = resp.status();
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|e| EtcdError::Protocol(format!("authenticate: {e}")))?;
-        if !status.is_success() {
-            return Err(EtcdError::Refused(format!(
-                "authentication as {:?} failed: {}",
-                user.name,
-                body.get("message").and_then(Value::as_str).unwrap_or("")
-            )));
-        }
-        let token = body
-            .get("token")
-            .and_then(Value::as_str)
-            .ok_or_else(|| EtcdError::Protocol("authenticate: no token".into()))?
-            .to_owned();
+        let mut req = Request::new(rpc::AuthenticateRequest {
+            name: user.name.clone(),
+            password: user.password.clone(),
+        });
+        req.set_timeout(self.inner.timeout);
+        let token = AuthClient::new(channel)
+            .authenticate(req)
+            .await?
+            .into_inner()
+            .token;
         if let Ok(mut t) = self.inner.token.write() {
             *t = Some(token.clone());
         }
         Ok(Some(token))
     }
 
-    fn token(&self) -> Option<String> {
-        self.inner.token.read().ok().and_then(|t| t.clone())
+    /// A request carrying the timeout and, with authentication on, the token.
+    fn request<T>(&self, body: T, token: &Option<String>, timeout: bool) -> Request<T> {
+        let mut req = Request::new(body);
+        if timeout {
+            req.set_timeout(self.inner.timeout);
+        }
+        if let Some(t) = token {
+            if let Ok(v) = t.parse() {
+                req.metadata_mut().insert("token", v);
+            }
+        }
+        req
     }
 
-    /// Sends one request: to the endpoint that answered last, then to the
-    /// others when it cannot be connected.
-    async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
-        let n = self.inner.bases.len();
+    /// Runs `f` on the endpoint that answered last, then on the others while
+    /// the failure says another member may serve it.
+    async fn call<T, F, Fut>(&self, timeout: bool, f: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Channel, Option<String>, bool) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let n = self.inner.channels.len();
         let start = self.inner.current.load(Ordering::Relaxed);
-        let mut last_err = None;
+        let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            let base = &self.inner.bases[idx];
-            match self.call_one(base, path, body).await {
+            let channel = self.inner.channels[idx].clone();
+            let mut token = self.token();
+            if token.is_none() && self.inner.user.is_some() {
+                match self.authenticate(channel.clone()).await {
+                    Ok(t) => token = t,
+                    Err(s) if retryable(&s) => {
+                        last = Some(s);
+                        continue;
+                    }
+                    Err(s) => return Err(self.refused(&s)),
+                }
+            }
+            let mut result = f(channel.clone(), token, timeout).await;
+            if let Err(s) = &result {
+                if s.code() == Code::Unauthenticated && self.inner.user.is_some() {
+                    // The token expired: once more with a fresh one.
+                    let token = self
+                        .authenticate(channel.clone())
+                        .await
+                        .map_err(|s| self.refused(&s))?;
+                    result = f(channel, token, timeout).await;
+                }
+            }
+            match result {
                 Ok(v) => {
                     if idx != start {
                         self.inner.current.store(idx, Ordering::Relaxed);
                     }
                     return Ok(v);
                 }
-                Err(Failure::NotSent(e)) => last_err = Some(e),
-                Err(Failure::Final(e)) => return Err(e),
+                Err(s) if s.code() == Code::DeadlineExceeded || s.code() == Code::Cancelled => {
+                    return Err(self.unavailable(format!(
+                        "{}: no answer within {:?}",
+                        self.inner.names[idx], self.inner.timeout
+                    )));
+                }
+                Err(s) if retryable(&s) => {
+                    tracing::debug!(endpoint = %self.inner.names[idx], "etcd: {}", describe(&s));
+                    last = Some(s);
+                }
+                Err(s) => return Err(self.refused(&s)),
             }
         }
-        Err(last_err.unwrap_or_else(|| self.unavailable("no endpoint")))
+        Err(match last {
+            Some(s) => self.unavailable(describe(&s)),
+            None => self.unavailable("no endpoint"),
+        })
     }
 
-    async fn call_one(&self, base: &str, path: &str, body: &Value) -> Result<Value, Failure> {
-        let mut token = self.token();
-        if token.is_none() && self.inner.user.is_some() {
-            token = self.authenticate(base).await.map_err(Failure::from_auth)?;
+    fn refused(&self, s: &Status) -> EtcdError {
+        match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded => self.unavailable(describe(s)),
+            _ => EtcdError::Refused(describe(s)),
         }
-        for attempt in 0..2 {
-            let mut req = self.inner.http.post(format!("{base}{path}")).json(body);
-            if let Some(t) = &token {
-                req = req.header("Authorization", t);
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                // A timeout: the cluster is slow or has no quorum; sending
-                // the same request elsewhere would only add load.
-                Err(e) if e.is_timeout() => {
-                    return Err(Failure::Final(
-                        self.unavailable(format!("{base}: {}", error_chain(&e))),
-                    ));
-                }
-                // Refused, reset, closed (a member went away): another member
-                // may take it. Every write meshca sends is a compare-and-swap
-                // or a put of the same value, so a second delivery of one
-                // that did land changes nothing.
-                Err(e) => {
-                    return Err(Failure::NotSent(
-                        self.unavailable(format!("{base}: {}", error_chain(&e))),
-                    ));
-                }
-            };
-            let status = resp.status();
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| Failure::Final(self.unavailable(format!("{base}: {e}"))))?;
-            if status.is_success() {
-                return serde_json::from_slice(&bytes)
-                    .map_err(|e| Failure::Final(EtcdError::Protocol(format!("{path}: {e}"))));
-            }
-            let err: GatewayError = serde_json::from_slice(&bytes).unwrap_or(GatewayError {
-                code: 0,
-                error: String::new(),
-                message: String::from_utf8_lossy(&bytes).into_owned(),
-            });
-            let message = if err.message.is_empty() {
-                err.error
-            } else {
-                err.message
-            };
-            // The gateway carries etcd's gRPC status code.
-            if attempt == 0 && self.inner.user.is_some() && err.code == GRPC_UNAUTHENTICATED {
-                token = self.authenticate(base).await.map_err(Failure::from_auth)?;
-                continue;
-            }
-            // No leader, request timed out, member stopping: another member
-            // (or a later try) may serve it.
-            if err.code == GRPC_UNAVAILABLE
-                || err.code == GRPC_DEADLINE_EXCEEDED
-                || status.as_u16() >= 500 && err.code == 0
-            {
-                return Err(Failure::NotSent(
-                    self.unavailable(format!("{base}: {message}")),
-                ));
-            }
-            return Err(Failure::Final(EtcdError::Refused(format!(
-                "{path}: {message}"
-            ))));
-        }
-        Err(Failure::Final(EtcdError::Refused(
-            "authentication keeps failing".into(),
-        )))
+    }
+
+    async fn range(&self, req: rpc::RangeRequest) -> Result<rpc::RangeResponse, EtcdError> {
+        self.call(true, |ch, tok, t| {
+            let req = self.request(req.clone(), &tok, t);
+            async move { Ok(KvClient::new(ch).range(req).await?.into_inner()) }
+        })
+        .await
     }
 
     /// The value of `key`, if it exists.
     pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, EtcdError> {
-        let v = self.call("/v3/kv/range", &json!({"key": b64(key)})).await?;
-        Ok(kvs_of(&v)?.into_iter().next())
+        let r = self
+            .range(rpc::RangeRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(r.kvs.into_iter().next().map(KeyValue::from))
     }
 
     /// Every key starting with `prefix`, in key order, read page by page
@@ -622,27 +623,29 @@ impl Client {
     /// at: a watch from that revision + 1 misses nothing.
     pub async fn get_prefix_at(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), EtcdError> {
         const PAGE: i64 = 1000;
-        let end = b64(&prefix_end(prefix));
+        let end = prefix_end(prefix);
         let mut out = Vec::new();
         let mut from = prefix.to_vec();
         let mut revision = 0i64;
         loop {
-            let mut req = json!({"key": b64(&from), "range_end": end, "limit": PAGE.to_string()});
-            if revision > 0 {
-                req["revision"] = json!(revision.to_string());
-            }
-            let v = self.call("/v3/kv/range", &req).await?;
+            let r = self
+                .range(rpc::RangeRequest {
+                    key: from.clone(),
+                    range_end: end.clone(),
+                    limit: PAGE,
+                    revision,
+                    ..Default::default()
+                })
+                .await?;
             if revision == 0 {
-                revision = int(v.get("header").and_then(|h| h.get("revision")));
+                revision = r.header.as_ref().map_or(0, |h| h.revision);
             }
-            let kvs = kvs_of(&v)?;
-            let more = v.get("more").and_then(Value::as_bool).unwrap_or(false);
-            if let Some(last) = kvs.last() {
+            if let Some(last) = r.kvs.last() {
                 from = last.key.clone();
                 from.push(0);
             }
-            out.extend(kvs);
-            if !more {
+            out.extend(r.kvs.into_iter().map(KeyValue::from));
+            if !r.more {
                 return Ok((out, revision));
             }
         }
@@ -655,83 +658,117 @@ impl Client {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<i64, EtcdError> {
-        let Op(put) = Op::put(key, value, lease);
-        let v = self.call("/v3/kv/put", &put["request_put"]).await?;
-        Ok(int(v.get("header").and_then(|h| h.get("revision"))))
+        let body = put_request(key, value, lease);
+        let r = self
+            .call(true, |ch, tok, t| {
+                let req = self.request(body.clone(), &tok, t);
+                async move { Ok(KvClient::new(ch).put(req).await?.into_inner()) }
+            })
+            .await?;
+        Ok(r.header.map_or(0, |h| h.revision))
     }
 
     /// Deletes `key`; returns how many keys were deleted (0 or 1).
     pub async fn delete(&self, key: &[u8]) -> Result<i64, EtcdError> {
-        let v = self
-            .call("/v3/kv/deleterange", &json!({"key": b64(key)}))
+        let body = rpc::DeleteRangeRequest {
+            key: key.to_vec(),
+            ..Default::default()
+        };
+        let r = self
+            .call(true, |ch, tok, t| {
+                let req = self.request(body.clone(), &tok, t);
+                async move { Ok(KvClient::new(ch).delete_range(req).await?.into_inner()) }
+            })
             .await?;
-        Ok(int(v.get("deleted")))
+        Ok(r.deleted)
     }
 
     /// Runs a transaction.
     pub async fn txn(&self, txn: &Txn) -> Result<TxnResponse, EtcdError> {
-        let v = self
-            .call(
-                "/v3/kv/txn",
-                &json!({"compare": txn.compare, "success": txn.success, "failure": txn.failure}),
-            )
+        let r = self
+            .call(true, |ch, tok, t| {
+                let req = self.request(txn.0.clone(), &tok, t);
+                async move { Ok(KvClient::new(ch).txn(req).await?.into_inner()) }
+            })
             .await?;
-        let succeeded = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
         let mut ranges = Vec::new();
-        if let Some(responses) = v.get("responses").and_then(Value::as_array) {
-            for r in responses {
-                if let Some(range) = r.get("response_range") {
-                    ranges.push(kvs_of(range)?.into_iter().next());
-                }
+        for resp in r.responses {
+            if let Some(rpc::response_op::Response::ResponseRange(range)) = resp.response {
+                ranges.push(range.kvs.into_iter().next().map(KeyValue::from));
             }
         }
         Ok(TxnResponse {
-            succeeded,
-            revision: int(v.get("header").and_then(|h| h.get("revision"))),
+            succeeded: r.succeeded,
+            revision: r.header.map_or(0, |h| h.revision),
             ranges,
         })
     }
 
     /// Grants a lease of `ttl` seconds; returns its id.
     pub async fn lease_grant(&self, ttl: i64) -> Result<i64, EtcdError> {
-        let v = self
-            .call("/v3/lease/grant", &json!({"TTL": ttl.to_string()}))
+        let body = rpc::LeaseGrantRequest { ttl, id: 0 };
+        let r = self
+            .call(true, |ch, tok, t| {
+                let req = self.request(body, &tok, t);
+                async move { Ok(LeaseClient::new(ch).lease_grant(req).await?.into_inner()) }
+            })
             .await?;
-        match int(v.get("ID")) {
-            0 => Err(EtcdError::Protocol(format!(
+        if r.id == 0 {
+            return Err(EtcdError::Protocol(format!(
                 "lease grant: no lease id ({})",
-                v.get("error").and_then(Value::as_str).unwrap_or("")
-            ))),
-            id => Ok(id),
+                r.error
+            )));
         }
+        Ok(r.id)
     }
 
     /// Renews a lease; returns its new TTL, 0 when it has already expired.
     pub async fn lease_keep_alive(&self, id: i64) -> Result<i64, EtcdError> {
-        let v = self
-            .call("/v3/lease/keepalive", &json!({"ID": id.to_string()}))
-            .await?;
-        Ok(int(v.get("result").and_then(|r| r.get("TTL"))))
+        let timeout = self.inner.timeout;
+        self.call(false, |ch, tok, _| {
+            let req = self.request(
+                tokio_stream::once(rpc::LeaseKeepAliveRequest { id }),
+                &tok,
+                false,
+            );
+            async move {
+                let mut answers = LeaseClient::new(ch)
+                    .lease_keep_alive(req)
+                    .await?
+                    .into_inner();
+                match tokio::time::timeout(timeout, answers.message()).await {
+                    Ok(Ok(Some(r))) => Ok(r.ttl),
+                    Ok(Ok(None)) => Ok(0),
+                    Ok(Err(s)) => Err(s),
+                    Err(_) => Err(Status::deadline_exceeded("lease keep-alive")),
+                }
+            }
+        })
+        .await
     }
 
     /// Ends a lease now; its keys are deleted.
     pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
-        self.call("/v3/lease/revoke", &json!({"ID": id.to_string()}))
-            .await
-            .map(|_| ())
+        self.call(true, |ch, tok, t| {
+            let req = self.request(rpc::LeaseRevokeRequest { id }, &tok, t);
+            async move {
+                LeaseClient::new(ch).lease_revoke(req).await?;
+                Ok(())
+            }
+        })
+        .await
     }
 
     /// Asks a member for its status: a cheap liveness check that also needs
     /// the member to know the cluster's leader.
     pub async fn status(&self) -> Result<(), EtcdError> {
-        let v = self.call("/v3/maintenance/status", &json!({})).await?;
-        // A member id is a uint64, written as a string; absent or "0": none.
-        let leader = match v.get("leader") {
-            Some(Value::String(s)) => s != "0" && !s.is_empty(),
-            Some(Value::Number(n)) => n.as_u64().is_some_and(|n| n != 0),
-            _ => false,
-        };
-        if !leader {
+        let r = self
+            .call(true, |ch, tok, t| {
+                let req = self.request(rpc::StatusRequest {}, &tok, t);
+                async move { Ok(MaintenanceClient::new(ch).status(req).await?.into_inner()) }
+            })
+            .await?;
+        if r.leader == 0 {
             return Err(self.unavailable("the cluster has no leader"));
         }
         Ok(())
@@ -743,89 +780,42 @@ impl Client {
         prefix: &[u8],
         start_revision: i64,
     ) -> Result<WatchStream, EtcdError> {
-        let mut create = json!({"key": b64(prefix), "range_end": b64(&prefix_end(prefix))});
-        if start_revision > 0 {
-            create["start_revision"] = json!(start_revision.to_string());
-        }
-        let body = json!({ "create_request": create });
-        let n = self.inner.bases.len();
-        let start = self.inner.current.load(Ordering::Relaxed);
-        let mut last = None;
-        for i in 0..n {
-            let base = &self.inner.bases[(start + i) % n];
-            let mut req = self
-                .inner
-                .watch_http
-                .post(format!("{base}/v3/watch"))
-                .json(&body);
-            let mut token = self.token();
-            if token.is_none() && self.inner.user.is_some() {
-                token = self.authenticate(base).await?;
+        let create = rpc::WatchRequest {
+            request_union: Some(rpc::watch_request::RequestUnion::CreateRequest(
+                rpc::WatchCreateRequest {
+                    key: prefix.to_vec(),
+                    range_end: prefix_end(prefix),
+                    start_revision,
+                    ..Default::default()
+                },
+            )),
+        };
+        let endpoints = self.endpoints();
+        self.call(false, |ch, tok, _| {
+            // The request stream stays open: closing it would end the watch.
+            let requests = futures_util::stream::once(futures_util::future::ready(create.clone()))
+                .chain(futures_util::stream::pending());
+            let req = self.request(requests, &tok, false);
+            let endpoints = endpoints.clone();
+            async move {
+                let answers = WatchClient::new(ch).watch(req).await?.into_inner();
+                Ok(WatchStream { answers, endpoints })
             }
-            if let Some(t) = &token {
-                req = req.header("Authorization", t);
-            }
-            match req.send().await {
-                Ok(resp) if resp.status().is_success() => {
-                    return Ok(WatchStream {
-                        body: Box::pin(resp.bytes_stream()),
-                        buf: BytesMut::new(),
-                        endpoint: base.clone(),
-                    });
-                }
-                Ok(resp) => {
-                    last =
-                        Some(self.unavailable(format!("{base}: watch answered {}", resp.status())))
-                }
-                Err(e) => last = Some(self.unavailable(format!("{base}: {e}"))),
-            }
-        }
-        Err(last.unwrap_or_else(|| self.unavailable("no endpoint")))
+        })
+        .await
     }
 }
-
-enum Failure {
-    /// Not delivered (or refused before being applied): another member may take it.
-    NotSent(EtcdError),
-    /// Delivered, or refused for good: do not send again.
-    Final(EtcdError),
-}
-
-impl Failure {
-    fn from_auth(e: EtcdError) -> Self {
-        if e.is_unavailable() {
-            Failure::NotSent(e)
-        } else {
-            Failure::Final(e)
-        }
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-type ByteStream =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 
 /// The changes under a watched prefix, batch by batch, in revision order.
 pub struct WatchStream {
-    body: ByteStream,
-    buf: BytesMut,
-    endpoint: String,
+    answers: tonic::Streaming<rpc::WatchResponse>,
+    endpoints: String,
 }
 
 impl fmt::Debug for WatchStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WatchStream")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
             .finish_non_exhaustive()
     }
 }
@@ -835,82 +825,48 @@ impl WatchStream {
     /// went away: watch again from the last revision seen + 1).
     pub async fn next(&mut self) -> Option<Result<Vec<WatchEvent>, EtcdError>> {
         loop {
-            // The gateway writes one JSON message per line.
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line = self.buf.split_to(pos + 1);
-                let line = &line[..pos];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                match parse_watch_message(line) {
-                    Ok(Some(events)) if !events.is_empty() => return Some(Ok(events)),
-                    Ok(_) => continue,
-                    Err(e) => return Some(Err(e)),
-                }
-            }
-            match self.body.next().await {
-                Some(Ok(chunk)) => self.buf.extend_from_slice(chunk.chunk()),
-                Some(Err(e)) => {
+            let r = match self.answers.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(s) => {
                     return Some(Err(EtcdError::Unavailable {
-                        endpoints: self.endpoint.clone(),
-                        reason: format!("watch broke: {e}"),
+                        endpoints: self.endpoints.clone(),
+                        reason: format!("watch broke: {}", describe(&s)),
                     }));
                 }
-                None => {
-                    if self.buf.is_empty() {
-                        return None;
-                    }
-                    let rest = self.buf.split();
-                    return match parse_watch_message(&rest) {
-                        Ok(Some(events)) if !events.is_empty() => Some(Ok(events)),
-                        Ok(_) => None,
-                        Err(e) => Some(Err(e)),
-                    };
-                }
+            };
+            match watch_events(r) {
+                Ok(events) if events.is_empty() => continue,
+                other => return Some(other),
             }
         }
     }
 }
 
-/// One message of the watch stream: `Some(events)` for changes (maybe none,
-/// for the "created" and progress messages), an error for a cancelled watch.
-fn parse_watch_message(line: &[u8]) -> Result<Option<Vec<WatchEvent>>, EtcdError> {
-    let v: Value = serde_json::from_slice(line)
-        .map_err(|e| EtcdError::Protocol(format!("watch message: {e}")))?;
-    if let Some(err) = v.get("error") {
-        return Err(EtcdError::Unavailable {
-            endpoints: String::new(),
-            reason: format!("watch ended: {err}"),
-        });
-    }
-    let r = v
-        .get("result")
-        .ok_or_else(|| EtcdError::Protocol("watch message without result".into()))?;
-    let compact = int(r.get("compact_revision"));
-    if compact > 0 {
+/// The changes of one watch answer (none for the "created" and progress
+/// answers); an error for a cancelled or compacted watch.
+fn watch_events(r: rpc::WatchResponse) -> Result<Vec<WatchEvent>, EtcdError> {
+    if r.compact_revision > 0 {
         return Err(EtcdError::Compacted {
-            compact_revision: compact,
+            compact_revision: r.compact_revision,
         });
     }
-    if r.get("canceled").and_then(Value::as_bool).unwrap_or(false) {
+    if r.canceled {
         return Err(EtcdError::Refused(format!(
             "watch cancelled: {}",
-            r.get("cancel_reason").and_then(Value::as_str).unwrap_or("")
+            r.cancel_reason
         )));
     }
-    let mut out = Vec::new();
-    if let Some(events) = r.get("events").and_then(Value::as_array) {
-        for e in events {
-            let kv = e
-                .get("kv")
-                .ok_or_else(|| EtcdError::Protocol("watch event without kv".into()))?;
-            out.push(WatchEvent {
-                deleted: e.get("type").and_then(Value::as_str) == Some("DELETE"),
-                kv: kv_of(kv)?,
-            });
-        }
-    }
-    Ok(Some(out))
+    Ok(r.events
+        .into_iter()
+        .filter_map(|e| {
+            let deleted = e.r#type == pb::mvccpb::event::EventType::Delete as i32;
+            e.kv.map(|kv| WatchEvent {
+                deleted,
+                kv: kv.into(),
+            })
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -925,32 +881,55 @@ mod tests {
     }
 
     #[test]
-    fn watch_messages_parse() {
-        let created = br#"{"result":{"header":{"revision":"2"},"created":true}}"#;
-        assert_eq!(parse_watch_message(created).ok().flatten(), Some(vec![]));
-        let put = br#"{"result":{"header":{"revision":"3"},"events":[{"kv":{"key":"Zm9v","create_revision":"2","mod_revision":"3","version":"2","value":"YmFy"}}]}}"#;
-        let events = parse_watch_message(put).ok().flatten().unwrap_or_default();
-        assert_eq!(events.len(), 1);
-        assert_eq!(events[0].kv.key, b"foo");
-        assert_eq!(events[0].kv.value, b"bar");
-        assert_eq!(events[0].kv.mod_revision, 3);
-        assert!(!events[0].deleted);
-        let del =
-            br#"{"result":{"events":[{"type":"DELETE","kv":{"key":"Zm9v","mod_revision":"4"}}]}}"#;
-        let events = parse_watch_message(del).ok().flatten().unwrap_or_default();
-        assert!(events[0].deleted);
-        let compacted = br#"{"result":{"compact_revision":"7","canceled":true}}"#;
+    fn watch_answers_become_events() {
+        let kv = |k: &[u8], rev| pb::mvccpb::KeyValue {
+            key: k.to_vec(),
+            value: b"bar".to_vec(),
+            mod_revision: rev,
+            ..Default::default()
+        };
+        let created = rpc::WatchResponse {
+            created: true,
+            ..Default::default()
+        };
+        assert_eq!(watch_events(created).ok(), Some(vec![]));
+        let put = rpc::WatchResponse {
+            events: vec![
+                pb::mvccpb::Event {
+                    r#type: pb::mvccpb::event::EventType::Put as i32,
+                    kv: Some(kv(b"foo", 3)),
+                    prev_kv: None,
+                },
+                pb::mvccpb::Event {
+                    r#type: pb::mvccpb::event::EventType::Delete as i32,
+                    kv: Some(kv(b"foo", 4)),
+                    prev_kv: None,
+                },
+            ],
+            ..Default::default()
+        };
+        let events = watch_events(put).unwrap_or_default();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            (events[0].kv.key.as_slice(), events[0].kv.mod_revision),
+            (&b"foo"[..], 3)
+        );
+        assert!(!events[0].deleted && events[1].deleted);
+        let compacted = rpc::WatchResponse {
+            compact_revision: 7,
+            canceled: true,
+            ..Default::default()
+        };
         assert!(matches!(
-            parse_watch_message(compacted),
+            watch_events(compacted),
             Err(EtcdError::Compacted {
                 compact_revision: 7
             })
         ));
-        assert!(parse_watch_message(b"not json").is_err());
     }
 
-    #[test]
-    fn endpoints_are_host_port() {
+    #[tokio::test]
+    async fn endpoints_are_host_port() {
         assert!(Client::new(EtcdConfig::new(vec![])).is_err());
         assert!(Client::new(EtcdConfig::new(vec!["http://x:1".into()])).is_err());
         assert!(Client::new(EtcdConfig::new(vec!["127.0.0.1:2379".into()])).is_ok());

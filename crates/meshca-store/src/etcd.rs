@@ -45,7 +45,7 @@ const CAS_TRIES: usize = 50;
 /// per transaction by default).
 const MAX_BATCH: usize = 64;
 /// Batches in flight at once.
-const BATCHES_IN_FLIGHT: usize = 2;
+const BATCHES_IN_FLIGHT: usize = 1;
 /// An event id is the etcd revision that wrote it, shifted, plus its place
 /// in that transaction (several events share a revision when grouped).
 const EVENT_SLOT_BITS: u32 = 12;
