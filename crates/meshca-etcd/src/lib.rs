@@ -350,6 +350,7 @@ struct Inner {
     timeout: Duration,
     user: Option<EtcdUser>,
     token: RwLock<Option<String>>,
+    tls: bool,
 }
 
 impl fmt::Debug for Client {
@@ -472,6 +473,7 @@ impl Client {
                 timeout: config.timeout,
                 user: config.user,
                 token: RwLock::new(None),
+                tls: config.tls.is_some(),
             }),
         })
     }
@@ -588,7 +590,15 @@ impl Client {
     }
 
     fn refused(&self, s: &Status) -> EtcdError {
+        // A connection that broke during the handshake: often plain http to
+        // a member that serves https.
+        let transport =
+            std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>());
         match s.code() {
+            _ if transport && !self.inner.tls => self.unavailable(format!(
+                "{} (if etcd serves https, give --etcd-ca and, if it asks for one, a client certificate)",
+                describe(s)
+            )),
             Code::Unavailable | Code::DeadlineExceeded => self.unavailable(describe(s)),
             _ => EtcdError::Refused(describe(s)),
         }

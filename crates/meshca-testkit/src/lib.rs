@@ -32,10 +32,26 @@ struct Member {
     child: Option<Child>,
 }
 
+/// Certificates for an etcd that serves https and asks for client certificates.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// The CA of both sides.
+    pub ca: PathBuf,
+    /// etcd's serving certificate (SAN IP 127.0.0.1).
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// A client certificate for etcdctl.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
 /// A running etcd cluster of one or more members.
 pub struct EtcdCluster {
     members: Mutex<Vec<Member>>,
     initial_cluster: String,
+    tls: Option<EtcdTlsFiles>,
     _dir: tempfile::TempDir,
 }
 
@@ -50,6 +66,15 @@ impl std::fmt::Debug for EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, None)
+    }
+
+    /// Starts `n` members serving https with `tls` (client certificates required).
+    pub fn start_tls(n: usize, tls: EtcdTlsFiles) -> Self {
+        Self::start_with(n, Some(tls))
+    }
+
+    fn start_with(n: usize, tls: Option<EtcdTlsFiles>) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let mut members = Vec::new();
         for i in 0..n {
@@ -69,6 +94,7 @@ impl EtcdCluster {
         let cluster = EtcdCluster {
             members: Mutex::new(members),
             initial_cluster,
+            tls,
             _dir: dir,
         };
         for i in 0..n {
@@ -81,11 +107,22 @@ impl EtcdCluster {
     fn spawn(&self, i: usize) {
         let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let m = &mut members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let log = std::fs::File::create(m.dir.with_extension("log"))
             .unwrap_or_else(|e| panic!("etcd log: {e}"));
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.dir)
@@ -126,15 +163,9 @@ impl EtcdCluster {
         let start = Instant::now();
         while start.elapsed() < limit {
             for ep in self.endpoints() {
-                let ok = Command::new("etcdctl")
-                    .env("ETCDCTL_API", "3")
-                    .args([
-                        "--endpoints",
-                        &ep,
-                        "--command-timeout=1s",
-                        "endpoint",
-                        "health",
-                    ])
+                let ok = self
+                    .etcdctl_at(&[ep])
+                    .args(["endpoint", "health"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status()
@@ -146,6 +177,31 @@ impl EtcdCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("etcd did not become healthy within {limit:?}");
+    }
+
+    /// `etcdctl` against every member (with the client certificate under TLS).
+    pub fn etcdctl(&self) -> Command {
+        self.etcdctl_at(&self.endpoints())
+    }
+
+    fn etcdctl_at(&self, endpoints: &[String]) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let eps: Vec<String> = endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect();
+        c.args(["--endpoints", &eps.join(","), "--command-timeout=2s"]);
+        if let Some(t) = &self.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        c
     }
 
     /// Kills member `i` (SIGKILL).

@@ -575,3 +575,163 @@ fn a_ca_moves_from_the_embedded_store_to_etcd_and_back() {
         &ca.p("offline"),
     ]);
 }
+
+/// A test PKI for etcd, made by openssl: CA, server (127.0.0.1), client.
+fn etcd_pki(dir: &Path) -> meshca_testkit::EtcdTlsFiles {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
+    args.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_crt,
+        "-subj",
+        "/CN=test etcd CA",
+        "-days",
+        "2",
+    ]);
+    tool("openssl", &args);
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key, csr, crt, cnf) = (
+            p(&format!("{name}.key")),
+            p(&format!("{name}.csr")),
+            p(&format!("{name}.crt")),
+            p(&format!("{name}.cnf")),
+        );
+        std::fs::write(&cnf, ext).unwrap();
+        let mut args = vec!["req"];
+        args.extend(ec);
+        let subj = format!("/CN={name}");
+        args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        tool("openssl", &args);
+        tool(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_crt,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &cnf,
+            ],
+        );
+    }
+    meshca_testkit::EtcdTlsFiles {
+        ca: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
+    }
+}
+
+#[test]
+fn etcd_over_tls_with_client_certificates_and_a_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = etcd_pki(&tmp.path().join("pki"));
+    let cluster = EtcdCluster::start_tls(1, pki.clone());
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "add", "meshca:s3cret"],
+        &["user", "grant-role", "meshca", "root"],
+        &["auth", "enable"],
+    ] {
+        let out = cluster.etcdctl().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pw = tmp.path().join("etcd-password");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let bad = tmp.path().join("bad-password");
+    std::fs::write(&bad, "wrong\n").unwrap();
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let url = cluster.store_url("/secure/");
+    let seal = tmp.path().join("seal.key");
+    let dir = tmp.path().join("a");
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let tls_args = |password: &Path| {
+        vec![
+            "--store".to_owned(),
+            url.clone(),
+            "--seal-key-file".to_owned(),
+            s(&seal),
+            "--etcd-ca".to_owned(),
+            s(&pki.ca),
+            "--etcd-cert".to_owned(),
+            s(&pki.client_cert),
+            "--etcd-key".to_owned(),
+            s(&pki.client_key),
+            "--etcd-user".to_owned(),
+            "meshca".to_owned(),
+            "--etcd-password-file".to_owned(),
+            s(password),
+        ]
+    };
+    // A wrong password: refused, said so, nothing written.
+    let mut args = vec!["init".to_owned(), "--dir".to_owned(), s(&dir)];
+    args.extend(tls_args(&bad));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails(&argv, &["authentication failed"]);
+    assert!(!dir.exists());
+    // Plain http to an https etcd: refused clearly.
+    fails(
+        &[
+            "init",
+            "--dir",
+            &s(&dir),
+            "--store",
+            &url,
+            "--seal-key-file",
+            &s(&seal),
+        ],
+        &["etcd", "unavailable", "--etcd-ca"],
+    );
+    // The right settings: init, then a server whose meshca.toml remembers them.
+    let mut args = vec!["init".to_owned(), "--dir".to_owned(), s(&dir)];
+    args.extend(tls_args(&pw));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&argv);
+    let toml = std::fs::read_to_string(dir.join("meshca.toml")).unwrap();
+    assert!(
+        toml.contains("etcd_user = \"meshca\"") && !toml.contains("s3cret"),
+        "{toml}"
+    );
+    let server = Server::start(&dir, &[]);
+    let (code, body) = issue_via(&server, "over-tls");
+    assert_eq!(code, 200, "{body}");
+    // The password never reaches the logs.
+    let log_path = server.log.clone();
+    drop(server);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("meshca serving"), "{log}");
+    assert!(!log.contains("s3cret"));
+}
