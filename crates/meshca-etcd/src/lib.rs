@@ -12,11 +12,11 @@
 //! One [`Client`] holds one lazily connected gRPC channel (HTTP/2, many
 //! requests multiplexed) per endpoint. A request goes to the endpoint that
 //! answered last; when it is unavailable (refused, reset, no leader) the
-//! next one is tried, so a dead member is skipped. Every write meshca sends is
-//! a compare-and-swap or the put of one value, so a second delivery of one
-//! that did land changes nothing. A request that timed out is not sent
-//! again (the cluster is slow or has no quorum): the caller gets
-//! [`EtcdError::Unavailable`] at once and decides. With username/password
+//! next one is tried, so a dead member is skipped; so is one that does not
+//! answer within the timeout (a killed member's connection can hang rather
+//! than fail). Every write meshca sends is a compare-and-swap or the put of
+//! one value, so a second delivery of one that did land changes nothing.
+//! When no member answers, the caller gets [`EtcdError::Unavailable`]. With username/password
 //! the client authenticates, keeps the token and authenticates again when
 //! etcd says the token expired.
 //!
@@ -408,11 +408,32 @@ fn tls_config(tls: &EtcdTls) -> Result<ClientTlsConfig, EtcdError> {
     Ok(config)
 }
 
+/// How long one member gets to answer: with several, a share of the
+/// timeout, so that when one hangs (a member that died with a request of
+/// ours, or lost its leader) the others are asked within the timeout.
+fn attempt_timeout(config: &EtcdConfig) -> Duration {
+    let n = u32::try_from(config.endpoints.len().max(1)).unwrap_or(1);
+    (config.timeout / n).max(Duration::from_millis(500)).min(config.timeout)
+}
+
 /// Whether another member (or a later try) may serve what failed with `s`.
 fn retryable(s: &Status) -> bool {
-    // Unavailable: refused, reset, no leader, member stopping; etcd also
-    // says "request timed out" this way.
-    s.code() == Code::Unavailable
+    // Unavailable: refused, no leader, member stopping; etcd also says
+    // "request timed out" this way. A transport error: the connection to
+    // that member broke (killed, reset).
+    s.code() == Code::Unavailable || is_transport(s)
+}
+
+/// Whether the connection, not etcd, failed.
+fn is_transport(s: &Status) -> bool {
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        src = e.source();
+    }
+    false
 }
 
 fn describe(s: &Status) -> String {
@@ -453,7 +474,7 @@ impl Client {
             let url = format!("{scheme}://{e}");
             let mut endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|err| EtcdError::Config(format!("endpoint {e:?}: {err}")))?
-                .connect_timeout(config.timeout)
+                .connect_timeout(attempt_timeout(&config))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(config.timeout);
@@ -470,7 +491,7 @@ impl Client {
                 channels,
                 names,
                 current: AtomicUsize::new(0),
-                timeout: config.timeout,
+                timeout: attempt_timeout(&config),
                 user: config.user,
                 token: RwLock::new(None),
                 tls: config.tls.is_some(),
@@ -570,10 +591,18 @@ impl Client {
                     }
                     return Ok(v);
                 }
+                // No answer in time: this member may be gone with its
+                // connection still pending (a killed process, a cut
+                // network), so the next one is asked. If the request did
+                // land, sending it again is harmless: every write meshca
+                // makes is a compare-and-swap or the put of one value.
                 Err(s) if s.code() == Code::DeadlineExceeded || s.code() == Code::Cancelled => {
-                    return Err(self.unavailable(format!(
-                        "{}: no answer within {:?}",
-                        self.inner.names[idx], self.inner.timeout
+                    tracing::debug!(endpoint = %self.inner.names[idx], "etcd: no answer in time");
+                    last = Some(Status::deadline_exceeded(format!(
+                        "{}: no answer within {:?}{}",
+                        self.inner.names[idx],
+                        self.inner.timeout,
+                        self.https_hint()
                     )));
                 }
                 Err(s) if retryable(&s) => {
@@ -584,23 +613,30 @@ impl Client {
             }
         }
         Err(match last {
+            Some(s) if is_transport(&s) => {
+                self.unavailable(format!("{}{}", describe(&s), self.https_hint()))
+            }
             Some(s) => self.unavailable(describe(&s)),
             None => self.unavailable("no endpoint"),
         })
     }
 
     fn refused(&self, s: &Status) -> EtcdError {
-        // A connection that broke during the handshake: often plain http to
-        // a member that serves https.
-        let transport =
-            std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>());
         match s.code() {
-            _ if transport && !self.inner.tls => self.unavailable(format!(
-                "{} (if etcd serves https, give --etcd-ca and, if it asks for one, a client certificate)",
-                describe(s)
-            )),
+            _ if is_transport(s) => {
+                self.unavailable(format!("{}{}", describe(s), self.https_hint()))
+            }
             Code::Unavailable | Code::DeadlineExceeded => self.unavailable(describe(s)),
             _ => EtcdError::Refused(describe(s)),
+        }
+    }
+
+    /// Plain http to a member that serves https fails at the connection.
+    fn https_hint(&self) -> &'static str {
+        if self.inner.tls {
+            ""
+        } else {
+            " (if etcd serves https, give --etcd-ca and, if it asks for one, a client certificate)"
         }
     }
 

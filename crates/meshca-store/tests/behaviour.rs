@@ -458,3 +458,39 @@ async fn etcd_leadership_moves_when_the_leader_goes() {
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// A member that dies is skipped at once: requests go to the others
+/// without waiting for a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_skips_a_dead_member() {
+    let etcd = meshca_testkit::EtcdCluster::start(3);
+    let store = EtcdStore::open(EtcdStoreConfig::from_url(&etcd.store_url("/skip/")).unwrap())
+        .await
+        .unwrap();
+    let now = OffsetDateTime::now_utc();
+    store
+        .insert_certificate(&cert(&Serial::random().unwrap(), "before", now))
+        .await
+        .unwrap();
+    for member in [0, 1] {
+        etcd.stop_member(member);
+        let started = std::time::Instant::now();
+        for i in 0..20 {
+            store
+                .insert_certificate(&cert(&Serial::random().unwrap(), &format!("after{i}"), now))
+                .await
+                .unwrap_or_else(|e| panic!("with member {member} down: {e}"));
+        }
+        println!(
+            "member {member} down: 20 inserts in {:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        etcd.restart_member(member);
+        etcd.wait_healthy(Duration::from_secs(20));
+    }
+}
