@@ -14,8 +14,9 @@
 //! answered last; when it is unavailable (refused, reset, no leader) the
 //! next one is tried, so a dead member is skipped; so is one that does not
 //! answer within the timeout (a killed member's connection can hang rather
-//! than fail). Every write meshca sends is a compare-and-swap or the put of
-//! one value, so a second delivery of one that did land changes nothing.
+//! than fail). meshca's writes are compare-and-swaps and puts under fresh
+//! keys, so a second delivery of one that did land is harmless (see the
+//! README: at worst a record nobody was given, or an event told twice).
 //! When no member answers, the caller gets [`EtcdError::Unavailable`]. With username/password
 //! the client authenticates, keeps the token and authenticates again when
 //! etcd says the token expired.
@@ -413,7 +414,9 @@ fn tls_config(tls: &EtcdTls) -> Result<ClientTlsConfig, EtcdError> {
 /// ours, or lost its leader) the others are asked within the timeout.
 fn attempt_timeout(config: &EtcdConfig) -> Duration {
     let n = u32::try_from(config.endpoints.len().max(1)).unwrap_or(1);
-    (config.timeout / n).max(Duration::from_millis(500)).min(config.timeout)
+    (config.timeout / n)
+        .max(Duration::from_millis(500))
+        .min(config.timeout)
 }
 
 /// Whether another member (or a later try) may serve what failed with `s`.
@@ -594,8 +597,8 @@ impl Client {
                 // No answer in time: this member may be gone with its
                 // connection still pending (a killed process, a cut
                 // network), so the next one is asked. If the request did
-                // land, sending it again is harmless: every write meshca
-                // makes is a compare-and-swap or the put of one value.
+                // land, sending it again is harmless for meshca's writes
+                // (compare-and-swaps, puts under fresh keys).
                 Err(s) if s.code() == Code::DeadlineExceeded || s.code() == Code::Cancelled => {
                     tracing::debug!(endpoint = %self.inner.names[idx], "etcd: no answer in time");
                     last = Some(Status::deadline_exceeded(format!(
