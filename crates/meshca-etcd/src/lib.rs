@@ -269,18 +269,6 @@ impl Op {
             })),
         })
     }
-
-    /// Deletes `key`.
-    pub fn delete(key: &[u8]) -> Self {
-        Op(rpc::RequestOp {
-            request: Some(rpc::request_op::Request::RequestDeleteRange(
-                rpc::DeleteRangeRequest {
-                    key: key.to_vec(),
-                    ..Default::default()
-                },
-            )),
-        })
-    }
 }
 
 fn put_request(key: &[u8], value: &[u8], lease: Option<i64>) -> rpc::PutRequest {
@@ -316,14 +304,6 @@ impl Txn {
     pub fn otherwise(mut self, op: Op) -> Self {
         self.0.failure.push(op.0);
         self
-    }
-    /// Number of operations on the success branch.
-    pub fn len(&self) -> usize {
-        self.0.success.len()
-    }
-    /// True when there is nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.0.success.is_empty() && self.0.failure.is_empty()
     }
 }
 

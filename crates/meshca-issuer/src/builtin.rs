@@ -464,20 +464,8 @@ pub async fn init_data_dir(dir: &Path, opts: InitOptions) -> Result<InitReport, 
             return Err(e);
         }
     };
-    // Move into place; the config file last, as it marks a complete CA.
-    let moves = ["ca", "store.redb", "admin", "meshca.toml"];
-    for name in moves {
-        fs::rename(staging.join(name), dir.join(name)).map_err(|e| {
-            IssuerError::File(meshca_files::FileError::Io {
-                path: dir.join(name),
-                op: "move into place",
-                reason: e.to_string(),
-                kind: e.kind(),
-            })
-        })?;
-    }
-    let _ = fs::remove_dir_all(&staging);
-    sync_dir(dir)?;
+    // The config file last, as it marks a complete CA.
+    move_into_place(&staging, dir, &["ca", "store.redb", "admin", "meshca.toml"])?;
     Ok(InitReport {
         admin_dir: data.admin_dir(),
         ..report
@@ -550,6 +538,24 @@ async fn write_staged(
         admin_dir: data.admin_dir(),
         imported: m.imported,
     })
+}
+
+/// Moves `names` from `staging` into `dir`, in that order, then removes the
+/// staging directory and syncs `dir` so that the renames are durable.
+fn move_into_place(staging: &Path, dir: &Path, names: &[&str]) -> Result<(), IssuerError> {
+    for name in names {
+        fs::rename(staging.join(name), dir.join(name)).map_err(|e| {
+            IssuerError::File(meshca_files::FileError::Io {
+                path: dir.join(name),
+                op: "move into place",
+                reason: e.to_string(),
+                kind: e.kind(),
+            })
+        })?;
+    }
+    let _ = fs::remove_dir_all(staging);
+    sync_dir(dir)?;
+    Ok(())
 }
 
 /// Writes the admin credentials (kubernetes.io/tls layout).
@@ -703,18 +709,7 @@ pub async fn init_shared(
             e.into()
         });
     }
-    for name in ["admin", "meshca.toml"] {
-        fs::rename(staging.join(name), dir.join(name)).map_err(|e| {
-            IssuerError::File(meshca_files::FileError::Io {
-                path: dir.join(name),
-                op: "move into place",
-                reason: e.to_string(),
-                kind: e.kind(),
-            })
-        })?;
-    }
-    let _ = fs::remove_dir_all(&staging);
-    sync_dir(dir)?;
+    move_into_place(&staging, dir, &["admin", "meshca.toml"])?;
     Ok(InitReport {
         hierarchy_id: id,
         root_fingerprint,

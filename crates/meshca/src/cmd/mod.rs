@@ -66,19 +66,18 @@ pub async fn open_authority(dir: &Path, args: &StoreArgs) -> anyhow::Result<(Con
 }
 
 /// `init` on a shared store: the seal key (created when its file does not
-/// exist), the CA sealed into the store, and in `dir` the admin credentials
-/// and a `meshca.toml` whose `[store]` table points at the store.
+/// exist), the CA sealed into the store with `opts.config_toml` (the CA's
+/// configuration, `config` without `[store]`) as its shared configuration,
+/// and in `dir` the admin credentials and a `meshca.toml` whose `[store]`
+/// table points at the store.
 pub async fn init_shared_ca(
     dir: &Path,
     settings: &StoreSettings,
-    mut opts: InitOptions,
+    opts: InitOptions,
     config: &Config,
 ) -> anyhow::Result<InitReport> {
     let store = settings.open().await?;
     let seal = settings.seal_key(true)?;
-    let mut shared = config.clone();
-    shared.store = None;
-    opts.config_toml = shared.to_toml()?;
     let mut local = config.clone();
     local.store = Some(crate::store::settings_for_file(settings));
     Ok(init_shared(dir, store, &seal, opts, &local.to_toml()?).await?)

@@ -14,57 +14,42 @@ use crate::store::{StoreArgs, StoreChoice};
 
 pub async fn run(dir: &Path, store_args: &StoreArgs, a: ServeArgs) -> anyhow::Result<ExitCode> {
     let data = meshca_issuer::DataDir::new(dir);
-    let choice = if data.holds_ca() {
-        None
-    } else {
-        Some(store_args.choose(None)?)
-    };
-    match choice {
-        None => {}
-        Some(StoreChoice::Etcd(settings)) => {
-            // A store that holds a CA is joined; an empty one gets a new CA.
-            let store = settings.open().await?;
-            if store.list_hierarchies().await?.is_empty() {
-                let trust_domain = TrustDomain::new(&a.trust_domain)?;
-                let config = Config::new(trust_domain.clone(), meshca_pki::KeyType::default());
-                let opts = InitOptions {
-                    trust_domain,
-                    key_type: config.key_type,
-                    root_ttl: DEFAULT_ROOT_TTL,
-                    import: None,
-                    config_toml: String::new(),
-                    max_ttl: config.max_ttl.get(),
-                };
-                let report = super::init_shared_ca(dir, &settings, opts, &config).await?;
-                eprintln!(
-                    "Created a CA in {} (root fingerprint {}); admin credentials in {}/ (tls.crt, tls.key, ca.crt)",
-                    store.location(),
-                    report.root_fingerprint,
-                    report.admin_dir.display()
-                );
-            } else {
-                super::join_shared_ca(dir, &settings).await?;
+    if !data.holds_ca() {
+        let choice = store_args.choose(None)?;
+        // A shared store that holds a CA is joined; otherwise a CA is made.
+        let joined = match &choice {
+            StoreChoice::Etcd(settings) => {
+                let holds_ca = !settings.open().await?.list_hierarchies().await?.is_empty();
+                if holds_ca {
+                    super::join_shared_ca(dir, settings).await?;
+                }
+                holds_ca
             }
-        }
-        Some(StoreChoice::Embedded) => {
+            StoreChoice::Embedded => false,
+        };
+        if !joined {
             // `meshca serve` alone gives a working CA.
             let trust_domain = TrustDomain::new(&a.trust_domain)?;
             let config = Config::new(trust_domain.clone(), meshca_pki::KeyType::default());
-            let report = init_data_dir(
-                dir,
-                InitOptions {
-                    trust_domain,
-                    key_type: config.key_type,
-                    root_ttl: DEFAULT_ROOT_TTL,
-                    import: None,
-                    config_toml: config.to_toml()?,
-                    max_ttl: config.max_ttl.get(),
-                },
-            )
-            .await?;
+            let opts = InitOptions {
+                trust_domain,
+                key_type: config.key_type,
+                root_ttl: DEFAULT_ROOT_TTL,
+                import: None,
+                config_toml: config.to_toml()?,
+                max_ttl: config.max_ttl.get(),
+            };
+            let (report, place) = match &choice {
+                StoreChoice::Etcd(settings) => (
+                    super::init_shared_ca(dir, settings, opts, &config).await?,
+                    settings.url.clone(),
+                ),
+                StoreChoice::Embedded => {
+                    (init_data_dir(dir, opts).await?, dir.display().to_string())
+                }
+            };
             eprintln!(
-                "Created a CA in {} (root fingerprint {}); admin credentials in {}/ (tls.crt, tls.key, ca.crt)",
-                dir.display(),
+                "Created a CA in {place} (root fingerprint {}); admin credentials in {}/ (tls.crt, tls.key, ca.crt)",
                 report.root_fingerprint,
                 report.admin_dir.display()
             );

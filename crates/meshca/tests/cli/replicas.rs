@@ -477,6 +477,29 @@ fn a_ca_moves_from_the_embedded_store_to_etcd_and_back() {
     let url = cluster.store_url("/moved/");
     let seal = ca.p("seal.key");
 
+    // Bad store settings: refused, named, nothing written.
+    let nowhere = ca.p("nowhere");
+    fails(
+        &["init", "--dir", &nowhere, "--store", "mysql://db"],
+        &["invalid --store", "mysql://db"],
+    );
+    let short = ca.p("short.key");
+    std::fs::write(&short, "abcd\n").unwrap();
+    std::fs::set_permissions(&short, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    fails(
+        &[
+            "init",
+            "--dir",
+            &nowhere,
+            "--store",
+            &url,
+            "--seal-key-file",
+            &short,
+        ],
+        &["seal key", "short.key", "64 hex digits"],
+    );
+    assert!(!ca.path("nowhere").exists());
+
     let out = ok(&[
         "store",
         "copy",
