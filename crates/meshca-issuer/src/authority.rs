@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshca_pki::{
-    Identity, KeyType, LeafPublicKey, LeafSpec, PrivateKey, Profile, SanSet, Serial, TrustDomain,
-    VerifiedCsr, check_ttl, fingerprint, to_pem,
+    Identity, KeyType, LeafSpec, PrivateKey, Profile, SanSet, Serial, TrustDomain, VerifiedCsr,
+    check_ttl, fingerprint, to_pem,
 };
 use meshca_store::{CertStatus, CertificateRecord, Store};
 use time::OffsetDateTime;
@@ -199,20 +199,13 @@ impl Authority {
     /// Issues and records a certificate. Every check happens before anything
     /// is signed; the record is committed before the certificate is returned.
     pub async fn issue(&self, req: IssueRequest) -> Result<Issued, IssuerError> {
-        let requested_ttl = check_ttl(req.ttl, req.profile, self.policy.max_ttl)?;
+        let mut requested_ttl = check_ttl(req.ttl, req.profile, self.policy.max_ttl)?;
+        if req.ttl.is_none()
+            && let Some(max) = self.issuer.max_ttl(req.profile)
+        {
+            requested_ttl = requested_ttl.min(max);
+        }
         let sans = SanSet::build(&req.identity, &self.policy.trust_domain, &req.dns, &req.ips)?;
-        let (public_key, private_key) = match req.key {
-            KeySource::Csr(csr) => (csr.public_key().clone(), None),
-            KeySource::Generate(kt) => {
-                // RSA generation takes up to a second: keep it off the reactor.
-                let key = tokio::task::spawn_blocking(move || PrivateKey::generate(kt))
-                    .await
-                    .map_err(|e| {
-                        IssuerError::Policy(format!("key generation task failed: {e}"))
-                    })??;
-                (LeafPublicKey::of(&key)?, Some(key))
-            }
-        };
         let mut spec = LeafSpec {
             identity: req.identity,
             trust_domain: self.policy.trust_domain.clone(),
@@ -222,8 +215,13 @@ impl Authority {
             serial: Serial::random()?,
         };
         for _attempt in 0..4 {
-            let signed = self.issuer.sign(&public_key, &spec).await?;
+            let signed = self.issuer.sign(&req.key, &spec).await?;
             let leaf = &signed.leaf;
+            let key_type = match (&req.key, &signed.private_key) {
+                (KeySource::Csr(csr), _) => csr.key_type(),
+                (KeySource::Generate(_), Some(k)) => k.key_type(),
+                (KeySource::Generate(kt), None) => *kt,
+            };
             let mut certificate_pem = to_pem("CERTIFICATE", &leaf.der);
             for c in &signed.chain {
                 certificate_pem.push_str(&to_pem("CERTIFICATE", c));
@@ -236,7 +234,7 @@ impl Authority {
                 spiffe_id: spec.sans.uri.clone(),
                 dns_names: spec.sans.dns.clone(),
                 ip_addresses: spec.sans.ips.iter().map(|ip| ip.to_string()).collect(),
-                key_type: public_key.key_type(),
+                key_type,
                 hierarchy_id: signed.hierarchy_id.clone(),
                 issued_at: OffsetDateTime::now_utc(),
                 not_before: leaf.not_before,
@@ -253,7 +251,7 @@ impl Authority {
                         record,
                         certificate_pem,
                         ca_bundle_pem: self.trust_bundle_pem().await?,
-                        private_key,
+                        private_key: signed.private_key,
                         requested_ttl,
                         clipped: leaf.clipped,
                     });

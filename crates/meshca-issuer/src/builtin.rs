@@ -18,7 +18,7 @@ use meshca_pki::{
 use meshca_store::{EmbeddedStore, HierarchyRecord, HierarchyStatus, SealedKeys, Store};
 use time::OffsetDateTime;
 
-use crate::{Authority, IssueRequest, Issuer, IssuerError, Policy, Signed};
+use crate::{Authority, IssueRequest, Issuer, IssuerError, KeySource, Policy, Signed};
 
 const MAX_FILE: u64 = 1024 * 1024;
 
@@ -207,7 +207,15 @@ impl Issuer for BuiltinIssuer {
         "builtin"
     }
 
-    async fn sign(&self, key: &LeafPublicKey, spec: &LeafSpec) -> Result<Signed, IssuerError> {
+    async fn sign(&self, key: &KeySource, spec: &LeafSpec) -> Result<Signed, IssuerError> {
+        let (key, private_key) = match key {
+            KeySource::Csr(csr) => (csr.public_key().clone(), None),
+            KeySource::Generate(kt) => {
+                let private = crate::generate_key(*kt).await?;
+                (LeafPublicKey::of(&private)?, Some(private))
+            }
+        };
+        let key = &key;
         // An EC or Ed25519 signature takes tens of microseconds, less than a
         // hand-off to another thread; an RSA one takes milliseconds and would
         // stall the reactor, so it goes to the blocking pool.
@@ -227,6 +235,7 @@ impl Issuer for BuiltinIssuer {
             leaf,
             chain: vec![self.signing.cert_der().to_vec()],
             hierarchy_id: self.hierarchy_id.clone(),
+            private_key,
         })
     }
 
@@ -298,6 +307,8 @@ pub struct InitReport {
     pub admin_dir: PathBuf,
     /// Whether the CA was imported.
     pub imported: bool,
+    /// When the admin certificate expires.
+    pub admin_not_after: OffsetDateTime,
 }
 
 struct Material {
@@ -537,6 +548,82 @@ async fn write_staged(
         intermediate_not_after: record.intermediate_not_after,
         admin_dir: data.admin_dir(),
         imported: m.imported,
+        admin_not_after: admin.record.not_after,
+    })
+}
+
+/// Creates a data directory whose certificates an upstream CA signs (Vault):
+/// an embedded store with no hierarchy (meshca holds no CA key), admin
+/// credentials signed by `issuer`, and `opts.config_toml`. Staged and moved
+/// into place like [`init_data_dir`]; `opts.root_ttl` and `opts.import` do
+/// not apply.
+pub async fn init_with_issuer(
+    dir: &Path,
+    issuer: Arc<dyn Issuer>,
+    opts: InitOptions,
+) -> Result<InitReport, IssuerError> {
+    let data = DataDir::new(dir);
+    if data.holds_ca() {
+        return Err(IssuerError::AlreadyInitialised {
+            dir: dir.to_owned(),
+        });
+    }
+    let bundle = issuer.trust_bundle().await?;
+    let root = bundle.first().ok_or_else(|| IssuerError::Upstream {
+        issuer: issuer.describe(),
+        problem: crate::Unhealthy::BadAnswer("it has no CA certificate".into()),
+    })?;
+    let root_not_after = meshca_pki::cert_facts(root)?.not_after;
+    let existed = dir.exists();
+    create_private_dir(dir)?;
+    let staging = dir.join(format!(".init-{}", hierarchy_id()?));
+    let staged = async {
+        create_private_dir(&staging)?;
+        let stage = DataDir::new(&staging);
+        let store = Arc::new(EmbeddedStore::open(&stage.store_path())?);
+        meshca_files::restrict(&stage.store_path())?;
+        let policy = Policy {
+            trust_domain: opts.trust_domain.clone(),
+            max_ttl: opts.max_ttl,
+        };
+        let authority = Authority::new(issuer.clone(), store.clone(), policy);
+        let ttl = ADMIN_TTL
+            .min(opts.max_ttl)
+            .min(issuer.max_ttl(Profile::Client).unwrap_or(ADMIN_TTL));
+        let admin = authority
+            .issue(
+                IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+                    .profile(Profile::Client)
+                    .ttl(Some(ttl))
+                    .generate_key(opts.key_type),
+            )
+            .await?;
+        drop(authority);
+        drop(store);
+        write_admin(&stage.admin_dir(), &admin)?;
+        write_atomic(&stage.config_path(), opts.config_toml.as_bytes(), 0o600)?;
+        Ok::<_, IssuerError>((admin.record.hierarchy_id, admin.record.not_after))
+    }
+    .await;
+    let (hierarchy_id, admin_not_after) = match staged {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            if !existed {
+                let _ = fs::remove_dir(dir);
+            }
+            return Err(e);
+        }
+    };
+    move_into_place(&staging, dir, &["store.redb", "admin", "meshca.toml"])?;
+    Ok(InitReport {
+        hierarchy_id,
+        root_fingerprint: fingerprint(root),
+        root_not_after,
+        intermediate_not_after: issuer.issuing_ca().1,
+        admin_dir: data.admin_dir(),
+        imported: true,
+        admin_not_after,
     })
 }
 
@@ -717,5 +804,6 @@ pub async fn init_shared(
         intermediate_not_after: record.intermediate_not_after,
         admin_dir: data.admin_dir(),
         imported,
+        admin_not_after: admin.record.not_after,
     })
 }

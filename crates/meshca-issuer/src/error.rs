@@ -48,6 +48,20 @@ pub enum IssuerError {
         /// Where the store is.
         location: String,
     },
+    /// The upstream CA (Vault) cannot sign now.
+    Upstream {
+        /// Which upstream, as `describe` says it.
+        issuer: String,
+        /// Why.
+        problem: crate::Unhealthy,
+    },
+    /// The upstream CA refused this request; its reason is quoted.
+    UpstreamRefused {
+        /// Which upstream.
+        issuer: String,
+        /// The upstream's reason.
+        reason: String,
+    },
 }
 
 impl IssuerError {
@@ -55,8 +69,18 @@ impl IssuerError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             IssuerError::Pki(e) => e.is_bad_input(),
-            IssuerError::Policy(_) | IssuerError::Import { .. } => true,
+            IssuerError::Policy(_)
+            | IssuerError::Import { .. }
+            | IssuerError::UpstreamRefused { .. } => true,
             _ => false,
+        }
+    }
+
+    /// Why the upstream CA cannot sign, when that is the error (a 503).
+    pub fn upstream_problem(&self) -> Option<&crate::Unhealthy> {
+        match self {
+            IssuerError::Upstream { problem, .. } => Some(problem),
+            _ => None,
         }
     }
 }
@@ -90,6 +114,15 @@ impl fmt::Display for IssuerError {
                 f,
                 "the CA keys in {location} are sealed: give the seal key with --seal-key-file (or MESHCA_SEAL_KEY_FILE)"
             ),
+            IssuerError::Upstream { issuer, problem } => {
+                write!(f, "the upstream CA ({issuer}) cannot sign now: {problem}")
+            }
+            IssuerError::UpstreamRefused { issuer, reason } => {
+                write!(
+                    f,
+                    "the upstream CA ({issuer}) refused the request: {reason}"
+                )
+            }
         }
     }
 }

@@ -2,11 +2,15 @@
 //! [`Authority`] that stands between callers and issuers.
 //!
 //! # Design
-//! An [`Issuer`] only signs: given a public key and a [`LeafSpec`] that is
-//! already decided, it returns the certificate and its chain, and it can say
-//! what the trust bundle is. It is object-safe and held as `Arc<dyn Issuer>`,
-//! so the built-in CA ([`BuiltinIssuer`], keys in 0600 files of the data
-//! directory) and an upstream CA (Vault/OpenBao, later) are interchangeable.
+//! An [`Issuer`] only signs: given the key (a verified CSR, or "generate
+//! one") and a [`LeafSpec`] that is already decided, it returns the
+//! certificate and its chain, and it can say what the trust bundle is. It is
+//! object-safe and held as `Arc<dyn Issuer>`, so the built-in CA
+//! ([`BuiltinIssuer`], keys in 0600 files of the data directory or sealed in
+//! a shared store) and an upstream CA (`meshca-vault`: Vault/OpenBao PKI) are
+//! interchangeable. An upstream issuer also reports its health
+//! ([`Unhealthy`], a reason type), its own lifetime limit, bundle changes
+//! made outside meshca, and takes revocations.
 //!
 //! The [`Authority`] applies policy (trust domain, allowed names, maximum
 //! lifetime), picks a fresh serial, has the issuer sign, and records the
@@ -39,19 +43,20 @@ mod migrate;
 mod policy;
 
 use async_trait::async_trait;
-use meshca_pki::{IssuedLeaf, LeafPublicKey, LeafSpec, RevokedEntry};
+use meshca_pki::{IssuedLeaf, LeafSpec, PrivateKey, RevokedEntry, Serial};
 
 pub use authority::{Authority, DEFAULT_MAX_TTL, IssueRequest, Issued, KeySource, Policy};
 pub use builtin::{
     ADMIN_NAME, ADMIN_NAMESPACE, BuiltinIssuer, DataDir, ImportSpec, InitOptions, InitReport,
-    SHARED_CONFIG_BLOB, init_data_dir, init_shared,
+    SHARED_CONFIG_BLOB, init_data_dir, init_shared, init_with_issuer,
 };
 pub use error::IssuerError;
+pub use meshca_pki::VerifiedCsr;
 pub use migrate::{CaPlace, CopyReport, copy_ca, verify_copy};
 pub use policy::{PolicyRule, check_workload};
 
 /// A signed leaf with the chain that goes with it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Signed {
     /// The leaf.
     pub leaf: IssuedLeaf,
@@ -59,6 +64,51 @@ pub struct Signed {
     pub chain: Vec<Vec<u8>>,
     /// Which hierarchy signed it.
     pub hierarchy_id: String,
+    /// The leaf's key, when it was generated for the caller.
+    pub private_key: Option<PrivateKey>,
+}
+
+/// Why an issuer cannot sign right now. A reason is a type: `/readyz`,
+/// `ca status` and the metrics' labels come from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unhealthy {
+    /// The upstream CA cannot be reached, or did not answer in time.
+    Unreachable(String),
+    /// The upstream CA (Vault) is sealed.
+    Sealed,
+    /// The upstream CA refused meshca's credentials.
+    Denied(String),
+    /// The upstream CA's settings do not allow meshca to work (a missing or
+    /// unsafe role).
+    Misconfigured(String),
+    /// The upstream CA answered with something meshca does not understand.
+    BadAnswer(String),
+}
+
+impl Unhealthy {
+    /// A short label for metrics and status.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Unhealthy::Unreachable(_) => "unreachable",
+            Unhealthy::Sealed => "sealed",
+            Unhealthy::Denied(_) => "denied",
+            Unhealthy::Misconfigured(_) => "misconfigured",
+            Unhealthy::BadAnswer(_) => "bad_answer",
+        }
+    }
+}
+
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unhealthy::Unreachable(why) => write!(f, "unreachable: {why}"),
+            Unhealthy::Sealed => f.write_str("sealed: unseal it (`bao operator unseal`)"),
+            Unhealthy::Denied(why) => write!(f, "refused meshca's credentials: {why}"),
+            Unhealthy::Misconfigured(why) => write!(f, "misconfigured: {why}"),
+            Unhealthy::BadAnswer(why) => write!(f, "answered with an unexpected body: {why}"),
+        }
+    }
 }
 
 /// Something that signs leaves. See the crate docs.
@@ -67,8 +117,9 @@ pub trait Issuer: std::fmt::Debug + Send + Sync {
     /// A short name for status output (`builtin`, `vault`).
     fn kind(&self) -> &'static str;
 
-    /// Signs a leaf for `key` as `spec` says.
-    async fn sign(&self, key: &LeafPublicKey, spec: &LeafSpec) -> Result<Signed, IssuerError>;
+    /// Signs a leaf for the key of a verified CSR, or for a key generated
+    /// for the caller (returned in [`Signed::private_key`]), as `spec` says.
+    async fn sign(&self, key: &KeySource, spec: &LeafSpec) -> Result<Signed, IssuerError>;
 
     /// The roots clients should trust (DER), current ones first.
     async fn trust_bundle(&self) -> Result<Vec<Vec<u8>>, IssuerError>;
@@ -83,4 +134,44 @@ pub trait Issuer: std::fmt::Debug + Send + Sync {
 
     /// The issuing CA certificate (DER) and its notAfter, for status.
     fn issuing_ca(&self) -> (Vec<u8>, time::OffsetDateTime);
+
+    /// The longest lifetime it signs for `profile`, when it has its own
+    /// limit (a Vault role's max_ttl). Requests that ask for no lifetime
+    /// get the profile's default cut to this; asking for more is refused.
+    fn max_ttl(&self, profile: meshca_pki::Profile) -> Option<std::time::Duration> {
+        let _ = profile;
+        None
+    }
+
+    /// Where the issuer is, for status (`vault https://... mount pki role r`).
+    fn describe(&self) -> String {
+        self.kind().to_owned()
+    }
+
+    /// Whether it can sign now, as far as it knows (no I/O: upstream
+    /// issuers track it in the background).
+    fn health(&self) -> Result<(), Unhealthy> {
+        Ok(())
+    }
+
+    /// Tells an upstream CA that a certificate is revoked. meshca's own
+    /// record is the authority for meshca; this keeps the upstream CRL in step.
+    async fn revoke(&self, serial: &Serial) -> Result<(), IssuerError> {
+        let _ = serial;
+        Ok(())
+    }
+
+    /// A counter that moves whenever the trust bundle changed outside
+    /// meshca (a new issuer in Vault); `None` when only meshca changes it.
+    fn bundle_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// Generates a key of `key_type` off the reactor (RSA takes up to a second).
+pub async fn generate_key(key_type: meshca_pki::KeyType) -> Result<PrivateKey, IssuerError> {
+    tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
+        .await
+        .map_err(|e| IssuerError::Policy(format!("key generation task failed: {e}")))?
+        .map_err(IssuerError::from)
 }

@@ -19,6 +19,7 @@ pub const MAX_CSR_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct VerifiedCsr {
     key: LeafPublicKey,
+    der: Vec<u8>,
 }
 
 impl VerifiedCsr {
@@ -30,6 +31,11 @@ impl VerifiedCsr {
     /// The key's type.
     pub fn key_type(&self) -> KeyType {
         self.key.key_type()
+    }
+
+    /// The CSR itself (DER), for an upstream CA that wants the request.
+    pub fn der(&self) -> &[u8] {
+        &self.der
     }
 }
 
@@ -88,7 +94,7 @@ pub fn parse_csr(input: &[u8]) -> Result<VerifiedCsr, PkiError> {
     csr.verify_signature()
         .map_err(|_| PkiError::BadCsrSignature)?;
     let key = LeafPublicKey::from_spki_der(spki.raw, key_type)?;
-    Ok(VerifiedCsr { key })
+    Ok(VerifiedCsr { key, der })
 }
 
 #[cfg(test)]

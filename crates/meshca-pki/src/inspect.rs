@@ -30,6 +30,35 @@ pub fn cert_spki(der: &[u8]) -> Result<Vec<u8>, PkiError> {
     Ok(x.public_key().raw.to_vec())
 }
 
+/// What a store record needs from a certificate signed elsewhere (an
+/// upstream CA): its serial and validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    /// The serial number.
+    pub serial: Serial,
+    /// notBefore.
+    pub not_before: OffsetDateTime,
+    /// notAfter.
+    pub not_after: OffsetDateTime,
+    /// The subject public key bits (to match a key).
+    pub public_key: Vec<u8>,
+    /// Whether subject and issuer are the same and it is a CA (a root).
+    pub self_signed: bool,
+}
+
+/// Reads [`CertFacts`] from a DER certificate.
+pub fn cert_facts(der: &[u8]) -> Result<CertFacts, PkiError> {
+    let (_, x) = X509Certificate::from_der(der)
+        .map_err(|e| PkiError::MalformedCertificate(e.to_string()))?;
+    Ok(CertFacts {
+        serial: Serial::from_bytes(x.raw_serial()),
+        not_before: x.validity().not_before.to_datetime(),
+        not_after: x.validity().not_after.to_datetime(),
+        public_key: x.public_key().subject_public_key.data.to_vec(),
+        self_signed: x.subject().as_raw() == x.issuer().as_raw() && x.is_ca(),
+    })
+}
+
 /// Encodes DER as PEM with the given tag (`CERTIFICATE`).
 pub fn to_pem(tag: &str, der: &[u8]) -> String {
     pem::encode_config(

@@ -40,6 +40,15 @@ impl LeafPublicKey {
     pub fn key_type(&self) -> KeyType {
         self.key_type
     }
+
+    /// Whether this is the key a certificate certifies.
+    pub fn is_in(&self, cert_der: &[u8]) -> Result<bool, PkiError> {
+        let facts = crate::inspect::cert_facts(cert_der)?;
+        Ok(crate::constant_time_eq(
+            &facts.public_key,
+            self.spki.der_bytes(),
+        ))
+    }
 }
 
 impl PublicKeyData for LeafPublicKey {
@@ -235,5 +244,18 @@ mod tests {
         assert_eq!(info.extended_key_usage, ["serverAuth", "clientAuth"]);
         assert_eq!(info.serial, spec.serial.to_hex());
         assert!(!info.is_ca);
+        // The facts an upstream-signed leaf is recorded with, and key matching.
+        let facts = crate::inspect::cert_facts(&leaf.der).unwrap();
+        assert_eq!(facts.serial, spec.serial);
+        assert_eq!(facts.not_after, leaf.not_after);
+        assert!(!facts.self_signed);
+        assert!(LeafPublicKey::of(&key).unwrap().is_in(&leaf.der).unwrap());
+        let other = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        assert!(!LeafPublicKey::of(&other).unwrap().is_in(&leaf.der).unwrap());
+        assert!(
+            crate::inspect::cert_facts(ca.cert_der())
+                .unwrap()
+                .self_signed
+        );
     }
 }

@@ -11,7 +11,9 @@ use crate::PkiError;
 const HOUR: u64 = 3600;
 
 /// What a leaf certificate is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// Server and client authentication: a service in a mesh (24h).

@@ -357,6 +357,10 @@ async fn revoke_one(
         RevokeOutcome::Revoked(r) => (r, true),
         RevokeOutcome::AlreadyRevoked(r) => (r, false),
     };
+    // An upstream CA (Vault) keeps its own CRL: tell it first, so that the
+    // CRL remade below includes this serial; also when meshca had the
+    // revocation already (a retry after the upstream failed).
+    let upstream = s.authority.issuer().revoke(serial).await;
     if fresh {
         let identity = format!("{}/{}", record.namespace, record.name);
         s.audit.record(
@@ -374,6 +378,16 @@ async fn revoke_one(
             Some(serial.to_hex()),
         );
         s.invalidate_crl();
+    }
+    if let Err(e) = upstream {
+        tracing::warn!(
+            "serial {}: revoked in meshca, not upstream: {e}",
+            serial.to_hex()
+        );
+        return Err(ApiError::unavailable(format!(
+            "{} is revoked in meshca, but the upstream CA did not take the revocation ({e}); revoke it again to retry",
+            serial.to_hex()
+        )));
     }
     Ok((record, fresh))
 }
@@ -748,6 +762,10 @@ pub async fn readyz(State(s): S) -> Result<&'static str, ApiError> {
         .check()
         .await
         .map_err(|e| ApiError::unavailable(format!("store not ready: {e}")))?;
+    let issuer = s.authority.issuer();
+    issuer.health().map_err(|p| {
+        ApiError::unavailable(format!("issuer not ready ({}): {p}", issuer.describe()))
+    })?;
     Ok("ready\n")
 }
 
@@ -779,6 +797,15 @@ pub async fn metrics(State(s): S) -> Result<Response, ApiError> {
             ("root", root),
         ],
     );
+    let issuer = s.authority.issuer();
+    let (up, reason) = match issuer.health() {
+        Ok(()) => (1, "ok"),
+        Err(p) => (0, p.label()),
+    };
+    text.push_str(&format!(
+        "# HELP meshca_issuer_up 1 while the issuer can sign; reason says why not.\n# TYPE meshca_issuer_up gauge\nmeshca_issuer_up{{issuer=\"{}\",reason=\"{reason}\"}} {up}\n",
+        issuer.kind()
+    ));
     text.push_str(&format!(
         "# HELP meshca_leader 1 while this replica leads (runs the scheduled work).\n# TYPE meshca_leader gauge\nmeshca_leader {}\n",
         u8::from(s.is_leader())

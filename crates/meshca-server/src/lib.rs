@@ -392,28 +392,50 @@ pub async fn ensure_server_cert(
     let out = dir.join("server");
     let names = server_names(extra_names);
     let now = OffsetDateTime::now_utc();
+    // An upstream CA may cap lifetimes (a Vault role's max_ttl).
+    let ttl = state
+        .authority
+        .issuer()
+        .max_ttl(Profile::Server)
+        .map_or(SERVER_CERT_TTL, |max| SERVER_CERT_TTL.min(max));
     if let Ok(set) = meshca_tls::CertSet::load(&meshca_tls::CertPaths::in_dir(&out)) {
         let info = meshca_pki::describe(set.chain[0].as_ref(), now).map_err(|e| e.to_string())?;
-        let fresh = info.seconds_left as f64 > SERVER_CERT_TTL.as_secs_f64() / 3.0;
-        let same_bundle = set
-            .roots
-            .iter()
-            .map(|r| r.as_ref().to_vec())
-            .collect::<Vec<_>>()
-            == state
-                .authority
-                .issuer()
-                .trust_bundle()
-                .await
+        let fresh = info.seconds_left as f64 > ttl.as_secs_f64() / 3.0;
+        let bundle = state
+            .authority
+            .issuer()
+            .trust_bundle()
+            .await
+            .map_err(|e| e.to_string())?;
+        let held: Vec<Vec<u8>> = set.roots.iter().map(|r| r.as_ref().to_vec()).collect();
+        let chain: Vec<Vec<u8>> = set.chain.iter().map(|c| c.as_ref().to_vec()).collect();
+        // Still chaining to a root of the bundle, the serving certificate
+        // stays: clients that do not hold a new root yet can still reach
+        // the server (to fetch the new bundle, among others).
+        let trusted = meshca_pki::verify_chain(&chain, &bundle, now).is_ok();
+        if fresh && trusted && names.iter().all(|n| info.dns_names.contains(n)) {
+            if held != bundle {
+                // Only the roots the server accepts client certificates from
+                // change; the reloader picks the file up.
+                let pem: String = bundle
+                    .iter()
+                    .map(|d| meshca_pki::to_pem("CERTIFICATE", d))
+                    .collect();
+                meshca_files::write_atomic(
+                    &out.join("ca.crt"),
+                    pem.as_bytes(),
+                    meshca_files::PUBLIC_MODE,
+                )
                 .map_err(|e| e.to_string())?;
-        if fresh && same_bundle && names.iter().all(|n| info.dns_names.contains(n)) {
+                tracing::info!("the server now accepts clients of the new trust bundle");
+            }
             return Ok(false);
         }
     }
     let req = IssueRequest::new(ADMIN_NAMESPACE, "meshca")
         .map_err(|e| e.to_string())?
         .profile(Profile::Server)
-        .ttl(Some(SERVER_CERT_TTL))
+        .ttl(Some(ttl))
         .dns(names)
         .ips(vec!["127.0.0.1".into(), "::1".into()])
         .generate_key(state.key_type);
@@ -562,6 +584,24 @@ pub async fn run(opts: ServeOptions, state: Arc<AppState>) -> Result<(), ServeEr
             }
         }
     });
+    // An upstream issuer (Vault) can change the trust bundle by itself:
+    // announce it, and serve a certificate that chains to the new bundle.
+    if let Some(mut changes) = state.authority.issuer().bundle_changes() {
+        let (st, dir, names) = (state.clone(), opts.dir.clone(), opts.server_names.clone());
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                st.invalidate_crl();
+                if st.is_leader() {
+                    st.events.publish("bundle-changed", None, None);
+                }
+                if let Err(e) = ensure_server_cert(&st, &dir, &names).await {
+                    tracing::error!(
+                        "reissuing the server's certificate for the new bundle failed (will retry): {e}"
+                    );
+                }
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| ServeError::Listen(format!("cannot listen on {}: {e}", opts.listen)))?;

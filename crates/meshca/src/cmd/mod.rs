@@ -15,12 +15,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use meshca_issuer::{
-    Authority, BuiltinIssuer, DataDir, InitOptions, InitReport, SHARED_CONFIG_BLOB, init_shared,
+    Authority, BuiltinIssuer, DataDir, InitOptions, InitReport, Issuer, SHARED_CONFIG_BLOB,
+    init_shared,
 };
 use meshca_pki::SealKey;
 use meshca_store::{EmbeddedStore, Store};
+use meshca_vault::VaultIssuer;
 
 use crate::config::Config;
+use crate::issuer::{IssuerArgs, IssuerChoice};
 use crate::store::{StoreArgs, StoreChoice, StoreSettings};
 
 /// Opens the store of a data directory that must hold a CA: the embedded
@@ -57,12 +60,24 @@ pub async fn open_store(
     }
 }
 
-/// Opens everything needed to issue from a data directory.
-pub async fn open_authority(dir: &Path, args: &StoreArgs) -> anyhow::Result<(Config, Authority)> {
+/// Opens everything needed to issue from a data directory: its store and
+/// the issuer its `[issuer]` table (or the flags) name.
+pub async fn open_authority(
+    dir: &Path,
+    args: &StoreArgs,
+    issuer_args: &IssuerArgs,
+) -> anyhow::Result<(Config, Authority)> {
     let (config, store, seal) = open_store(dir, args).await?;
-    let issuer = BuiltinIssuer::open(dir, store.clone(), seal.as_ref()).await?;
+    let issuer: Arc<dyn Issuer> = match issuer_args.choose(config.issuer.as_ref())? {
+        IssuerChoice::Builtin => {
+            Arc::new(BuiltinIssuer::open(dir, store.clone(), seal.as_ref()).await?)
+        }
+        IssuerChoice::Vault(settings) => {
+            VaultIssuer::connect(*settings, config.trust_domain.clone()).await?
+        }
+    };
     let policy = config.policy();
-    Ok((config, Authority::new(Arc::new(issuer), store, policy)))
+    Ok((config, Authority::new(issuer, store, policy)))
 }
 
 /// `init` on a shared store: the seal key (created when its file does not

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use anyhow::anyhow;
 use meshca_pki::{Serial, parse_duration, rfc3339};
 use meshca_store::{CertFilter, CertStatus, RevocationReason, RevokeOutcome};
@@ -63,10 +64,16 @@ pub async fn list(dir: &Path, store_args: &StoreArgs, a: ListArgs) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn revoke(dir: &Path, store_args: &StoreArgs, a: RevokeArgs) -> anyhow::Result<ExitCode> {
+pub async fn revoke(
+    dir: &Path,
+    store_args: &StoreArgs,
+    issuer_args: &crate::issuer::IssuerArgs,
+    a: RevokeArgs,
+) -> anyhow::Result<ExitCode> {
     let serial: Serial = a.serial.parse()?;
     let reason: RevocationReason = a.reason.parse().map_err(|e: String| anyhow!(e))?;
-    let (_, store, _) = super::open_store(dir, store_args).await?;
+    let (config, store, _) = super::open_store(dir, store_args).await?;
+    let upstream = issuer_args.choose(config.issuer.as_ref())?;
     let now = OffsetDateTime::now_utc();
     let (record, fresh) = match store.revoke_certificate(&serial, reason, now).await? {
         RevokeOutcome::Revoked(r) => (r, true),
@@ -84,6 +91,14 @@ pub async fn revoke(dir: &Path, store_args: &StoreArgs, a: RevokeArgs) -> anyhow
             at: rfc3339(now),
         };
         store.append_event(&serde_json::to_vec(&event)?).await?;
+    }
+    // Vault keeps its own CRL: tell it too (again on a retry).
+    if let crate::issuer::IssuerChoice::Vault(settings) = upstream {
+        let vault =
+            meshca_vault::VaultIssuer::connect(*settings, config.trust_domain.clone()).await?;
+        meshca_issuer::Issuer::revoke(&*vault, &serial)
+            .await
+            .with_context(|| format!("{serial} is revoked in meshca, but Vault did not take it; run the revocation again to retry"))?;
     }
     if a.json {
         super::print_json(&json!({
@@ -115,10 +130,11 @@ pub async fn revoke(dir: &Path, store_args: &StoreArgs, a: RevokeArgs) -> anyhow
 pub async fn ca(
     dir: &Path,
     store_args: &StoreArgs,
+    issuer_args: &crate::issuer::IssuerArgs,
     c: crate::CaCommand,
 ) -> anyhow::Result<ExitCode> {
     let crate::CaCommand::Status { json } = c;
-    let (_, authority) = super::open_authority(dir, store_args).await?;
+    let (_, authority) = super::open_authority(dir, store_args, issuer_args).await?;
     let v = meshca_server::views::ca_status_json(&authority)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
@@ -135,13 +151,21 @@ pub fn print_ca_status(v: &serde_json::Value) {
     let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
     println!(
         "issuer: {} ({})",
-        s(&v["issuer"]),
+        v["issuer_detail"]
+            .as_str()
+            .map_or_else(|| s(&v["issuer"]), str::to_owned),
         if v["healthy"] == true {
             "healthy"
         } else {
             "NOT healthy"
         }
     );
+    if let Some(problem) = v["issuer_problem"].as_str() {
+        println!("issuer problem: {problem}");
+    }
+    if let Some(root) = v["root_fingerprint"].as_str() {
+        println!("root fingerprint: {root}");
+    }
     println!("trust domain: {}", s(&v["trust_domain"]));
     println!("issuing CA expires: {}", s(&v["issuing_ca_not_after"]));
     for h in v["hierarchies"].as_array().into_iter().flatten() {

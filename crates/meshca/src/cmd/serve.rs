@@ -10,10 +10,21 @@ use meshca_server::{AppState, ServeOptions};
 
 use crate::ServeArgs;
 use crate::config::Config;
+use crate::issuer::{IssuerArgs, IssuerChoice};
 use crate::store::{StoreArgs, StoreChoice};
 
-pub async fn run(dir: &Path, store_args: &StoreArgs, a: ServeArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    dir: &Path,
+    store_args: &StoreArgs,
+    issuer_args: &IssuerArgs,
+    a: ServeArgs,
+) -> anyhow::Result<ExitCode> {
     let data = meshca_issuer::DataDir::new(dir);
+    if !data.holds_ca() {
+        if let IssuerChoice::Vault(settings) = issuer_args.choose(None)? {
+            init_vault_dir(dir, store_args, *settings, &a).await?;
+        }
+    }
     if !data.holds_ca() {
         let choice = store_args.choose(None)?;
         // A shared store that holds a CA is joined; otherwise a CA is made.
@@ -55,7 +66,7 @@ pub async fn run(dir: &Path, store_args: &StoreArgs, a: ServeArgs) -> anyhow::Re
             );
         }
     }
-    let (config, authority) = super::open_authority(dir, store_args).await?;
+    let (config, authority) = super::open_authority(dir, store_args, issuer_args).await?;
     let state = Arc::new(AppState::new(
         dir,
         authority,
@@ -70,4 +81,43 @@ pub async fn run(dir: &Path, store_args: &StoreArgs, a: ServeArgs) -> anyhow::Re
     };
     meshca_server::run(opts, state).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A data directory whose certificates Vault signs: the role is checked,
+/// the admin credentials come from Vault, and `meshca.toml` records the
+/// `[issuer]` table so that a later `serve --dir` needs no flags.
+async fn init_vault_dir(
+    dir: &Path,
+    store_args: &StoreArgs,
+    settings: meshca_vault::VaultSettings,
+    a: &ServeArgs,
+) -> anyhow::Result<()> {
+    if let StoreChoice::Etcd(_) = store_args.choose(None)? {
+        anyhow::bail!(
+            "--issuer vault with a shared (etcd) store is not supported yet: run the Vault issuer with the embedded store"
+        );
+    }
+    let trust_domain = TrustDomain::new(&a.trust_domain)?;
+    let mut config = Config::new(trust_domain.clone(), meshca_pki::KeyType::default());
+    let choice = IssuerChoice::Vault(Box::new(settings.clone()));
+    config.issuer = choice.settings();
+    let issuer = meshca_vault::VaultIssuer::connect(settings, trust_domain.clone()).await?;
+    let opts = InitOptions {
+        trust_domain,
+        key_type: config.key_type,
+        root_ttl: DEFAULT_ROOT_TTL,
+        import: None,
+        config_toml: config.to_toml()?,
+        max_ttl: config.max_ttl.get(),
+    };
+    let describe = meshca_issuer::Issuer::describe(&*issuer);
+    let report = meshca_issuer::init_with_issuer(dir, issuer, opts).await?;
+    eprintln!(
+        "Created a CA front in {} signed by {describe} (root fingerprint {}); admin credentials in {}/ (tls.crt, tls.key, ca.crt), valid until {} (the role's max_ttl bounds it)",
+        dir.display(),
+        report.root_fingerprint,
+        report.admin_dir.display(),
+        meshca_pki::rfc3339(report.admin_not_after)
+    );
+    Ok(())
 }

