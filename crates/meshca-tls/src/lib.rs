@@ -45,7 +45,7 @@ mod verify;
 pub use client::{TlsConnector, client_config};
 pub use config::{PeerMatcher, TlsConfig, TlsMode, TlsVersion};
 pub use creds::{CertPaths, CertSet};
-pub use error::TlsError;
+pub use error::{HandshakeFailure, TlsError};
 pub use http::{redirect_location, serve, serve_redirect};
 pub use identity::{NoPeerIdentity, Peer, PeerIdentity};
 pub use reload::{CertSource, DEFAULT_POLL};

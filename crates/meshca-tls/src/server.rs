@@ -16,7 +16,7 @@ use crate::creds::CertSet;
 use crate::identity::{NoPeerIdentity, Peer, PeerIdentity};
 use crate::reload::{CertSource, DEFAULT_POLL};
 use crate::verify::AllowListVerifier;
-use crate::{TlsConfig, TlsError, TlsMode, TlsVersion};
+use crate::{HandshakeFailure, TlsConfig, TlsError, TlsMode, TlsVersion};
 
 /// How long a client may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -250,8 +250,14 @@ impl TlsAcceptor {
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
-            .map_err(|_| TlsError::Io("TLS handshake timed out".into()))?
-            .map_err(|e| TlsError::Io(format!("TLS handshake failed: {e}")))?;
+            .map_err(|_| TlsError::Handshake {
+                reason: HandshakeFailure::Timeout,
+                detail: format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+            })?
+            .map_err(|e| TlsError::Handshake {
+                reason: HandshakeFailure::of(&e),
+                detail: e.to_string(),
+            })?;
         let identity = tls
             .get_ref()
             .1

@@ -64,6 +64,7 @@ impl VaultClient {
             .timeout(settings.timeout.get())
             .connect_timeout(settings.timeout.get().min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
             .no_proxy();
         if let Some(ca) = &settings.ca_file {
             let pem = meshca_files::read_limited(ca, 1024 * 1024)?;
