@@ -64,6 +64,7 @@ async fn main() -> std::process::ExitCode {
         min_version,
         redirect,
         allow,
+        alpn: None,
     };
     match run(config, a.listen).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -184,6 +184,11 @@ pub struct TlsConfig {
     /// Peers allowed in `mtls` and `permissive` (empty: any peer the bundle trusts).
     #[serde(default)]
     pub allow: Vec<PeerMatcher>,
+    /// ALPN protocols offered: absent, `h2` and `http/1.1` (an HTTP
+    /// server); an empty list offers none (a TCP proxy, which must not make
+    /// clients speak a protocol its target does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<Vec<String>>,
 }
 
 impl TlsConfig {

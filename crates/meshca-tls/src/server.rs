@@ -75,7 +75,10 @@ pub fn server_config(set: &CertSet, config: &TlsConfig) -> Result<ServerConfig, 
     let mut server = builder
         .with_single_cert(set.chain.clone(), set.key())
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    server.alpn_protocols = match &config.alpn {
+        None => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
+    };
     Ok(server)
 }
 

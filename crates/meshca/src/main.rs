@@ -73,6 +73,64 @@ enum Command {
     /// The store: move a CA between the embedded store and etcd.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// mTLS in front of a service (server) or to a service (client), with
+    /// the identity files the agent keeps fresh.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxyCommand {
+    /// Terminate mTLS on --listen and forward plaintext to --target; only
+    /// --allow'ed peers get through (refused in the handshake).
+    Server(ProxyRouteArgs),
+    /// Accept plaintext on --listen and originate mTLS to --target, checking
+    /// that the server is --server-id.
+    Client(ProxyRouteArgs),
+    /// Several routes from a file (`[[route]]` tables).
+    Run {
+        /// The file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ProxyRouteArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Where to connect: host:port, or unix:/path (server side).
+    #[arg(long)]
+    target: String,
+    /// tls.crt, tls.key, ca.crt (what `meshca agent --out` keeps fresh).
+    #[arg(long, value_name = "DIR")]
+    certs: PathBuf,
+    /// Server: a peer let through (SPIFFE ID, spiffe://td/ns/x/* or a DNS
+    /// name; repeatable). None: any peer the bundle trusts.
+    #[arg(long = "allow", value_name = "ID")]
+    allow: Vec<String>,
+    /// Server: also accept plaintext clients (migration).
+    #[arg(long)]
+    permissive: bool,
+    /// Server: send a PROXY protocol v2 header with the verified identity.
+    #[arg(long)]
+    proxy_protocol: bool,
+    /// Client: the identity the server must have (SPIFFE ID or DNS name).
+    #[arg(long, value_name = "ID")]
+    server_id: Option<String>,
+    /// Also accept TLS 1.2.
+    #[arg(long)]
+    tls12: bool,
+    /// Close connections idle this long [default: 5m].
+    #[arg(long, value_name = "DUR")]
+    idle_timeout: Option<meshca_pki::GoDuration>,
+    /// On SIGTERM, how long open connections get [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    shutdown_grace: Option<meshca_pki::GoDuration>,
+    /// Serve /healthz and /metrics here (plain HTTP).
+    #[arg(long, value_name = "ADDR")]
+    health: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,7 +397,10 @@ fn main() -> ExitCode {
     let store_args = cli.store.clone();
     let issuer_args = cli.issuer.clone();
     let ca_file = cli.ca.clone();
-    if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
+    if matches!(
+        cli.command,
+        Command::Serve(_) | Command::Agent(_) | Command::Proxy(_)
+    ) {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .init();
@@ -348,6 +409,7 @@ fn main() -> ExitCode {
         match (cli.command, online) {
             (Command::Init(a), _) => cmd::init::run(&dir, &store_args, a).await,
             (Command::Agent(a), _) => cmd::agent::run(server_url, ca_file, a).await,
+            (Command::Proxy(c), _) => cmd::proxy::run(c).await,
             (Command::Store(StoreCommand::Copy { from, to }), _) => {
                 cmd::copy::run(&from, &to, &store_args).await
             }

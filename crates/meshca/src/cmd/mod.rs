@@ -7,6 +7,7 @@ pub mod init;
 pub mod inspect;
 pub mod issue;
 pub mod online;
+pub mod proxy;
 pub mod records;
 pub mod serve;
 
