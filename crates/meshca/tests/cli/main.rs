@@ -11,6 +11,7 @@ mod import;
 mod init;
 mod issue;
 mod lint;
+mod proxy;
 mod records;
 mod replicas;
 mod serve;
