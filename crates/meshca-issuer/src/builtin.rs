@@ -92,12 +92,31 @@ impl DataDir {
     }
 }
 
-/// The built-in issuer: the active hierarchy's intermediate signs.
+/// The built-in issuer: the active hierarchy's intermediate signs. It
+/// reads the hierarchies again on [`Issuer::reload`] (a root rotation step
+/// here or on another replica), so a running server switches without a
+/// restart; the bundle's changes are announced on [`Issuer::bundle_changes`].
 #[derive(Debug)]
 pub struct BuiltinIssuer {
+    loaded: std::sync::RwLock<Arc<Loaded>>,
+    source: Option<Source>,
+    bundle_tx: tokio::sync::watch::Sender<u64>,
+}
+
+/// What signs now.
+#[derive(Debug)]
+struct Loaded {
     signing: Arc<SigningCa>,
     hierarchy_id: String,
     bundle: Vec<Vec<u8>>,
+}
+
+/// Where the hierarchies are read from again.
+#[derive(Debug)]
+struct Source {
+    dir: PathBuf,
+    store: Arc<dyn Store>,
+    seal: Option<SealKey>,
 }
 
 impl BuiltinIssuer {
@@ -109,58 +128,95 @@ impl BuiltinIssuer {
         store: Arc<dyn Store>,
         seal: Option<&SealKey>,
     ) -> Result<Self, IssuerError> {
-        let data = DataDir::new(dir);
-        let hierarchies = store.list_hierarchies().await?;
-        let active = hierarchies
-            .iter()
-            .find(|h| h.status == HierarchyStatus::Active)
-            .ok_or_else(|| IssuerError::NoCa {
-                dir: dir.to_owned(),
-                reason: format!(
-                    "the store {} holds no active CA hierarchy",
-                    store.location()
-                ),
-            })?;
-        let hdir = data.hierarchy_dir(&active.id);
-        let key = match &active.sealed_keys {
-            Some(sealed) => {
-                let seal = seal.ok_or_else(|| IssuerError::NeedSealKey {
-                    location: store.location(),
-                })?;
-                let what = intermediate_seal_label(&active.id);
-                let pem = seal.open(&sealed.intermediate, &what)?;
-                PrivateKey::from_pem(&String::from_utf8_lossy(&pem))?
-            }
-            None => {
-                let key_path = hdir.join("intermediate.key");
-                let key_pem = read_secret(&key_path, MAX_FILE)?;
-                PrivateKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
-                    IssuerError::Import {
-                        path: key_path.clone(),
-                        reason: e.to_string(),
-                    }
-                })?
-            }
-        };
-        let int_der = first_cert(active.intermediate_pem.as_bytes(), &hdir)?;
-        let signing = SigningCa::new(
-            int_der,
-            key,
-            &format!("intermediate of hierarchy {}", active.id),
-            OffsetDateTime::now_utc(),
-        )?;
-        let bundle = bundle_of(&hierarchies, &hdir)?;
+        let loaded = load(dir, &store, seal).await?;
         Ok(BuiltinIssuer {
-            signing: Arc::new(signing),
-            hierarchy_id: active.id.clone(),
-            bundle,
+            loaded: std::sync::RwLock::new(Arc::new(loaded)),
+            source: Some(Source {
+                dir: dir.to_owned(),
+                store,
+                seal: seal.cloned(),
+            }),
+            bundle_tx: tokio::sync::watch::channel(0).0,
         })
     }
 
-    /// The id of the hierarchy that signs.
-    pub fn hierarchy_id(&self) -> &str {
-        &self.hierarchy_id
+    /// An issuer for one hierarchy that is never read again (init).
+    fn fixed(signing: SigningCa, hierarchy_id: &str, bundle: Vec<Vec<u8>>) -> Self {
+        BuiltinIssuer {
+            loaded: std::sync::RwLock::new(Arc::new(Loaded {
+                signing: Arc::new(signing),
+                hierarchy_id: hierarchy_id.to_owned(),
+                bundle,
+            })),
+            source: None,
+            bundle_tx: tokio::sync::watch::channel(0).0,
+        }
     }
+
+    fn now(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// The id of the hierarchy that signs.
+    pub fn hierarchy_id(&self) -> String {
+        self.now().hierarchy_id.clone()
+    }
+}
+
+async fn load(
+    dir: &Path,
+    store: &Arc<dyn Store>,
+    seal: Option<&SealKey>,
+) -> Result<Loaded, IssuerError> {
+    let data = DataDir::new(dir);
+    let hierarchies = store.list_hierarchies().await?;
+    let active = hierarchies
+        .iter()
+        .find(|h| h.status == HierarchyStatus::Active)
+        .ok_or_else(|| IssuerError::NoCa {
+            dir: dir.to_owned(),
+            reason: format!(
+                "the store {} holds no active CA hierarchy",
+                store.location()
+            ),
+        })?;
+    let hdir = data.hierarchy_dir(&active.id);
+    let key = match &active.sealed_keys {
+        Some(sealed) => {
+            let seal = seal.ok_or_else(|| IssuerError::NeedSealKey {
+                location: store.location(),
+            })?;
+            let what = intermediate_seal_label(&active.id);
+            let pem = seal.open(&sealed.intermediate, &what)?;
+            PrivateKey::from_pem(&String::from_utf8_lossy(&pem))?
+        }
+        None => {
+            let key_path = hdir.join("intermediate.key");
+            let key_pem = read_secret(&key_path, MAX_FILE)?;
+            PrivateKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
+                IssuerError::Import {
+                    path: key_path.clone(),
+                    reason: e.to_string(),
+                }
+            })?
+        }
+    };
+    let int_der = first_cert(active.intermediate_pem.as_bytes(), &hdir)?;
+    let signing = SigningCa::new(
+        int_der,
+        key,
+        &format!("intermediate of hierarchy {}", active.id),
+        OffsetDateTime::now_utc(),
+    )?;
+    let bundle = bundle_of(&hierarchies, &hdir)?;
+    Ok(Loaded {
+        signing: Arc::new(signing),
+        hierarchy_id: active.id.clone(),
+        bundle,
+    })
 }
 
 /// What a hierarchy's sealed intermediate key is bound to.
@@ -216,11 +272,12 @@ impl Issuer for BuiltinIssuer {
             }
         };
         let key = &key;
+        let now = self.now();
         // An EC or Ed25519 signature takes tens of microseconds, less than a
         // hand-off to another thread; an RSA one takes milliseconds and would
         // stall the reactor, so it goes to the blocking pool.
-        let leaf = if self.signing.key_type().is_rsa() {
-            let signing = self.signing.clone();
+        let leaf = if now.signing.key_type().is_rsa() {
+            let signing = now.signing.clone();
             let (key, spec) = (key.clone(), spec.clone());
             tokio::task::spawn_blocking(move || {
                 signing.sign_leaf(&key, &spec, OffsetDateTime::now_utc())
@@ -228,19 +285,42 @@ impl Issuer for BuiltinIssuer {
             .await
             .map_err(|e| IssuerError::Policy(format!("signing task failed: {e}")))??
         } else {
-            self.signing
+            now.signing
                 .sign_leaf(key, spec, OffsetDateTime::now_utc())?
         };
         Ok(Signed {
             leaf,
-            chain: vec![self.signing.cert_der().to_vec()],
-            hierarchy_id: self.hierarchy_id.clone(),
+            chain: vec![now.signing.cert_der().to_vec()],
+            hierarchy_id: now.hierarchy_id.clone(),
             private_key,
         })
     }
 
     async fn trust_bundle(&self) -> Result<Vec<Vec<u8>>, IssuerError> {
-        Ok(self.bundle.clone())
+        Ok(self.now().bundle.clone())
+    }
+
+    async fn reload(&self) -> Result<(), IssuerError> {
+        let Some(src) = &self.source else {
+            return Ok(());
+        };
+        let fresh = load(&src.dir, &src.store, src.seal.as_ref()).await?;
+        let changed = self.now().bundle != fresh.bundle;
+        let switched = self.now().hierarchy_id != fresh.hierarchy_id;
+        if let Ok(mut l) = self.loaded.write() {
+            *l = Arc::new(fresh);
+        }
+        if switched {
+            tracing::info!(hierarchy = %self.hierarchy_id(), "now signing with another hierarchy");
+        }
+        if changed {
+            self.bundle_tx.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    fn bundle_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.bundle_tx.subscribe())
     }
 
     async fn crl(
@@ -249,7 +329,7 @@ impl Issuer for BuiltinIssuer {
         crl_number: u64,
         validity: Duration,
     ) -> Result<Vec<u8>, IssuerError> {
-        let signing = self.signing.clone();
+        let signing = self.now().signing.clone();
         Ok(tokio::task::spawn_blocking(move || {
             signing.sign_crl(&revoked, crl_number, OffsetDateTime::now_utc(), validity)
         })
@@ -257,8 +337,13 @@ impl Issuer for BuiltinIssuer {
         .map_err(|e| IssuerError::Policy(format!("CRL task failed: {e}")))??)
     }
 
+    fn issuing_key_type(&self) -> Option<KeyType> {
+        Some(self.now().signing.key_type())
+    }
+
     fn issuing_ca(&self) -> (Vec<u8>, OffsetDateTime) {
-        (self.signing.cert_der().to_vec(), self.signing.not_after())
+        let now = self.now();
+        (now.signing.cert_der().to_vec(), now.signing.not_after())
     }
 }
 
@@ -311,12 +396,12 @@ pub struct InitReport {
     pub admin_not_after: OffsetDateTime,
 }
 
-struct Material {
-    root_der: Vec<u8>,
-    root_key: Option<PrivateKey>,
-    intermediate: SigningCa,
-    intermediate_key_pem: String,
-    imported: bool,
+pub(crate) struct Material {
+    pub(crate) root_der: Vec<u8>,
+    pub(crate) root_key: Option<PrivateKey>,
+    pub(crate) intermediate: SigningCa,
+    pub(crate) intermediate_key_pem: String,
+    pub(crate) imported: bool,
 }
 
 fn import_err(path: &Path, e: impl std::fmt::Display) -> IssuerError {
@@ -343,7 +428,7 @@ fn read_key_file(path: &Path) -> Result<PrivateKey, IssuerError> {
     PrivateKey::from_pem(&String::from_utf8_lossy(&bytes)).map_err(|e| import_err(path, e))
 }
 
-fn build_material(
+pub(crate) fn build_material(
     opts: &InitOptions,
     id: &str,
     now: OffsetDateTime,
@@ -436,7 +521,7 @@ fn build_material(
     }
 }
 
-fn hierarchy_id() -> Result<String, IssuerError> {
+pub(crate) fn hierarchy_id() -> Result<String, IssuerError> {
     Ok(Serial::random()?.to_hex()[..8].to_owned())
 }
 
@@ -519,11 +604,11 @@ async fn write_staged(
     let store = Arc::new(EmbeddedStore::open(&stage.store_path())?);
     meshca_files::restrict(&stage.store_path())?;
     store.create_hierarchy(&record).await?;
-    let issuer = Arc::new(BuiltinIssuer {
-        signing: Arc::new(m.intermediate),
-        hierarchy_id: id.to_owned(),
-        bundle: vec![m.root_der.clone()],
-    });
+    let issuer = Arc::new(BuiltinIssuer::fixed(
+        m.intermediate,
+        id,
+        vec![m.root_der.clone()],
+    ));
     let policy = Policy {
         trust_domain: opts.trust_domain.clone(),
         max_ttl: opts.max_ttl,
@@ -648,27 +733,47 @@ fn move_into_place(staging: &Path, dir: &Path, names: &[&str]) -> Result<(), Iss
 /// Writes the admin credentials (kubernetes.io/tls layout).
 fn write_admin(admin_dir: &Path, admin: &crate::Issued) -> Result<(), IssuerError> {
     create_private_dir(admin_dir)?;
-    if let Some(key) = &admin.private_key {
-        write_atomic(
-            &admin_dir.join("tls.key"),
-            key.to_pem().as_bytes(),
-            SECRET_MODE,
-        )?;
+    let key = admin.private_key.as_ref().map(|k| k.to_pem());
+    let mut files: Vec<(&str, &[u8], u32)> = vec![
+        ("tls.crt", admin.certificate_pem.as_bytes(), PUBLIC_MODE),
+        ("ca.crt", admin.ca_bundle_pem.as_bytes(), PUBLIC_MODE),
+    ];
+    if let Some(k) = &key {
+        files.push(("tls.key", k.as_bytes(), SECRET_MODE));
     }
-    write_atomic(
-        &admin_dir.join("tls.crt"),
-        admin.certificate_pem.as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    write_atomic(
-        &admin_dir.join("ca.crt"),
-        admin.ca_bundle_pem.as_bytes(),
-        PUBLIC_MODE,
-    )?;
+    // The pair switches together (a running CLI never reads a new key with
+    // an old certificate).
+    meshca_files::write_set_atomic(admin_dir, &files)?;
     Ok(())
 }
 
-fn hierarchy_record(
+/// Issues new admin credentials into `dir/admin/` from the issuer that
+/// signs now: a root rotation's activation does it, so that the operator
+/// still gets in once the old root has left the bundle.
+pub async fn reissue_admin(
+    authority: &Authority,
+    dir: &Path,
+    key_type: KeyType,
+) -> Result<crate::Issued, IssuerError> {
+    let ttl = ADMIN_TTL.min(authority.policy().max_ttl).min(
+        authority
+            .issuer()
+            .max_ttl(Profile::Client)
+            .unwrap_or(ADMIN_TTL),
+    );
+    let admin = authority
+        .issue(
+            IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+                .profile(Profile::Client)
+                .ttl(Some(ttl))
+                .generate_key(key_type),
+        )
+        .await?;
+    write_admin(&DataDir::new(dir).admin_dir(), &admin)?;
+    Ok(admin)
+}
+
+pub(crate) fn hierarchy_record(
     id: &str,
     m: &Material,
     sealed_keys: Option<SealedKeys>,
@@ -737,11 +842,7 @@ pub async fn init_shared(
     let root_fingerprint = fingerprint(&m.root_der);
     let imported = m.imported;
     let bundle = vec![m.root_der.clone()];
-    let issuer = Arc::new(BuiltinIssuer {
-        signing: Arc::new(m.intermediate),
-        hierarchy_id: id.clone(),
-        bundle,
-    });
+    let issuer = Arc::new(BuiltinIssuer::fixed(m.intermediate, &id, bundle));
     let authority = Authority::new(
         issuer,
         store.clone(),

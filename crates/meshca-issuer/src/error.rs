@@ -48,6 +48,8 @@ pub enum IssuerError {
         /// Where the store is.
         location: String,
     },
+    /// A root rotation step cannot be taken now (which stage, what to do).
+    Rotation(String),
     /// The upstream CA (Vault) cannot sign now.
     Upstream {
         /// Which upstream, as `describe` says it.
@@ -114,6 +116,7 @@ impl fmt::Display for IssuerError {
                 f,
                 "the CA keys in {location} are sealed: give the seal key with --seal-key-file (or MESHCA_SEAL_KEY_FILE)"
             ),
+            IssuerError::Rotation(why) => write!(f, "root rotation: {why}"),
             IssuerError::Upstream { issuer, problem } => {
                 write!(f, "the upstream CA ({issuer}) cannot sign now: {problem}")
             }

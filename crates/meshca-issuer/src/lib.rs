@@ -41,6 +41,7 @@ mod builtin;
 mod error;
 mod migrate;
 mod policy;
+pub mod rotation;
 
 use async_trait::async_trait;
 use meshca_pki::{IssuedLeaf, LeafSpec, PrivateKey, RevokedEntry, Serial};
@@ -48,7 +49,7 @@ use meshca_pki::{IssuedLeaf, LeafSpec, PrivateKey, RevokedEntry, Serial};
 pub use authority::{Authority, DEFAULT_MAX_TTL, IssueRequest, Issued, KeySource, Policy};
 pub use builtin::{
     ADMIN_NAME, ADMIN_NAMESPACE, BuiltinIssuer, DataDir, ImportSpec, InitOptions, InitReport,
-    SHARED_CONFIG_BLOB, init_data_dir, init_shared, init_with_issuer,
+    SHARED_CONFIG_BLOB, init_data_dir, init_shared, init_with_issuer, reissue_admin,
 };
 pub use error::IssuerError;
 pub use meshca_pki::VerifiedCsr;
@@ -135,6 +136,12 @@ pub trait Issuer: std::fmt::Debug + Send + Sync {
     /// The issuing CA certificate (DER) and its notAfter, for status.
     fn issuing_ca(&self) -> (Vec<u8>, time::OffsetDateTime);
 
+    /// The key type of the issuing CA, when meshca holds it (a new
+    /// hierarchy gets the same unless told otherwise).
+    fn issuing_key_type(&self) -> Option<meshca_pki::KeyType> {
+        None
+    }
+
     /// The longest lifetime it signs for `profile`, when it has its own
     /// limit (a Vault role's max_ttl). Requests that ask for no lifetime
     /// get the profile's default cut to this; asking for more is refused.
@@ -161,8 +168,14 @@ pub trait Issuer: std::fmt::Debug + Send + Sync {
         Ok(())
     }
 
-    /// A counter that moves whenever the trust bundle changed outside
-    /// meshca (a new issuer in Vault); `None` when only meshca changes it.
+    /// Reads the CA state again (a rotation step made here or by another
+    /// replica). Upstream issuers refresh by themselves.
+    async fn reload(&self) -> Result<(), IssuerError> {
+        Ok(())
+    }
+
+    /// A counter that moves whenever the trust bundle changed (a rotation
+    /// step, a new issuer in Vault).
     fn bundle_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

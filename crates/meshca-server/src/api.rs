@@ -704,10 +704,141 @@ pub async fn ca_status(
 ) -> Result<Json<Value>, ApiError> {
     caller(&s, &peer, &headers).await?.require_admin()?;
     let mut status = ca_status_json(&s.authority).await?;
+    status["rotation"] = json!(meshca_issuer::rotation::status(&s.store).await?);
     status["store"] = json!(s.store.location());
     status["replica"] = json!(s.replica);
     status["leader"] = json!(s.is_leader());
     Ok(Json(status))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRootBody {
+    #[serde(default)]
+    force: bool,
+    /// Over how long the identities are told to renew (activate).
+    #[serde(default)]
+    window: Option<String>,
+    /// Key type of the new hierarchy (prepare).
+    #[serde(default)]
+    key_type: Option<String>,
+}
+
+/// One step of a root rotation: prepare, activate, retire or abort.
+pub async fn rotate_root(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path(step): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    use meshca_issuer::rotation;
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    let b: RotateRootBody = if body.is_empty() {
+        RotateRootBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let window = match &b.window {
+        Some(w) => meshca_pki::parse_duration(w)
+            .map_err(|e| ApiError::bad_request(format!("window: {e}")))?,
+        None => Duration::from_secs(60),
+    };
+    let done = match step.as_str() {
+        "prepare" => {
+            let key_type = match &b.key_type {
+                Some(k) => k
+                    .parse()
+                    .map_err(|e: meshca_pki::PkiError| ApiError::bad_request(e.to_string()))?,
+                None => s
+                    .authority
+                    .issuer()
+                    .issuing_key_type()
+                    .unwrap_or(s.key_type),
+            };
+            let opts = rotation::PrepareOptions {
+                trust_domain: s.authority.policy().trust_domain.clone(),
+                key_type,
+                root_ttl: meshca_pki::DEFAULT_ROOT_TTL,
+            };
+            let record = rotation::prepare(&s.dir, &s.store, s.seal.as_ref(), opts).await?;
+            format!(
+                "prepared hierarchy {}; the trust bundle now holds both roots",
+                record.id
+            )
+        }
+        "activate" => {
+            let (old, new) = rotation::activate(&s.store).await?;
+            format!(
+                "hierarchy {new} signs now ({old} is retiring); every identity is told to renew within {}",
+                meshca_pki::format_duration(window)
+            )
+        }
+        "retire" => {
+            let old = rotation::retire(&s.store, b.force).await?;
+            format!("hierarchy {old} retired; its root left the trust bundle")
+        }
+        "abort" => rotation::abort(&s.store).await?,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no rotation step {other:?}: prepare, activate, retire or abort"
+            )));
+        }
+    };
+    if step == "activate" {
+        // The server's own certificate and the local admin credentials
+        // move to the new hierarchy now, so that nothing of meshca itself
+        // holds up the retirement of the old root.
+        s.server_cert_stale
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    s.authority.issuer().reload().await?;
+    if step == "activate" && s.dir.join("admin").exists() {
+        meshca_issuer::reissue_admin(&s.authority, &s.dir, s.key_type).await?;
+    }
+    s.audit.record(
+        "rotate-root",
+        &who.describe(),
+        None,
+        None,
+        "allowed",
+        Some(&format!("{step}: {done}")),
+    );
+    if step == "activate" {
+        spread_rotate(&s, window).await?;
+    }
+    let status = rotation::status(&s.store).await?;
+    Ok(Json(json!({"done": done, "rotation": status})))
+}
+
+/// Tells every identity with a live certificate to renew, spread evenly
+/// over `window` so that the CA is not asked for everything at once.
+async fn spread_rotate(s: &Arc<AppState>, window: Duration) -> Result<(), ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let filter = CertFilter {
+        status: Some(CertStatus::Active),
+        exclude_expired_before: Some(now),
+        ..Default::default()
+    };
+    let mut identities: Vec<(String, String)> = s
+        .store
+        .list_certificates(&filter)
+        .await?
+        .into_iter()
+        .map(|r| (r.namespace, r.name))
+        .collect();
+    identities.sort();
+    identities.dedup();
+    let st = s.clone();
+    tokio::spawn(async move {
+        let gap = window / u32::try_from(identities.len().max(1)).unwrap_or(u32::MAX);
+        for (ns, name) in identities {
+            st.events.publish("rotate", Some((&ns, &name)), None);
+            tokio::time::sleep(gap).await;
+        }
+    });
+    Ok(())
 }
 
 pub async fn events(

@@ -98,6 +98,11 @@ impl From<IssuerError> for ApiError {
                 message: e.to_string(),
             },
             IssuerError::Store(s) => ApiError::from_store(s),
+            IssuerError::Rotation(_) => Self {
+                status: StatusCode::CONFLICT,
+                code: "conflict",
+                message: e.to_string(),
+            },
             _ if e.upstream_problem().is_some() => ApiError::unavailable(e.to_string()),
             _ if e.is_bad_input() => ApiError::bad_request(e.to_string()),
             _ => ApiError::internal(e.to_string()),

@@ -76,6 +76,13 @@ pub struct AppState {
     pub audit: audit::Audit,
     /// Metrics.
     pub metrics: metrics::Metrics,
+    /// The data directory (new hierarchies' key files, embedded store).
+    pub dir: std::path::PathBuf,
+    /// The seal key of CA keys in a shared store (rotation seals new keys).
+    pub seal: Option<meshca_pki::SealKey>,
+    /// Set when the server's own certificate must come from the signing
+    /// hierarchy at the next check (a root rotation's activation).
+    pub server_cert_stale: std::sync::atomic::AtomicBool,
     crl: tokio::sync::Mutex<Option<(Instant, u64, Vec<u8>)>>,
     crl_generation: AtomicU64,
     crl_number: AtomicU64,
@@ -101,12 +108,21 @@ impl AppState {
             peers: auth::PeerCache::default(),
             audit: audit::Audit::open(&dir.join("audit.log"))?,
             metrics: metrics::Metrics::default(),
+            dir: dir.to_owned(),
+            seal: None,
+            server_cert_stale: std::sync::atomic::AtomicBool::new(false),
             crl: tokio::sync::Mutex::new(None),
             crl_generation: AtomicU64::new(0),
             crl_number: AtomicU64::new(
                 u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1),
             ),
         })
+    }
+
+    /// Gives the seal key of a shared store (root rotation seals the new keys).
+    pub fn with_seal(mut self, seal: Option<meshca_pki::SealKey>) -> Self {
+        self.seal = seal;
+        self
     }
 
     /// Whether this replica leads now.
@@ -321,6 +337,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tokens", post(api::create_token).get(api::list_tokens))
         .route("/v1/tokens/{id}", delete(api::delete_token))
         .route("/v1/ca", get(api::ca_status))
+        .route("/v1/ca/rotate/{step}", post(api::rotate_root))
         .route("/v1/events", get(api::events))
         .route("/v1/openapi.json", get(api::openapi))
         .route("/healthz", get(api::healthz))
@@ -413,7 +430,8 @@ pub async fn ensure_server_cert(
         // stays: clients that do not hold a new root yet can still reach
         // the server (to fetch the new bundle, among others).
         let trusted = meshca_pki::verify_chain(&chain, &bundle, now).is_ok();
-        if fresh && trusted && names.iter().all(|n| info.dns_names.contains(n)) {
+        let stale = state.server_cert_stale.swap(false, Ordering::SeqCst);
+        if fresh && trusted && !stale && names.iter().all(|n| info.dns_names.contains(n)) {
             if held != bundle {
                 // Only the roots the server accepts client certificates from
                 // change; the reloader picks the file up.
@@ -517,6 +535,15 @@ pub async fn sweep(state: &AppState) -> Result<usize, meshca_store::StoreError> 
 async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
     let st = state.clone();
     tokio::spawn(state.events.clone().follow(move |e| {
+        // A rotation step on any replica: read the hierarchies again.
+        if e.kind == "bundle-changed" {
+            let st = st.clone();
+            tokio::spawn(async move {
+                if let Err(e) = st.authority.issuer().reload().await {
+                    tracing::warn!("reading the CA hierarchies again failed: {e}");
+                }
+            });
+        }
         // A revocation on any replica makes every replica's CRL stale; the
         // leader makes and shares the new one at once.
         if e.kind == "revoked" {

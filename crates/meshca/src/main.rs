@@ -243,12 +243,50 @@ struct TokenCreateArgs {
 
 #[derive(Debug, Subcommand)]
 enum CaCommand {
-    /// The hierarchies, their expiry, the issuer in use.
+    /// The hierarchies, their expiry, the issuer in use, the rotation's stage.
     Status {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Rotate the root with no downtime, one stage at a time (online):
+    /// prepare, activate, retire; or abort.
+    Rotate {
+        /// prepare | activate | retire | abort
+        step: RotateStep,
+        /// Take the step even when it is not safe yet (retire with
+        /// identities still on the old root).
+        #[arg(long)]
+        force: bool,
+        /// activate: over how long identities are told to renew.
+        #[arg(long, value_name = "DUR")]
+        window: Option<String>,
+        /// prepare: key type of the new root and intermediate [default: the current one].
+        #[arg(long, value_name = "TYPE")]
+        key_type: Option<String>,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RotateStep {
+    Prepare,
+    Activate,
+    Retire,
+    Abort,
+}
+
+impl RotateStep {
+    fn as_str(self) -> &'static str {
+        match self {
+            RotateStep::Prepare => "prepare",
+            RotateStep::Activate => "activate",
+            RotateStep::Retire => "retire",
+            RotateStep::Abort => "abort",
+        }
+    }
 }
 
 #[derive(Debug, Args)]

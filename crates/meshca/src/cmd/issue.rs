@@ -45,7 +45,7 @@ pub async fn run(
         .dns(a.dns)
         .ips(a.ips);
 
-    let (config, authority) = super::open_authority(dir, store_args, issuer_args).await?;
+    let (config, authority, _) = super::open_authority(dir, store_args, issuer_args).await?;
     req = match csr {
         Some(csr) => req.csr(csr),
         None => req.generate_key(key_type.unwrap_or(config.key_type)),

@@ -62,12 +62,13 @@ pub async fn open_store(
 }
 
 /// Opens everything needed to issue from a data directory: its store and
-/// the issuer its `[issuer]` table (or the flags) name.
+/// the issuer its `[issuer]` table (or the flags) name, and the seal key
+/// of a shared store.
 pub async fn open_authority(
     dir: &Path,
     args: &StoreArgs,
     issuer_args: &IssuerArgs,
-) -> anyhow::Result<(Config, Authority)> {
+) -> anyhow::Result<(Config, Authority, Option<SealKey>)> {
     let (config, store, seal) = open_store(dir, args).await?;
     let issuer: Arc<dyn Issuer> = match issuer_args.choose(config.issuer.as_ref())? {
         IssuerChoice::Builtin => {
@@ -78,7 +79,7 @@ pub async fn open_authority(
         }
     };
     let policy = config.policy();
-    Ok((config, Authority::new(issuer, store, policy)))
+    Ok((config, Authority::new(issuer, store, policy), seal))
 }
 
 /// `init` on a shared store: the seal key (created when its file does not

@@ -217,7 +217,28 @@ pub async fn rotate(t: &Target, a: RotateArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn ca(t: &Target, c: CaCommand) -> anyhow::Result<ExitCode> {
-    let CaCommand::Status { json } = c;
+    let json = match c {
+        CaCommand::Status { json } => json,
+        CaCommand::Rotate {
+            step,
+            force,
+            window,
+            key_type,
+            json,
+        } => {
+            let body = serde_json::json!({"force": force, "window": window, "key_type": key_type});
+            let v = client(t)?
+                .post(&format!("/v1/ca/rotate/{}", step.as_str()), &body)
+                .await?;
+            if json {
+                super::print_json(&v)?;
+            } else {
+                println!("{}", v["done"].as_str().unwrap_or_default());
+                print_rotation(&v["rotation"]);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let v = client(t)?.get("/v1/ca").await?;
     if json {
         super::print_json(&v)?;
@@ -225,4 +246,18 @@ pub async fn ca(t: &Target, c: CaCommand) -> anyhow::Result<ExitCode> {
         super::records::print_ca_status(&v);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A rotation status for people.
+pub fn print_rotation(r: &Value) {
+    let s = |x: &Value| x.as_str().unwrap_or("-").to_owned();
+    println!(
+        "rotation: {} (old {}, new {}); {} of {} identities still on the old root; next: {}",
+        s(&r["stage"]),
+        s(&r["old"]),
+        s(&r["new"]),
+        r["remaining_under_old"],
+        r["identities"],
+        s(&r["next"])
+    );
 }

@@ -133,8 +133,12 @@ pub async fn ca(
     issuer_args: &crate::issuer::IssuerArgs,
     c: crate::CaCommand,
 ) -> anyhow::Result<ExitCode> {
-    let crate::CaCommand::Status { json } = c;
-    let (_, authority) = super::open_authority(dir, store_args, issuer_args).await?;
+    let crate::CaCommand::Status { json } = c else {
+        anyhow::bail!(
+            "`meshca ca rotate` talks to the running CA: give --server URL (or MESHCA_SERVER)"
+        );
+    };
+    let (_, authority, _) = super::open_authority(dir, store_args, issuer_args).await?;
     let v = meshca_server::views::ca_status_json(&authority)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
@@ -165,6 +169,9 @@ pub fn print_ca_status(v: &serde_json::Value) {
     }
     if let Some(root) = v["root_fingerprint"].as_str() {
         println!("root fingerprint: {root}");
+    }
+    if v["rotation"].is_object() {
+        super::online::print_rotation(&v["rotation"]);
     }
     println!("trust domain: {}", s(&v["trust_domain"]));
     println!("issuing CA expires: {}", s(&v["issuing_ca_not_after"]));

@@ -66,13 +66,10 @@ pub async fn run(
             );
         }
     }
-    let (config, authority) = super::open_authority(dir, store_args, issuer_args).await?;
-    let state = Arc::new(AppState::new(
-        dir,
-        authority,
-        config.policy.clone(),
-        config.key_type,
-    )?);
+    let (config, authority, seal) = super::open_authority(dir, store_args, issuer_args).await?;
+    let state = Arc::new(
+        AppState::new(dir, authority, config.policy.clone(), config.key_type)?.with_seal(seal),
+    );
     let opts = ServeOptions {
         dir: dir.to_owned(),
         listen: a.listen,

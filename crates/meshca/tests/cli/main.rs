@@ -14,6 +14,7 @@ mod lint;
 mod proxy;
 mod records;
 mod replicas;
+mod rotation;
 mod serve;
 mod tls;
 mod vault;

@@ -1,0 +1,306 @@
+//! Root rotation as stages the operator can watch: prepare (a new root and
+//! intermediate join the trust bundle), activate (the new hierarchy signs;
+//! the old one stays trusted), retire (the old root leaves the bundle once
+//! no identity's newest certificate chains to it), or abort.
+//!
+//! Every step is a compare-and-swap on the hierarchies' status in the store,
+//! so two operators (or replicas) cannot both move a rotation; the running
+//! issuers pick the change up with [`crate::Issuer::reload`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshca_files::{PUBLIC_MODE, SECRET_MODE, create_private_dir, write_atomic};
+use meshca_pki::{KeyType, SealKey, TrustDomain, to_pem};
+use meshca_store::{CertFilter, CertStatus, HierarchyRecord, HierarchyStatus, SealedKeys, Store};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::IssuerError;
+use crate::builtin::{
+    DataDir, InitOptions, build_material, hierarchy_id, hierarchy_record, intermediate_seal_label,
+    root_seal_label,
+};
+
+/// Where a rotation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// No rotation under way.
+    Idle,
+    /// A new hierarchy is in the bundle; the old one still signs.
+    Prepared,
+    /// The new hierarchy signs; the old root is still trusted.
+    Activated,
+}
+
+/// A rotation's progress, for `ca status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RotationStatus {
+    /// The stage.
+    pub stage: Stage,
+    /// The hierarchy being replaced.
+    pub old: Option<String>,
+    /// The hierarchy replacing it.
+    pub new: Option<String>,
+    /// Identities whose newest live certificate still chains to the old root.
+    pub remaining_under_old: usize,
+    /// Identities with a live certificate.
+    pub identities: usize,
+    /// Whether the next step can be taken without `--force`.
+    pub safe_to_continue: bool,
+    /// What the next step is and what it waits for.
+    pub next: String,
+}
+
+fn find(hs: &[HierarchyRecord], status: HierarchyStatus) -> Option<&HierarchyRecord> {
+    hs.iter().find(|h| h.status == status)
+}
+
+fn refuse(why: impl Into<String>) -> IssuerError {
+    IssuerError::Rotation(why.into())
+}
+
+/// The rotation's stage and progress.
+pub async fn status(store: &Arc<dyn Store>) -> Result<RotationStatus, IssuerError> {
+    let hs = store.list_hierarchies().await?;
+    let active = find(&hs, HierarchyStatus::Active).map(|h| h.id.clone());
+    let prepared = find(&hs, HierarchyStatus::Prepared).map(|h| h.id.clone());
+    let retiring = find(&hs, HierarchyStatus::Retiring).map(|h| h.id.clone());
+    let (stage, old, new) = match (&prepared, &retiring) {
+        (Some(p), _) => (Stage::Prepared, active.clone(), Some(p.clone())),
+        (None, Some(r)) => (Stage::Activated, Some(r.clone()), active.clone()),
+        (None, None) => (Stage::Idle, None, None),
+    };
+    let (remaining, identities) = match (&stage, &old) {
+        (Stage::Idle, _) | (_, None) => (0, 0),
+        (_, Some(old)) => remaining_under(store, old).await?,
+    };
+    let (safe, next) = match stage {
+        Stage::Idle => (
+            true,
+            "prepare: a new root joins the trust bundle".to_owned(),
+        ),
+        Stage::Prepared => (
+            true,
+            "activate, once every agent has fetched the new bundle (bundle-changed went out)"
+                .to_owned(),
+        ),
+        Stage::Activated if remaining == 0 => (
+            true,
+            "retire: no identity's newest certificate chains to the old root".to_owned(),
+        ),
+        Stage::Activated => (
+            false,
+            format!("retire waits for {remaining} identit(ies) still on the old root to renew"),
+        ),
+    };
+    Ok(RotationStatus {
+        stage,
+        old,
+        new,
+        remaining_under_old: remaining,
+        identities,
+        safe_to_continue: safe,
+        next,
+    })
+}
+
+/// Counts identities whose newest live certificate was signed by `old`.
+async fn remaining_under(store: &Arc<dyn Store>, old: &str) -> Result<(usize, usize), IssuerError> {
+    let now = OffsetDateTime::now_utc();
+    let live = store
+        .list_certificates(&CertFilter {
+            status: Some(CertStatus::Active),
+            exclude_expired_before: Some(now),
+            ..Default::default()
+        })
+        .await?;
+    let mut newest: BTreeMap<(String, String), (OffsetDateTime, bool)> = BTreeMap::new();
+    for r in live {
+        let key = (r.namespace.clone(), r.name.clone());
+        let entry = (r.issued_at, r.hierarchy_id == old);
+        match newest.get(&key) {
+            Some((at, _)) if *at >= r.issued_at => {}
+            _ => {
+                newest.insert(key, entry);
+            }
+        }
+    }
+    Ok((newest.values().filter(|(_, o)| *o).count(), newest.len()))
+}
+
+/// The settings of a new hierarchy.
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    /// The trust domain (the CA's).
+    pub trust_domain: TrustDomain,
+    /// Key type of the new root and intermediate.
+    pub key_type: KeyType,
+    /// The new root's lifetime (the intermediate gets half).
+    pub root_ttl: Duration,
+}
+
+/// Stage 1: a new root and intermediate, in the bundle, not signing. The
+/// keys go where the CA's keys are: 0600 files in `dir/ca/<id>/` next to
+/// an embedded store, or sealed into the record with `seal` (shared store).
+pub async fn prepare(
+    dir: &Path,
+    store: &Arc<dyn Store>,
+    seal: Option<&SealKey>,
+    opts: PrepareOptions,
+) -> Result<HierarchyRecord, IssuerError> {
+    let hs = store.list_hierarchies().await?;
+    if let Some(p) = find(&hs, HierarchyStatus::Prepared) {
+        return Err(refuse(format!(
+            "hierarchy {} is already prepared; activate or abort that rotation first",
+            p.id
+        )));
+    }
+    if let Some(r) = find(&hs, HierarchyStatus::Retiring) {
+        return Err(refuse(format!(
+            "hierarchy {} is still retiring; retire it (or abort) before the next rotation",
+            r.id
+        )));
+    }
+    let shared = hs.iter().any(|h| h.sealed_keys.is_some());
+    if shared && seal.is_none() {
+        return Err(IssuerError::NeedSealKey {
+            location: store.location(),
+        });
+    }
+    let id = hierarchy_id()?;
+    let now = OffsetDateTime::now_utc();
+    let init = InitOptions {
+        trust_domain: opts.trust_domain,
+        key_type: opts.key_type,
+        root_ttl: opts.root_ttl,
+        import: None,
+        config_toml: String::new(),
+        max_ttl: Duration::ZERO,
+    };
+    let id2 = id.clone();
+    let m = tokio::task::spawn_blocking(move || build_material(&init, &id2, now))
+        .await
+        .map_err(|e| IssuerError::Policy(format!("CA generation task failed: {e}")))??;
+    let sealed = match (shared, seal) {
+        (true, Some(seal)) => Some(SealedKeys {
+            intermediate: seal.seal(
+                m.intermediate_key_pem.as_bytes(),
+                &intermediate_seal_label(&id),
+            )?,
+            root: match &m.root_key {
+                Some(k) => Some(seal.seal(k.to_pem().as_bytes(), &root_seal_label(&id))?),
+                None => None,
+            },
+        }),
+        _ => {
+            // Keys first, the record last: a record never points at keys
+            // that are not there.
+            let hdir = DataDir::new(dir).hierarchy_dir(&id);
+            create_private_dir(&hdir)?;
+            write_atomic(
+                &hdir.join("root.crt"),
+                to_pem("CERTIFICATE", &m.root_der).as_bytes(),
+                PUBLIC_MODE,
+            )?;
+            if let Some(k) = &m.root_key {
+                write_atomic(&hdir.join("root.key"), k.to_pem().as_bytes(), SECRET_MODE)?;
+            }
+            write_atomic(
+                &hdir.join("intermediate.crt"),
+                to_pem("CERTIFICATE", m.intermediate.cert_der()).as_bytes(),
+                PUBLIC_MODE,
+            )?;
+            write_atomic(
+                &hdir.join("intermediate.key"),
+                m.intermediate_key_pem.as_bytes(),
+                SECRET_MODE,
+            )?;
+            None
+        }
+    };
+    let mut record = hierarchy_record(&id, &m, sealed, now)?;
+    record.status = HierarchyStatus::Prepared;
+    store.create_hierarchy(&record).await?;
+    Ok(record)
+}
+
+/// Stage 2: the prepared hierarchy signs; the old one keeps its place in
+/// the bundle (retiring).
+pub async fn activate(store: &Arc<dyn Store>) -> Result<(String, String), IssuerError> {
+    let hs = store.list_hierarchies().await?;
+    let new = find(&hs, HierarchyStatus::Prepared)
+        .ok_or_else(|| refuse("no prepared hierarchy: run `meshca ca rotate prepare` first"))?
+        .id
+        .clone();
+    let old = find(&hs, HierarchyStatus::Active)
+        .ok_or_else(|| refuse("no active hierarchy to replace"))?
+        .id
+        .clone();
+    store
+        .set_hierarchy_status(&old, HierarchyStatus::Active, HierarchyStatus::Retiring)
+        .await?;
+    if let Err(e) = store
+        .set_hierarchy_status(&new, HierarchyStatus::Prepared, HierarchyStatus::Active)
+        .await
+    {
+        // Put the old one back: there must always be an active hierarchy.
+        let _ = store
+            .set_hierarchy_status(&old, HierarchyStatus::Retiring, HierarchyStatus::Active)
+            .await;
+        return Err(e.into());
+    }
+    Ok((old, new))
+}
+
+/// Stage 3: the old root leaves the bundle, once no identity's newest
+/// certificate chains to it (or with `force`).
+pub async fn retire(store: &Arc<dyn Store>, force: bool) -> Result<String, IssuerError> {
+    let hs = store.list_hierarchies().await?;
+    let old = find(&hs, HierarchyStatus::Retiring)
+        .ok_or_else(|| refuse("nothing to retire: activate a prepared hierarchy first"))?
+        .id
+        .clone();
+    let (remaining, _) = remaining_under(store, &old).await?;
+    if remaining > 0 && !force {
+        return Err(refuse(format!(
+            "{remaining} identit(ies) still hold a certificate of hierarchy {old} as their newest; wait for them to renew (or rotate them), or give --force"
+        )));
+    }
+    store
+        .set_hierarchy_status(&old, HierarchyStatus::Retiring, HierarchyStatus::Retired)
+        .await?;
+    Ok(old)
+}
+
+/// Goes back to the old root alone: before activation the prepared
+/// hierarchy is dropped; after it, the old hierarchy signs again and the new
+/// one becomes the retiring one (retire it once identities renewed back).
+pub async fn abort(store: &Arc<dyn Store>) -> Result<String, IssuerError> {
+    let hs = store.list_hierarchies().await?;
+    if let Some(p) = find(&hs, HierarchyStatus::Prepared) {
+        store
+            .set_hierarchy_status(&p.id, HierarchyStatus::Prepared, HierarchyStatus::Retired)
+            .await?;
+        return Ok(format!("dropped the prepared hierarchy {}", p.id));
+    }
+    let (Some(old), Some(new)) = (
+        find(&hs, HierarchyStatus::Retiring),
+        find(&hs, HierarchyStatus::Active),
+    ) else {
+        return Err(refuse("no rotation under way"));
+    };
+    store
+        .set_hierarchy_status(&new.id, HierarchyStatus::Active, HierarchyStatus::Retiring)
+        .await?;
+    store
+        .set_hierarchy_status(&old.id, HierarchyStatus::Retiring, HierarchyStatus::Active)
+        .await?;
+    Ok(format!(
+        "hierarchy {} signs again; {} is retiring (retire it once identities renewed)",
+        old.id, new.id
+    ))
+}
