@@ -147,6 +147,17 @@ struct Agent {
     cfg: AgentConfig,
     bundle_pem: String,
     roots: Vec<Vec<u8>>,
+    /// The bundle in use, for the event stream (which reconnects with it,
+    /// to report it and to trust a server of the new root).
+    bundle_tx: tokio::sync::watch::Sender<String>,
+}
+
+/// The header an agent reports the fingerprint of its bundle in (the CA
+/// counts who holds the new bundle before a root rotation activates).
+const BUNDLE_HEADER: &str = "x-meshca-bundle";
+
+fn bundle_fingerprint_of(pem: &str) -> String {
+    meshca_pki::bundle_fingerprint(&parse_certs(pem.as_bytes()).unwrap_or_default())
 }
 
 /// Runs the agent until it is stopped (or once, with `--once`).
@@ -159,6 +170,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         parse_certs(bundle_pem.as_bytes()).map_err(|e| AgentError::Untrusted(e.to_string()))?;
     let mut agent = Agent {
         cfg,
+        bundle_tx: tokio::sync::watch::channel(bundle_pem.clone()).0,
         bundle_pem,
         roots,
     };
@@ -203,7 +215,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     tokio::spawn(follow_events(
         agent.cfg.clone(),
-        agent.bundle_pem.clone(),
+        agent.bundle_tx.subscribe(),
         held_now.clone(),
         tx,
     ));
@@ -360,7 +372,8 @@ impl Agent {
         let mut b = Client::builder(&self.cfg.server)
             .map_err(|e| AgentError::Config(e.to_string()))?
             .trust_pem(self.bundle_pem.as_bytes())
-            .map_err(|e| AgentError::Untrusted(e.to_string()))?;
+            .map_err(|e| AgentError::Untrusted(e.to_string()))?
+            .header(BUNDLE_HEADER, &meshca_pki::bundle_fingerprint(&self.roots));
         if let Some(h) = identity {
             b = b
                 .identity_pem(h.cert_pem.as_bytes(), h.key_pem.as_bytes())
@@ -538,6 +551,7 @@ impl Agent {
                 .is_ok()
                 {
                     tracing::info!("trust bundle changed");
+                    self.bundle_tx.send_replace(self.bundle_pem.clone());
                     self.notify().await;
                 }
             }
@@ -592,7 +606,7 @@ fn spiffe_td(uris: &[String]) -> Option<String> {
 /// with backoff, resuming from the last event seen.
 async fn follow_events(
     cfg: AgentConfig,
-    bundle: String,
+    mut bundle: tokio::sync::watch::Receiver<String>,
     held: Arc<std::sync::Mutex<Held>>,
     tx: mpsc::Sender<Nudge>,
 ) {
@@ -600,14 +614,33 @@ async fn follow_events(
     let mut backoff = Duration::from_secs(1);
     loop {
         let h = held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // The bundle as it is now: after a root rotation the server's
+        // certificate chains to the new root, and the CA counts the agents
+        // that hold it.
+        let pem = bundle.borrow_and_update().clone();
         let client = Client::builder(&cfg.server)
-            .and_then(|b| b.trust_pem(bundle.as_bytes()))
+            .and_then(|b| b.trust_pem(pem.as_bytes()))
             .and_then(|b| b.identity_pem(h.cert_pem.as_bytes(), h.key_pem.as_bytes()))
+            .map(|b| b.header(BUNDLE_HEADER, &bundle_fingerprint_of(&pem)))
             .and_then(|b| b.build());
         if let Ok(client) = client {
             if let Ok(mut stream) = client.events(last.as_deref()).await {
                 backoff = Duration::from_secs(1);
-                while let Some(Ok(ev)) = stream.next().await {
+                let mut new_bundle = false;
+                loop {
+                    let ev = tokio::select! {
+                        ev = stream.next() => ev,
+                        // A new bundle: reconnect to report it (resuming
+                        // from the last event, so nothing is missed).
+                        changed = bundle.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            new_bundle = true;
+                            break;
+                        }
+                    };
+                    let Some(Ok(ev)) = ev else { break };
                     if ev.id.is_some() {
                         last.clone_from(&ev.id);
                     }
@@ -626,6 +659,9 @@ async fn follow_events(
                             return;
                         }
                     }
+                }
+                if new_bundle {
+                    continue;
                 }
             }
         }

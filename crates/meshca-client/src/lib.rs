@@ -100,6 +100,7 @@ pub struct ClientBuilder {
     roots: rustls::RootCertStore,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     token: Option<String>,
+    extra: Vec<(String, String)>,
 }
 
 impl ClientBuilder {
@@ -128,6 +129,12 @@ impl ClientBuilder {
             .map_err(|e| ClientError::Config(format!("bad client key: {e}")))?;
         self.identity = Some((chain, key));
         Ok(self)
+    }
+
+    /// Sends this header on every request (an agent's bundle fingerprint).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.extra.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     /// Sends `Authorization: Bearer <token>`.
@@ -162,6 +169,7 @@ impl ClientBuilder {
             name,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             token: self.token,
+            extra: self.extra,
         })
     }
 }
@@ -174,6 +182,7 @@ pub struct Client {
     name: ServerName<'static>,
     connector: tokio_rustls::TlsConnector,
     token: Option<String>,
+    extra: Vec<(String, String)>,
 }
 
 impl fmt::Debug for Client {
@@ -219,6 +228,7 @@ impl Client {
             roots: rustls::RootCertStore::empty(),
             identity: None,
             token: None,
+            extra: Vec::new(),
         })
     }
 
@@ -324,6 +334,9 @@ impl Client {
         }
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (k, v) in &self.extra {
+            req = req.header(k.as_str(), v.as_str());
         }
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -436,6 +449,9 @@ impl Client {
         if let Some(id) = last_id {
             req = req.header("last-event-id", id);
         }
+        for (k, v) in &self.extra {
+            req = req.header(k.as_str(), v.as_str());
+        }
         let req = req
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Config(e.to_string()))?;
@@ -483,6 +499,7 @@ impl Client {
             name,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             token: None,
+            extra: Vec::new(),
         })
     }
 }

@@ -385,3 +385,29 @@ fn verify_ca_links(
     }
     Err(PkiError::ChainInvalid("chain longer than 8".into()))
 }
+
+/// A fingerprint of a trust bundle as a set: SHA-256 over the sorted
+/// SHA-256 of each root, so that order and PEM formatting do not matter.
+/// Agents report it; the CA compares it with its own bundle's.
+pub fn bundle_fingerprint(roots: &[Vec<u8>]) -> String {
+    let mut each: Vec<[u8; 32]> = roots.iter().map(|r| crate::sha256(r)).collect();
+    each.sort_unstable();
+    each.dedup();
+    hex::encode(crate::sha256(&each.concat()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod bundle_fingerprint_tests {
+    #[test]
+    fn order_and_duplicates_do_not_matter() {
+        let (a, b) = (vec![1u8, 2, 3], vec![4u8, 5]);
+        let one = super::bundle_fingerprint(&[a.clone(), b.clone()]);
+        assert_eq!(
+            one,
+            super::bundle_fingerprint(&[b.clone(), a.clone(), b.clone()])
+        );
+        assert_ne!(one, super::bundle_fingerprint(&[a]));
+        assert_eq!(one.len(), 64);
+    }
+}

@@ -63,8 +63,8 @@ pub use identity::{
     validate_dns_name, validate_label,
 };
 pub use inspect::{
-    CertFacts, CertInfo, MAX_CERT_FILE_BYTES, cert_facts, cert_spki, describe, fingerprint,
-    parse_certs, to_pem, verify_chain,
+    CertFacts, CertInfo, MAX_CERT_FILE_BYTES, bundle_fingerprint, cert_facts, cert_spki, describe,
+    fingerprint, parse_certs, to_pem, verify_chain,
 };
 pub use keys::{KeyType, PrivateKey, key_type_of_spki};
 pub use leaf::{IssuedLeaf, LeafPublicKey, LeafSpec, check_ttl};

@@ -38,7 +38,28 @@ fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 }
 
 async fn caller(state: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    authenticate(state, peer, headers).await
+    let who = authenticate(state, peer, headers).await?;
+    // An agent says which bundle it holds on every call (root rotation).
+    if let (Caller::Workload(id), Some(fp)) = (&who, bundle_header(headers)) {
+        state
+            .agents
+            .report(&format!("{}/{}", id.namespace(), id.name()), fp);
+    }
+    Ok(who)
+}
+
+fn bundle_header(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(crate::agents::BUNDLE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The fingerprint of the bundle the CA hands out now.
+async fn current_bundle_fingerprint(s: &AppState) -> Result<String, ApiError> {
+    Ok(meshca_pki::bundle_fingerprint(
+        &s.authority.issuer().trust_bundle().await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -704,7 +725,7 @@ pub async fn ca_status(
 ) -> Result<Json<Value>, ApiError> {
     caller(&s, &peer, &headers).await?.require_admin()?;
     let mut status = ca_status_json(&s.authority).await?;
-    status["rotation"] = json!(meshca_issuer::rotation::status(&s.store).await?);
+    status["rotation"] = rotation_json(&s).await?;
     status["store"] = json!(s.store.location());
     status["replica"] = json!(s.replica);
     status["leader"] = json!(s.is_leader());
@@ -769,6 +790,17 @@ pub async fn rotate_root(
             )
         }
         "activate" => {
+            let agents = s.agents.summary(&current_bundle_fingerprint(&s).await?);
+            if agents.acknowledged < agents.alive && !b.force {
+                return Err(ApiError::from(meshca_issuer::IssuerError::Rotation(
+                    format!(
+                        "{} of {} live agents do not hold the new bundle yet (among them: {}); wait for them, or give --force",
+                        agents.alive - agents.acknowledged,
+                        agents.alive,
+                        agents.lagging.join(", ")
+                    ),
+                )));
+            }
             let (old, new) = rotation::activate(&s.store).await?;
             format!(
                 "hierarchy {new} signs now ({old} is retiring); every identity is told to renew within {}",
@@ -786,15 +818,20 @@ pub async fn rotate_root(
             )));
         }
     };
-    if step == "activate" {
-        // The server's own certificate and the local admin credentials
-        // move to the new hierarchy now, so that nothing of meshca itself
-        // holds up the retirement of the old root.
+    let (signing_before, _) = s.authority.issuer().issuing_ca();
+    s.authority.issuer().reload().await?;
+    let switched = s.authority.issuer().issuing_ca().0 != signing_before;
+    if switched {
+        // Another hierarchy signs (activate, or abort after it): the
+        // server's own certificate and the local admin credentials move to
+        // it now, so that nothing of meshca itself holds up the retirement
+        // of the other root, and the operator is not locked out by it.
         s.server_cert_stale
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    s.authority.issuer().reload().await?;
-    if step == "activate" && s.dir.join("admin").exists() {
+    // Clients of the new bundle are accepted before the answer goes out.
+    crate::apply_bundle(&s).await.map_err(ApiError::internal)?;
+    if switched && s.dir.join("admin").exists() {
         meshca_issuer::reissue_admin(&s.authority, &s.dir, s.key_type).await?;
     }
     s.audit.record(
@@ -808,8 +845,25 @@ pub async fn rotate_root(
     if step == "activate" {
         spread_rotate(&s, window).await?;
     }
-    let status = rotation::status(&s.store).await?;
-    Ok(Json(json!({"done": done, "rotation": status})))
+    Ok(Json(
+        json!({"done": done, "rotation": rotation_json(&s).await?}),
+    ))
+}
+
+/// The rotation's stage with the agents' acknowledgements of the bundle.
+async fn rotation_json(s: &AppState) -> Result<Value, ApiError> {
+    let mut v = json!(meshca_issuer::rotation::status(&s.store).await?);
+    let agents = s.agents.summary(&current_bundle_fingerprint(s).await?);
+    if v["stage"] == "prepared" && agents.acknowledged < agents.alive {
+        v["safe_to_continue"] = json!(false);
+        v["next"] = json!(format!(
+            "activate waits for {} of {} live agents to fetch the new bundle",
+            agents.alive - agents.acknowledged,
+            agents.alive
+        ));
+    }
+    v["agents"] = json!(agents);
+    Ok(v)
 }
 
 /// Tells every identity with a live certificate to renew, spread evenly
@@ -860,6 +914,14 @@ pub async fn events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
+    // An agent's open stream keeps it counted as alive (root rotation).
+    let guard = match (&who, bundle_header(&headers)) {
+        (Caller::Workload(id), Some(fp)) => Some(Arc::new(
+            s.agents
+                .stream_opened(&format!("{}/{}", id.namespace(), id.name()), fp),
+        )),
+        _ => None,
+    };
     let (backlog, rx) = s.events.subscribe(last);
     let visible =
         move |e: &crate::events::Event| filter.as_ref().is_none_or(|(ns, n)| e.visible_to(ns, n));
@@ -876,6 +938,7 @@ pub async fn events(
     let past =
         futures_util::stream::iter(backlog.into_iter().filter(move |e| visible(e)).map(to_sse));
     let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| {
+        let _held = &guard;
         let keep = e.ok().filter(|e| vis2(e));
         async move { keep.map(to_sse) }
     });

@@ -17,6 +17,7 @@
 //! up the new files without a restart.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 mod api;
 pub mod audit;
 pub mod auth;
@@ -76,6 +77,11 @@ pub struct AppState {
     pub audit: audit::Audit,
     /// Metrics.
     pub metrics: metrics::Metrics,
+    /// The API listener's acceptor, once serving (a rotation step waits
+    /// for it to take the new bundle).
+    pub tls: std::sync::OnceLock<Arc<TlsAcceptor>>,
+    /// The agents heard from and the bundle each holds.
+    pub agents: Arc<agents::AgentRegistry>,
     /// The data directory (new hierarchies' key files, embedded store).
     pub dir: std::path::PathBuf,
     /// The seal key of CA keys in a shared store (rotation seals new keys).
@@ -108,6 +114,8 @@ impl AppState {
             peers: auth::PeerCache::default(),
             audit: audit::Audit::open(&dir.join("audit.log"))?,
             metrics: metrics::Metrics::default(),
+            tls: std::sync::OnceLock::new(),
+            agents: Arc::new(agents::AgentRegistry::default()),
             dir: dir.to_owned(),
             seal: None,
             server_cert_stale: std::sync::atomic::AtomicBool::new(false),
@@ -498,6 +506,56 @@ pub async fn ensure_server_cert(
     Ok(true)
 }
 
+/// Makes the API accept client certificates of the issuer's current bundle
+/// before returning (a rotation step: the next call may come with a
+/// certificate of the new root). The serving certificate is left to
+/// [`ensure_server_cert`] unless it no longer chains to the bundle.
+pub async fn apply_bundle(state: &AppState) -> Result<(), String> {
+    let bundle = state
+        .authority
+        .issuer()
+        .trust_bundle()
+        .await
+        .map_err(|e| e.to_string())?;
+    let dir = state.dir.join("server");
+    let Ok(set) = meshca_tls::CertSet::load(&meshca_tls::CertPaths::in_dir(&dir)) else {
+        return Ok(());
+    };
+    let held: Vec<Vec<u8>> = set.roots.iter().map(|r| r.as_ref().to_vec()).collect();
+    let chain: Vec<Vec<u8>> = set.chain.iter().map(|c| c.as_ref().to_vec()).collect();
+    if held == bundle
+        || meshca_pki::verify_chain(&chain, &bundle, OffsetDateTime::now_utc()).is_err()
+    {
+        return Ok(());
+    }
+    let pem: String = bundle
+        .iter()
+        .map(|d| meshca_pki::to_pem("CERTIFICATE", d))
+        .collect();
+    meshca_files::write_atomic(
+        &dir.join("ca.crt"),
+        pem.as_bytes(),
+        meshca_files::PUBLIC_MODE,
+    )
+    .map_err(|e| e.to_string())?;
+    // The acceptor polls the files; wait for it to take them.
+    let Some(acceptor) = state.tls.get() else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let now: Vec<Vec<u8>> = acceptor
+            .current()
+            .map(|s| s.roots.iter().map(|r| r.as_ref().to_vec()).collect())
+            .unwrap_or_default();
+        if now == bundle {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("the API did not take the new trust bundle within 5s".into())
+}
+
 /// This replica's name: host and process, unique among live replicas.
 fn replica_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
@@ -601,6 +659,7 @@ pub async fn run(opts: ServeOptions, state: Arc<AppState>) -> Result<(), ServeEr
     };
     let acceptor =
         Arc::new(TlsAcceptor::new(&tls).map_err(|e| ServeError::Certificate(e.to_string()))?);
+    let _ = state.tls.set(acceptor.clone());
     // Renew the server's certificate well before it expires.
     let (renew_state, dir, names) = (state.clone(), opts.dir.clone(), opts.server_names.clone());
     tokio::spawn(async move {

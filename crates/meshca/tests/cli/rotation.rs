@@ -184,11 +184,18 @@ fn root_rotation_under_traffic_fails_no_request() {
             .clone()
     };
 
-    // prepare: every agent must hold both roots before activation.
+    // prepare: every agent must hold both roots, and say so, before activation.
     srv.cli_ok(&["ca", "rotate", "prepare"]);
-    let t_prepare = wait_until("every agent to fetch the new bundle", 60, || {
-        dirs.iter().all(|d| roots_in(&d.join("ca.crt")) == 2)
-    });
+    let t_prepare = wait_until(
+        "every agent to fetch and acknowledge the new bundle",
+        60,
+        || {
+            let r = status(&srv);
+            dirs.iter().all(|d| roots_in(&d.join("ca.crt")) == 2)
+                && r["agents"]["acknowledged"] == agents
+                && r["safe_to_continue"] == true
+        },
+    );
     assert_eq!(status(&srv)["stage"], "prepared");
 
     // activate: every identity renews under the new root, spread over 5 s.
@@ -252,4 +259,111 @@ fn root_rotation_under_traffic_fails_no_request() {
         t_retire.as_secs_f64()
     );
     drop(children);
+}
+
+#[test]
+fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let srv = Server::start(&d, &[]);
+    let refused = |args: &[&str], needle: &str| {
+        let out = srv.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    };
+    refused(&["ca", "rotate", "activate"], "no prepared hierarchy");
+    refused(&["ca", "rotate", "retire"], "nothing to retire");
+    refused(&["ca", "rotate", "abort"], "no rotation under way");
+
+    // An agent that was alive with the old bundle and is gone now holds
+    // activation up (it is still counted for ten minutes).
+    let v: Value =
+        serde_json::from_str(&srv.cli_ok(&["token", "create", "web", "--json"])).unwrap();
+    let out = tmp.path().join("web");
+    let mut agent = Child(
+        meshca()
+            .args([
+                "agent",
+                "web",
+                "--server",
+                &srv.url(),
+                "--token",
+                v["token"].as_str().unwrap(),
+                "--ca-fingerprint",
+                v["ca_fingerprint"].as_str().unwrap(),
+                "--out",
+                p(&out),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the agent's certificate", 30, || {
+        out.join("tls.key").exists()
+    });
+    let status = || {
+        serde_json::from_str::<Value>(&srv.cli_ok(&["ca", "status", "--json"])).unwrap()["rotation"]
+            .clone()
+    };
+    wait_until("the agent to be known", 10, || {
+        status()["agents"]["alive"] == 1
+    });
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+
+    srv.cli_ok(&["ca", "rotate", "prepare"]);
+    refused(&["ca", "rotate", "prepare"], "already prepared");
+    let (_, bundle) = srv.curl("GET", "/v1/bundle", None, &[]);
+    assert_eq!(split_pem(&bundle).len(), 2);
+    let r = status();
+    assert_eq!(r["safe_to_continue"], false, "{r}");
+    assert_eq!(r["agents"]["lagging"][0], "default/web", "{r}");
+    refused(&["ca", "rotate", "activate"], "default/web");
+
+    // abort before activation: back to the old root alone.
+    srv.cli_ok(&["ca", "rotate", "abort"]);
+    let (_, bundle) = srv.curl("GET", "/v1/bundle", None, &[]);
+    assert_eq!(split_pem(&bundle).len(), 1);
+    assert_eq!(status()["stage"], "idle");
+
+    // abort after activation (forced past the lagging agent): the old
+    // hierarchy signs again, the new one retires once nothing uses it.
+    let before = srv.cli_ok(&["ca", "status", "--json"]);
+    let old_fp = serde_json::from_str::<Value>(&before).unwrap()["root_fingerprint"].clone();
+    srv.cli_ok(&["ca", "rotate", "prepare"]);
+    srv.cli_ok(&["ca", "rotate", "activate", "--force", "--window", "1s"]);
+    refused(&["ca", "rotate", "retire"], "--force");
+    srv.cli_ok(&["ca", "rotate", "abort"]);
+    let after: Value = serde_json::from_str(&srv.cli_ok(&["ca", "status", "--json"])).unwrap();
+    assert_eq!(
+        after["root_fingerprint"], old_fp,
+        "the old root signs again"
+    );
+    assert_eq!(after["rotation"]["stage"], "activated", "{after}");
+    srv.cli_ok(&["ca", "rotate", "retire", "--force"]);
+    let (_, bundle) = srv.curl("GET", "/v1/bundle", None, &[]);
+    assert_eq!(split_pem(&bundle).len(), 1);
+    // The admin credentials moved back with the signing hierarchy: the
+    // operator still gets in once the server trusts the old root alone.
+    let old_root = tmp.path().join("old-root.pem");
+    std::fs::write(&old_root, &bundle).unwrap();
+    tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            p(&old_root),
+            "-untrusted",
+            p(&d.join("admin/tls.crt")),
+            p(&d.join("admin/tls.crt")),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let last: Value = serde_json::from_str(&srv.cli_ok(&["ca", "status", "--json"])).unwrap();
+    assert_eq!(last["root_fingerprint"], old_fp);
+    assert_eq!(last["rotation"]["stage"], "idle");
 }
