@@ -94,7 +94,9 @@ pub async fn status(store: &Arc<dyn Store>) -> Result<RotationStatus, IssuerErro
         ),
         Stage::Activated => (
             false,
-            format!("retire waits for {remaining} identit(ies) still on the old root to renew"),
+            format!(
+                "retire waits for {remaining} identit(ies) still on the old root to renew (or renewed less than 5s ago)"
+            ),
         ),
     };
     Ok(RotationStatus {
@@ -108,7 +110,13 @@ pub async fn status(store: &Arc<dyn Store>) -> Result<RotationStatus, IssuerErro
     })
 }
 
-/// Counts identities whose newest live certificate was signed by `old`.
+/// How long after the last renewal retire waits, for its holder to load
+/// the new files (agents write at once; services reload within a second).
+pub const SETTLE: Duration = Duration::from_secs(5);
+
+/// Counts identities whose newest live certificate was signed by `old`,
+/// plus those renewed within [`SETTLE`] (their holders may still serve the
+/// old one for a moment).
 async fn remaining_under(store: &Arc<dyn Store>, old: &str) -> Result<(usize, usize), IssuerError> {
     let now = OffsetDateTime::now_utc();
     let live = store
@@ -129,7 +137,15 @@ async fn remaining_under(store: &Arc<dyn Store>, old: &str) -> Result<(usize, us
             }
         }
     }
-    Ok((newest.values().filter(|(_, o)| *o).count(), newest.len()))
+    let settle = time::Duration::try_from(SETTLE).unwrap_or(time::Duration::ZERO);
+    let unsettled = |at: &OffsetDateTime| now - *at < settle;
+    Ok((
+        newest
+            .values()
+            .filter(|(at, o)| *o || unsettled(at))
+            .count(),
+        newest.len(),
+    ))
 }
 
 /// The settings of a new hierarchy.

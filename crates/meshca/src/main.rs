@@ -250,17 +250,20 @@ enum CaCommand {
         json: bool,
     },
     /// Rotate the root with no downtime, one stage at a time (online):
-    /// prepare, activate, retire; or abort.
+    /// prepare, activate, retire; abort; or auto (all of them, each once safe).
     Rotate {
-        /// prepare | activate | retire | abort
+        /// prepare | activate | retire | abort | auto
         step: RotateStep,
         /// Take the step even when it is not safe yet (retire with
         /// identities still on the old root).
         #[arg(long)]
         force: bool,
-        /// activate: over how long identities are told to renew.
+        /// activate, auto: over how long identities are told to renew.
         #[arg(long, value_name = "DUR")]
         window: Option<String>,
+        /// auto: give up when a stage is not safe within this long [default: 1h].
+        #[arg(long, value_name = "DUR")]
+        stage_timeout: Option<String>,
         /// prepare: key type of the new root and intermediate [default: the current one].
         #[arg(long, value_name = "TYPE")]
         key_type: Option<String>,
@@ -276,6 +279,8 @@ enum RotateStep {
     Activate,
     Retire,
     Abort,
+    /// All three stages, each once it is safe (resumes a rotation under way).
+    Auto,
 }
 
 impl RotateStep {
@@ -285,6 +290,7 @@ impl RotateStep {
             RotateStep::Activate => "activate",
             RotateStep::Retire => "retire",
             RotateStep::Abort => "abort",
+            RotateStep::Auto => "auto",
         }
     }
 }

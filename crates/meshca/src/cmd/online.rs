@@ -220,11 +220,21 @@ pub async fn ca(t: &Target, c: CaCommand) -> anyhow::Result<ExitCode> {
     let json = match c {
         CaCommand::Status { json } => json,
         CaCommand::Rotate {
+            step: crate::RotateStep::Auto,
+            window,
+            key_type,
+            stage_timeout,
+            ..
+        } => {
+            return rotate_auto(t, window, key_type, stage_timeout).await;
+        }
+        CaCommand::Rotate {
             step,
             force,
             window,
             key_type,
             json,
+            ..
         } => {
             let body = serde_json::json!({"force": force, "window": window, "key_type": key_type});
             let v = client(t)?
@@ -260,4 +270,72 @@ pub fn print_rotation(r: &Value) {
         r["identities"],
         s(&r["next"])
     );
+}
+
+/// `ca rotate auto`: takes each stage once `ca status` says it is safe
+/// (every live agent holds the new bundle; no identity's newest certificate
+/// on the old root), from wherever the rotation is. The server enforces the
+/// same checks: this loop only waits for them.
+async fn rotate_auto(
+    t: &Target,
+    window: Option<String>,
+    key_type: Option<String>,
+    stage_timeout: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let limit = match &stage_timeout {
+        Some(d) => meshca_pki::parse_duration(d).context("--stage-timeout")?,
+        None => std::time::Duration::from_secs(3600),
+    };
+    // The credentials are read again for every call: activation replaces
+    // the admin files and the server's certificate under this loop.
+    let started = std::time::Instant::now();
+    loop {
+        let status = client(t)?.get("/v1/ca").await?;
+        let r = &status["rotation"];
+        let stage = r["stage"].as_str().unwrap_or_default().to_owned();
+        let step = match stage.as_str() {
+            "idle" => "prepare",
+            "prepared" => "activate",
+            "activated" => "retire",
+            other => anyhow::bail!("unexpected rotation stage {other:?}"),
+        };
+        if step != "prepare" {
+            let since = std::time::Instant::now();
+            loop {
+                let r = client(t)?.get("/v1/ca").await?["rotation"].clone();
+                if r["safe_to_continue"] == true {
+                    break;
+                }
+                if since.elapsed() > limit {
+                    anyhow::bail!(
+                        "the rotation is not safe to continue after {}: {}; it stays at stage {stage} (run `meshca ca rotate auto` again to resume, or abort)",
+                        meshca_pki::format_duration(limit),
+                        r["next"].as_str().unwrap_or_default()
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let body = json!({"window": window, "key_type": key_type});
+        let v = client(t)?
+            .post(&format!("/v1/ca/rotate/{step}"), &body)
+            .await?;
+        eprintln!(
+            "[{:>6.1}s] {step}: {} ({} ms)",
+            started.elapsed().as_secs_f64(),
+            v["done"].as_str().unwrap_or_default(),
+            t0.elapsed().as_millis()
+        );
+        if step == "retire" {
+            break;
+        }
+    }
+    let status = client(t)?.get("/v1/ca").await?;
+    print_rotation(&status["rotation"]);
+    println!(
+        "root rotation done in {:.1}s; the trust bundle holds the new root alone",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -80,12 +80,24 @@ ts = [threading.Thread(target=caller, args=(t,)) for t in range(4)]
 print("ok", ok[0], "failed", len(bad), bad[:5])
 "#;
 
-#[test]
-fn root_rotation_under_traffic_fails_no_request() {
-    let agents: usize = std::env::var("MESHCA_ROTATION_AGENTS")
+fn agents_wanted() -> usize {
+    std::env::var("MESHCA_ROTATION_AGENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(20)
+}
+
+#[test]
+fn root_rotation_under_traffic_fails_no_request() {
+    rotate_under_traffic(agents_wanted(), false);
+}
+
+#[test]
+fn automatic_root_rotation_under_traffic_fails_no_request() {
+    rotate_under_traffic(agents_wanted(), true);
+}
+
+fn rotate_under_traffic(agents: usize, auto: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
@@ -184,33 +196,53 @@ fn root_rotation_under_traffic_fails_no_request() {
             .clone()
     };
 
-    // prepare: every agent must hold both roots, and say so, before activation.
-    srv.cli_ok(&["ca", "rotate", "prepare"]);
-    let t_prepare = wait_until(
-        "every agent to fetch and acknowledge the new bundle",
-        60,
-        || {
-            let r = status(&srv);
-            dirs.iter().all(|d| roots_in(&d.join("ca.crt")) == 2)
-                && r["agents"]["acknowledged"] == agents
-                && r["safe_to_continue"] == true
-        },
-    );
-    assert_eq!(status(&srv)["stage"], "prepared");
+    let (t_prepare, t_activate, t_retire) = if auto {
+        // One command runs the three stages, each once it is safe.
+        let t = Instant::now();
+        let out = srv.cli_ok(&[
+            "ca",
+            "rotate",
+            "auto",
+            "--window",
+            "5s",
+            "--stage-timeout",
+            "90s",
+        ]);
+        assert!(out.contains("root rotation done"), "{out}");
+        wait_until("every agent to drop the old root", 60, || {
+            dirs.iter().all(|d| roots_in(&d.join("ca.crt")) == 1)
+        });
+        (Duration::ZERO, t.elapsed(), Duration::ZERO)
+    } else {
+        // prepare: every agent must hold both roots, and say so, before activation.
+        srv.cli_ok(&["ca", "rotate", "prepare"]);
+        let t_prepare = wait_until(
+            "every agent to fetch and acknowledge the new bundle",
+            60,
+            || {
+                let r = status(&srv);
+                dirs.iter().all(|d| roots_in(&d.join("ca.crt")) == 2)
+                    && r["agents"]["acknowledged"] == agents
+                    && r["safe_to_continue"] == true
+            },
+        );
+        assert_eq!(status(&srv)["stage"], "prepared");
 
-    // activate: every identity renews under the new root, spread over 5 s.
-    srv.cli_ok(&["ca", "rotate", "activate", "--window", "5s"]);
-    let t_activate = wait_until("every identity to renew under the new root", 90, || {
-        status(&srv)["remaining_under_old"] == 0
-    });
-    // Let the proxies' half-second poll take the last files.
-    std::thread::sleep(Duration::from_secs(2));
+        // activate: every identity renews under the new root, spread over 5 s.
+        srv.cli_ok(&["ca", "rotate", "activate", "--window", "5s"]);
+        let t_activate = wait_until("every identity to renew under the new root", 90, || {
+            status(&srv)["remaining_under_old"] == 0
+        });
+        // Let the proxies' half-second poll take the last files.
+        std::thread::sleep(Duration::from_secs(2));
 
-    // retire: the old root leaves every bundle.
-    srv.cli_ok(&["ca", "rotate", "retire"]);
-    let t_retire = wait_until("every agent to drop the old root", 60, || {
-        dirs.iter().all(|d| roots_in(&d.join("ca.crt")) == 1)
-    });
+        // retire: the old root leaves every bundle.
+        srv.cli_ok(&["ca", "rotate", "retire"]);
+        let t_retire = wait_until("every agent to drop the old root", 60, || {
+            dirs.iter().all(|d| roots_in(&d.join("ca.crt")) == 1)
+        });
+        (t_prepare, t_activate, t_retire)
+    };
     std::thread::sleep(Duration::from_secs(2));
     std::fs::write(&stop, "").unwrap();
     let out = callers.wait_with_output().unwrap();
@@ -253,7 +285,7 @@ fn root_rotation_under_traffic_fails_no_request() {
         );
     }
     eprintln!(
-        "rotation timings with {agents} agents: prepare→all bundles {:.1}s, activate→all renewed {:.1}s, retire→all bundles {:.1}s; {ok} requests, none failed",
+        "rotation timings with {agents} agents (auto: {auto}, auto gives the total as activate): prepare→all bundles {:.1}s, activate→all renewed {:.1}s, retire→all bundles {:.1}s; {ok} requests, none failed",
         t_prepare.as_secs_f64(),
         t_activate.as_secs_f64(),
         t_retire.as_secs_f64()
