@@ -194,7 +194,15 @@ async fn load(
             PrivateKey::from_pem(&String::from_utf8_lossy(&pem))?
         }
         None => {
-            let key_path = hdir.join("intermediate.key");
+            // A renewed intermediate's key is named after the certificate
+            // (written before the record switched to it); the first one is
+            // `intermediate.key`.
+            let renewed = hdir.join(intermediate_key_file(active.intermediate_pem.as_bytes()));
+            let key_path = if renewed.exists() {
+                renewed
+            } else {
+                hdir.join("intermediate.key")
+            };
             let key_pem = read_secret(&key_path, MAX_FILE)?;
             PrivateKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
                 IssuerError::Import {
@@ -217,6 +225,16 @@ async fn load(
         hierarchy_id: active.id.clone(),
         bundle,
     })
+}
+
+/// The key file of a renewed intermediate: `intermediate-<16 hex of the
+/// certificate's SHA-256>.key`.
+pub(crate) fn intermediate_key_file(intermediate_pem: &[u8]) -> String {
+    let fp = parse_certs(intermediate_pem)
+        .ok()
+        .and_then(|c| c.first().map(|d| fingerprint(d)))
+        .unwrap_or_default();
+    format!("intermediate-{}.key", &fp[..fp.len().min(16)])
 }
 
 /// What a hierarchy's sealed intermediate key is bound to.

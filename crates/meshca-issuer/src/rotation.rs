@@ -20,8 +20,8 @@ use time::OffsetDateTime;
 
 use crate::IssuerError;
 use crate::builtin::{
-    DataDir, InitOptions, build_material, hierarchy_id, hierarchy_record, intermediate_seal_label,
-    root_seal_label,
+    DataDir, InitOptions, build_material, hierarchy_id, hierarchy_record, intermediate_key_file,
+    intermediate_seal_label, root_seal_label,
 };
 
 /// Where a rotation is.
@@ -319,4 +319,148 @@ pub async fn abort(store: &Arc<dyn Store>) -> Result<String, IssuerError> {
         "hierarchy {} signs again; {} is retiring (retire it once identities renewed)",
         old.id, new.id
     ))
+}
+
+/// Whether an intermediate valid from `not_before` to `not_after` is due
+/// for renewal at `now`: with a third of its life left (linkerd's rule for
+/// leaves, applied to the CA that signs them), so that an expiring
+/// intermediate never takes a cluster down.
+pub fn intermediate_due(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+) -> bool {
+    not_after - now < (not_after - not_before) / 3
+}
+
+/// Renews the active hierarchy's intermediate under the same root when it
+/// is due (or `force`): a new key and certificate, the key where the CA's
+/// keys are (a file named after the certificate, or sealed), then the
+/// record switched by compare-and-swap. The trust bundle does not change;
+/// leaves of the old intermediate stay valid until they expire. `None`
+/// when nothing was due or another replica renewed it first.
+pub async fn renew_intermediate(
+    dir: &Path,
+    store: &Arc<dyn Store>,
+    seal: Option<&SealKey>,
+    trust_domain: &TrustDomain,
+    force: bool,
+) -> Result<Option<String>, IssuerError> {
+    let hs = store.list_hierarchies().await?;
+    let h = find(&hs, HierarchyStatus::Active)
+        .ok_or_else(|| refuse("no active hierarchy"))?
+        .clone();
+    let hdir = DataDir::new(dir).hierarchy_dir(&h.id);
+    let int_der = meshca_pki::parse_certs(h.intermediate_pem.as_bytes())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| refuse("the active hierarchy has no intermediate certificate"))?;
+    let facts = meshca_pki::cert_facts(&int_der)?;
+    let now = OffsetDateTime::now_utc();
+    if !force && !intermediate_due(facts.not_before, facts.not_after, now) {
+        return Ok(None);
+    }
+    if !h.has_root_key {
+        return Err(refuse(format!(
+            "the intermediate of hierarchy {} expires {} and cannot be renewed here: the root's key is not held; import a new intermediate, or rotate the root (`meshca ca rotate prepare`)",
+            h.id,
+            meshca_pki::rfc3339(facts.not_after)
+        )));
+    }
+    let root_key_pem = match (&h.sealed_keys, seal) {
+        (Some(sealed), Some(seal)) => {
+            let root = sealed
+                .root
+                .as_ref()
+                .ok_or_else(|| refuse("the sealed root key is missing"))?;
+            seal.open(root, &root_seal_label(&h.id))?
+        }
+        (Some(_), None) => {
+            return Err(IssuerError::NeedSealKey {
+                location: store.location(),
+            });
+        }
+        (None, _) => meshca_files::read_secret(&hdir.join("root.key"), 1 << 20)?,
+    };
+    let root_key = meshca_pki::PrivateKey::from_pem(&String::from_utf8_lossy(&root_key_pem))?;
+    let root_der = meshca_pki::parse_certs(h.root_pem.as_bytes())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| refuse("the active hierarchy has no root certificate"))?;
+    let lifetime = (facts.not_after - facts.not_before).unsigned_abs();
+    let (td, id, key_type) = (trust_domain.clone(), h.id.clone(), h.key_type);
+    let (new_der, new_key) = tokio::task::spawn_blocking(move || {
+        let root = meshca_pki::SigningCa::new(root_der, root_key, "root", now)?;
+        let key = meshca_pki::PrivateKey::generate(key_type)?;
+        let der = meshca_pki::generate_intermediate(&key, &root, &td, &id, lifetime, now)?;
+        Ok::<_, meshca_pki::PkiError>((der, key))
+    })
+    .await
+    .map_err(|e| IssuerError::Policy(format!("intermediate generation task failed: {e}")))??;
+    let new_pem = to_pem("CERTIFICATE", &new_der);
+    let new_facts = meshca_pki::cert_facts(&new_der)?;
+    let (sealed_intermediate, key_file) = match (&h.sealed_keys, seal) {
+        (Some(_), Some(seal)) => (
+            Some(seal.seal(new_key.to_pem().as_bytes(), &intermediate_seal_label(&h.id))?),
+            None,
+        ),
+        _ => {
+            // The key first, named after its certificate: the record never
+            // points at a certificate whose key is not on disk.
+            let file = hdir.join(intermediate_key_file(new_pem.as_bytes()));
+            write_atomic(&file, new_key.to_pem().as_bytes(), SECRET_MODE)?;
+            (None, Some(file))
+        }
+    };
+    let update = meshca_store::IntermediateUpdate {
+        intermediate_pem: new_pem,
+        intermediate_not_after: new_facts.not_after,
+        sealed_intermediate,
+    };
+    match store
+        .replace_intermediate(&h.id, &h.intermediate_pem, update)
+        .await
+    {
+        Ok(_) => Ok(Some(format!(
+            "renewed the intermediate of hierarchy {} (the old one expires {}, the new one {})",
+            h.id,
+            meshca_pki::rfc3339(facts.not_after),
+            meshca_pki::rfc3339(new_facts.not_after)
+        ))),
+        Err(e) if e.is_conflict() => {
+            if let Some(f) = key_file {
+                let _ = std::fs::remove_file(f);
+            }
+            Ok(None)
+        }
+        Err(e) => {
+            if let Some(f) = key_file {
+                let _ = std::fs::remove_file(f);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intermediates_renew_with_a_third_of_their_life_left() {
+        let start = OffsetDateTime::UNIX_EPOCH;
+        let end = start + time::Duration::days(300);
+        assert!(!intermediate_due(start, end, start));
+        assert!(!intermediate_due(
+            start,
+            end,
+            start + time::Duration::days(199)
+        ));
+        assert!(intermediate_due(
+            start,
+            end,
+            start + time::Duration::days(201)
+        ));
+        assert!(intermediate_due(start, end, end + time::Duration::days(1)));
+    }
 }

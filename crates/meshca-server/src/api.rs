@@ -761,6 +761,14 @@ pub async fn rotate_root(
     } else {
         parse_json(&body)?
     };
+    if s.authority.issuer().kind() != "builtin" {
+        return Err(ApiError::from(meshca_issuer::IssuerError::Rotation(
+            format!(
+                "the CA keys are in {}: rotate there (a new issuer in the mount is followed and announced)",
+                s.authority.issuer().describe()
+            ),
+        )));
+    }
     let window = match &b.window {
         Some(w) => meshca_pki::parse_duration(w)
             .map_err(|e| ApiError::bad_request(format!("window: {e}")))?,
@@ -812,9 +820,18 @@ pub async fn rotate_root(
             format!("hierarchy {old} retired; its root left the trust bundle")
         }
         "abort" => rotation::abort(&s.store).await?,
+        "intermediate" => rotation::renew_intermediate(
+            &s.dir,
+            &s.store,
+            s.seal.as_ref(),
+            &s.authority.policy().trust_domain,
+            true,
+        )
+        .await?
+        .unwrap_or_else(|| "another replica renewed the intermediate meanwhile".into()),
         other => {
             return Err(ApiError::not_found(format!(
-                "no rotation step {other:?}: prepare, activate, retire or abort"
+                "no rotation step {other:?}: prepare, activate, retire, abort or intermediate"
             )));
         }
     };

@@ -632,6 +632,41 @@ async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
             if !st.is_leader() {
                 continue;
             }
+            // An intermediate with a third of its life left is renewed
+            // under the same root: it must never take the cluster down.
+            let builtin = st.authority.issuer().kind() == "builtin";
+            match meshca_issuer::rotation::renew_intermediate(
+                &st.dir,
+                &st.store,
+                st.seal.as_ref(),
+                &st.authority.policy().trust_domain,
+                false,
+            )
+            .await
+            {
+                _ if !builtin => {}
+                Ok(None) => {}
+                Ok(Some(done)) => {
+                    tracing::info!("{done}");
+                    st.audit.record(
+                        "renew-intermediate",
+                        "scheduler",
+                        None,
+                        None,
+                        "allowed",
+                        Some(&done),
+                    );
+                    st.server_cert_stale.store(true, Ordering::SeqCst);
+                    if let Err(e) = st.authority.issuer().reload().await {
+                        tracing::error!("loading the renewed intermediate failed: {e}");
+                    }
+                    // Other replicas read the hierarchies again on this event.
+                    st.events.publish("bundle-changed", None, None);
+                }
+                // Only when it is due and cannot be done (no root key):
+                // said every minute until someone acts.
+                Err(e) => tracing::error!("{e}"),
+            }
             // Remade (and shared) well before its nextUpdate.
             if let Err(e) = st.crl().await {
                 tracing::warn!("refreshing the CRL failed (will retry): {e}");

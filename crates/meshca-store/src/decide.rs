@@ -48,6 +48,30 @@ pub(crate) fn hierarchy_status(
     Ok((Some(rec.clone()), rec))
 }
 
+/// A renewed intermediate replaces the one the caller saw, and only it.
+pub(crate) fn intermediate_update(
+    id: &str,
+    current: Option<HierarchyRecord>,
+    expected_pem: &str,
+    new: &crate::IntermediateUpdate,
+) -> Decision<HierarchyRecord, HierarchyRecord> {
+    let mut rec = current.ok_or_else(|| StoreError::NotFound {
+        kind: "hierarchy",
+        key: id.to_owned(),
+    })?;
+    if rec.intermediate_pem != expected_pem {
+        return Err(StoreError::Conflict(format!(
+            "hierarchy {id}'s intermediate was replaced meanwhile"
+        )));
+    }
+    rec.intermediate_pem.clone_from(&new.intermediate_pem);
+    rec.intermediate_not_after = new.intermediate_not_after;
+    if let (Some(sealed), Some(keys)) = (&new.sealed_intermediate, rec.sealed_keys.as_mut()) {
+        keys.intermediate.clone_from(sealed);
+    }
+    Ok((Some(rec.clone()), rec))
+}
+
 fn hex_bytes(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
         .filter_map(|i| s.get(2 * i..2 * i + 2))

@@ -301,6 +301,21 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn replace_intermediate(
+        &self,
+        id: &str,
+        expected_pem: &str,
+        new: crate::IntermediateUpdate,
+    ) -> Result<HierarchyRecord, StoreError> {
+        let (id, expected) = (id.to_owned(), expected_pem.to_owned());
+        self.blocking(move |s| {
+            s.modify(HIERARCHIES, &id, |rec: Option<HierarchyRecord>| {
+                decide::intermediate_update(&id, rec, &expected, &new)
+            })
+        })
+        .await
+    }
+
     async fn set_hierarchy_status(
         &self,
         id: &str,

@@ -329,6 +329,18 @@ impl Store for EtcdStore {
         Ok(out)
     }
 
+    async fn replace_intermediate(
+        &self,
+        id: &str,
+        expected_pem: &str,
+        new: crate::IntermediateUpdate,
+    ) -> Result<HierarchyRecord, StoreError> {
+        self.modify(&self.key("hierarchies", id), |rec| {
+            decide::intermediate_update(id, rec, expected_pem, &new)
+        })
+        .await
+    }
+
     async fn set_hierarchy_status(
         &self,
         id: &str,

@@ -45,8 +45,8 @@ pub use error::StoreError;
 pub use etcd::{EtcdStore, EtcdStoreConfig};
 pub use events::RETENTION as EMBEDDED_EVENT_RETENTION;
 pub use record::{
-    CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus, RevocationReason,
-    RevokeOutcome, SealedKeys, TokenRecord, TokenRefusal,
+    CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus,
+    IntermediateUpdate, RevocationReason, RevokeOutcome, SealedKeys, TokenRecord, TokenRefusal,
 };
 
 /// An event as the store keeps it: an id that only grows (the SSE `id:`)
@@ -76,6 +76,16 @@ pub trait Store: std::fmt::Debug + Send + Sync {
 
     /// Every hierarchy, oldest first.
     async fn list_hierarchies(&self) -> Result<Vec<HierarchyRecord>, StoreError>;
+
+    /// Replaces hierarchy `id`'s intermediate (a renewal under the same
+    /// root), atomically; [`StoreError::Conflict`] when its intermediate is
+    /// no longer `expected_pem` (someone renewed it first).
+    async fn replace_intermediate(
+        &self,
+        id: &str,
+        expected_pem: &str,
+        new: IntermediateUpdate,
+    ) -> Result<HierarchyRecord, StoreError>;
 
     /// Moves hierarchy `id` from status `from` to `to`, atomically;
     /// [`StoreError::Conflict`] when its status is not `from`.

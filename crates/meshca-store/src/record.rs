@@ -60,6 +60,17 @@ pub struct HierarchyRecord {
     pub sealed_keys: Option<SealedKeys>,
 }
 
+/// A renewed intermediate for [`crate::Store::replace_intermediate`].
+#[derive(Debug, Clone)]
+pub struct IntermediateUpdate {
+    /// The new intermediate, PEM.
+    pub intermediate_pem: String,
+    /// Its notAfter.
+    pub intermediate_not_after: OffsetDateTime,
+    /// Its key sealed (shared stores); `None` next to an embedded store.
+    pub sealed_intermediate: Option<String>,
+}
+
 /// CA private keys sealed with the replicas' seal key (see
 /// `meshca_pki::seal`): base64 of nonce, ciphertext and tag.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -157,6 +157,31 @@ async fn check_all(store: Arc<dyn Store>) {
     assert_eq!(hs.len(), 1);
     assert_eq!(hs[0].status, HierarchyStatus::Retiring);
 
+    // A renewed intermediate replaces the one the caller saw, once.
+    let seen = hs[0].intermediate_pem.clone();
+    let update = meshca_store::IntermediateUpdate {
+        intermediate_pem: "renewed".into(),
+        intermediate_not_after: hs[0].intermediate_not_after + time::Duration::days(1),
+        sealed_intermediate: None,
+    };
+    let renewed = store
+        .replace_intermediate("h1", &seen, update.clone())
+        .await
+        .unwrap();
+    assert_eq!(renewed.intermediate_pem, "renewed");
+    assert!(
+        store
+            .replace_intermediate("h1", &seen, update)
+            .await
+            .unwrap_err()
+            .is_conflict(),
+        "a second renewal from the same view must lose"
+    );
+    assert_eq!(
+        store.list_hierarchies().await.unwrap()[0].intermediate_pem,
+        "renewed"
+    );
+
     // Concurrent inserts of one serial: exactly one wins.
     let s3 = Serial::random().unwrap();
     let mut tasks = Vec::new();

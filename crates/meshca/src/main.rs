@@ -252,7 +252,7 @@ enum CaCommand {
     /// Rotate the root with no downtime, one stage at a time (online):
     /// prepare, activate, retire; abort; or auto (all of them, each once safe).
     Rotate {
-        /// prepare | activate | retire | abort | auto
+        /// prepare | activate | retire | abort | auto | intermediate
         step: RotateStep,
         /// Take the step even when it is not safe yet (retire with
         /// identities still on the old root).
@@ -281,6 +281,9 @@ enum RotateStep {
     Abort,
     /// All three stages, each once it is safe (resumes a rotation under way).
     Auto,
+    /// Renew the intermediate under the same root now (done by itself when
+    /// a third of its life is left).
+    Intermediate,
 }
 
 impl RotateStep {
@@ -291,6 +294,7 @@ impl RotateStep {
             RotateStep::Retire => "retire",
             RotateStep::Abort => "abort",
             RotateStep::Auto => "auto",
+            RotateStep::Intermediate => "intermediate",
         }
     }
 }

@@ -155,8 +155,16 @@ fn rotate_under_traffic(agents: usize, auto: bool) {
             dir.join("tls.key").exists()
         });
     }
-    for (i, dir) in dirs.iter().enumerate() {
-        let port = free_port();
+    // Distinct ports for all proxies: held together, then released.
+    let held: Vec<std::net::TcpListener> = (0..agents)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let chosen: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    drop(held);
+    for ((i, dir), port) in dirs.iter().enumerate().zip(chosen) {
         let proxy = meshca()
             .args([
                 "proxy",
@@ -398,4 +406,51 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
     let last: Value = serde_json::from_str(&srv.cli_ok(&["ca", "status", "--json"])).unwrap();
     assert_eq!(last["root_fingerprint"], old_fp);
     assert_eq!(last["rotation"]["stage"], "idle");
+}
+
+#[test]
+fn the_intermediate_renews_under_the_same_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let mut srv = Server::start(&d, &[]);
+    let (_, bundle_before) = srv.curl("GET", "/v1/bundle", None, &[]);
+    let issue = |srv: &Server, out: &str| {
+        let dir = tmp.path().join(out);
+        srv.cli_ok(&["issue", "web", "--out", p(&dir)]);
+        split_pem(&std::fs::read_to_string(dir.join("tls.crt")).unwrap())
+    };
+    let first = issue(&srv, "w1");
+    let out = srv.cli_ok(&["ca", "rotate", "intermediate"]);
+    assert!(out.contains("renewed the intermediate"), "{out}");
+    let second = issue(&srv, "w2");
+    assert_ne!(
+        first[1], second[1],
+        "new leaves come from the new intermediate"
+    );
+    let (_, bundle_after) = srv.curl("GET", "/v1/bundle", None, &[]);
+    assert_eq!(
+        bundle_before, bundle_after,
+        "the root, and so the bundle, stays"
+    );
+    let root = tmp.path().join("root.pem");
+    std::fs::write(&root, &bundle_after).unwrap();
+    for leaf in ["w1", "w2"] {
+        tool(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                p(&root),
+                "-untrusted",
+                p(&tmp.path().join(leaf).join("tls.crt")),
+                p(&tmp.path().join(leaf).join("tls.crt")),
+            ],
+        );
+    }
+    // A restart finds the renewed intermediate's key.
+    let port = srv.port;
+    srv.kill();
+    let srv = Server::start_on(&d, port, &[]);
+    let third = issue(&srv, "w3");
+    assert_eq!(third[1], second[1]);
 }
