@@ -848,6 +848,8 @@ pub async fn rotate_root(
     }
     // Clients of the new bundle are accepted before the answer goes out.
     crate::apply_bundle(&s).await.map_err(ApiError::internal)?;
+    // Agents fetch the bundle, other replicas read the hierarchies again.
+    s.events.publish("bundle-changed", None, None);
     if switched && s.dir.join("admin").exists() {
         meshca_issuer::reissue_admin(&s.authority, &s.dir, s.key_type).await?;
     }

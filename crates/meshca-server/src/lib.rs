@@ -705,14 +705,17 @@ pub async fn run(opts: ServeOptions, state: Arc<AppState>) -> Result<(), ServeEr
             }
         }
     });
-    // An upstream issuer (Vault) can change the trust bundle by itself:
-    // announce it, and serve a certificate that chains to the new bundle.
+    // The trust bundle changed (a rotation step here or on another
+    // replica, a new issuer in Vault): serve a certificate that chains to
+    // it. A built-in rotation step announces itself where it is taken; an
+    // upstream issuer's change is announced by the leader.
     if let Some(mut changes) = state.authority.issuer().bundle_changes() {
         let (st, dir, names) = (state.clone(), opts.dir.clone(), opts.server_names.clone());
+        let upstream = state.authority.issuer().kind() != "builtin";
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 st.invalidate_crl();
-                if st.is_leader() {
+                if upstream && st.is_leader() {
                     st.events.publish("bundle-changed", None, None);
                 }
                 if let Err(e) = ensure_server_cert(&st, &dir, &names).await {

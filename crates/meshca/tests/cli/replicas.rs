@@ -758,3 +758,74 @@ fn etcd_over_tls_with_client_certificates_and_a_password() {
     assert!(log.contains("meshca serving"), "{log}");
     assert!(!log.contains("s3cret"));
 }
+
+#[test]
+fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
+    let cluster = EtcdCluster::start(1);
+    let shared = Shared::init(&cluster, "/rot/");
+    let a = shared.replica("a");
+    let b = shared.replica("b");
+    let bundle_of = |s: &Server| split_pem(&s.curl("GET", "/v1/bundle", None, &[]).1).len();
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what} within 20s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let (code, body) = issue_via(&b, "web");
+    assert_eq!(code, 200, "{body}");
+
+    // prepare on A: B hears of it through etcd and serves both roots; the
+    // new keys are sealed in etcd like the first ones.
+    a.cli_ok(&["ca", "rotate", "prepare"]);
+    wait("B to serve the new bundle", &|| bundle_of(&b) == 2);
+    let dump = cluster
+        .etcdctl()
+        .args(["get", "--prefix", "/rot/hierarchies/"])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert_eq!(dump.matches("sealed_keys").count(), 2, "{dump}");
+    assert!(
+        !dump.contains("PRIVATE KEY"),
+        "CA keys must be sealed in etcd"
+    );
+
+    // activate on A: B signs with the new hierarchy too.
+    a.cli_ok(&["ca", "rotate", "activate", "--window", "1s"]);
+    let new_root = json(&a.cli_ok(&["ca", "status", "--json"]))["root_fingerprint"].clone();
+    wait("B to sign with the new hierarchy", &|| {
+        json(&b.cli_ok(&["ca", "status", "--json"]))["root_fingerprint"] == new_root
+    });
+    let (code, body) = issue_via(&b, "web");
+    assert_eq!(code, 200, "{body}");
+    let new_hierarchy = json(&a.cli_ok(&["ca", "status", "--json"]))["rotation"]["new"].clone();
+    let serial = serial_of(&body);
+    let rec = json(&a.cli_ok(&["list", "--json"]));
+    let issued = rec
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["serial"] == serial.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(issued["hierarchy_id"], new_hierarchy, "{issued}");
+
+    // retire on A once nothing holds the old root: B drops it as well and
+    // serves a certificate of the new root.
+    wait("every identity renewed", &|| {
+        json(&a.cli_ok(&["ca", "status", "--json"]))["rotation"]["remaining_under_old"] == 0
+    });
+    a.cli_ok(&["ca", "rotate", "retire"]);
+    wait("B to drop the old root", &|| bundle_of(&b) == 1);
+    let root = shared.dir("new-root.pem");
+    std::fs::write(&root, b.curl("GET", "/v1/bundle", None, &[]).1).unwrap();
+    wait("B to serve a certificate of the new root", &|| {
+        Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "--cacert", root.to_str().unwrap()])
+            .arg(format!("{}/healthz", b.url()))
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+}
