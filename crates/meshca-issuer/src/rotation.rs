@@ -157,6 +157,8 @@ pub struct PrepareOptions {
     pub key_type: KeyType,
     /// The new root's lifetime (the intermediate gets half).
     pub root_ttl: Duration,
+    /// Adopt an existing root (and intermediate) instead of generating one.
+    pub import: Option<crate::ImportSpec>,
 }
 
 /// Stage 1: a new root and intermediate, in the bundle, not signing. The
@@ -193,7 +195,7 @@ pub async fn prepare(
         trust_domain: opts.trust_domain,
         key_type: opts.key_type,
         root_ttl: opts.root_ttl,
-        import: None,
+        import: opts.import,
         config_toml: String::new(),
         max_ttl: Duration::ZERO,
     };

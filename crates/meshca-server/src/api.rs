@@ -743,6 +743,66 @@ pub struct RotateRootBody {
     /// Key type of the new hierarchy (prepare).
     #[serde(default)]
     key_type: Option<String>,
+    /// An existing root (and intermediate) to adopt (prepare), PEM.
+    #[serde(default)]
+    import: Option<ImportBody>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportBody {
+    root_cert: String,
+    #[serde(default)]
+    root_key: Option<String>,
+    #[serde(default)]
+    intermediate_cert: Option<String>,
+    #[serde(default)]
+    intermediate_key: Option<String>,
+}
+
+// Keys in this body never reach Debug or logs.
+impl std::fmt::Debug for ImportBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImportBody(...)")
+    }
+}
+
+/// Writes an import's PEMs into a private directory (0700, files 0600) for
+/// the checks `init --import-*` runs on files; removed when dropped.
+struct Staged(std::path::PathBuf);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn stage_import(
+    dir: &std::path::Path,
+    b: &ImportBody,
+) -> Result<(Staged, meshca_issuer::ImportSpec), ApiError> {
+    let nonce = Serial::random()
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .to_hex();
+    let staged = Staged(dir.join(format!(".import-{}", &nonce[..12])));
+    meshca_files::create_private_dir(&staged.0).map_err(|e| ApiError::internal(e.to_string()))?;
+    let put = |name: &str, pem: &Option<String>| -> Result<Option<std::path::PathBuf>, ApiError> {
+        pem.as_ref()
+            .map(|text| {
+                let path = staged.0.join(name);
+                meshca_files::write_atomic(&path, text.as_bytes(), meshca_files::SECRET_MODE)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                Ok(path)
+            })
+            .transpose()
+    };
+    let spec = meshca_issuer::ImportSpec {
+        root_cert: put("import.root_cert", &Some(b.root_cert.clone()))?.unwrap_or_default(),
+        root_key: put("import.root_key", &b.root_key)?,
+        intermediate_cert: put("import.intermediate_cert", &b.intermediate_cert)?,
+        intermediate_key: put("import.intermediate_key", &b.intermediate_key)?,
+    };
+    Ok((staged, spec))
 }
 
 /// One step of a root rotation: prepare, activate, retire or abort.
@@ -786,12 +846,19 @@ pub async fn rotate_root(
                     .issuing_key_type()
                     .unwrap_or(s.key_type),
             };
+            let staged = b
+                .import
+                .as_ref()
+                .map(|i| stage_import(&s.dir, i))
+                .transpose()?;
             let opts = rotation::PrepareOptions {
                 trust_domain: s.authority.policy().trust_domain.clone(),
                 key_type,
                 root_ttl: meshca_pki::DEFAULT_ROOT_TTL,
+                import: staged.as_ref().map(|(_, spec)| spec.clone()),
             };
             let record = rotation::prepare(&s.dir, &s.store, s.seal.as_ref(), opts).await?;
+            drop(staged);
             format!(
                 "prepared hierarchy {}; the trust bundle now holds both roots",
                 record.id

@@ -264,6 +264,18 @@ enum CaCommand {
         /// auto: give up when a stage is not safe within this long [default: 1h].
         #[arg(long, value_name = "DUR")]
         stage_timeout: Option<String>,
+        /// prepare: adopt this root certificate instead of generating one.
+        #[arg(long, value_name = "CERT")]
+        import_root: Option<PathBuf>,
+        /// prepare: the imported root's private key.
+        #[arg(long, value_name = "KEY", requires = "import_root")]
+        import_key: Option<PathBuf>,
+        /// prepare: an intermediate signed by the imported root.
+        #[arg(long, value_name = "CERT", requires = "import_root")]
+        import_intermediate: Option<PathBuf>,
+        /// prepare: the imported intermediate's private key.
+        #[arg(long, value_name = "KEY", requires = "import_intermediate")]
+        import_intermediate_key: Option<PathBuf>,
         /// prepare: key type of the new root and intermediate [default: the current one].
         #[arg(long, value_name = "TYPE")]
         key_type: Option<String>,

@@ -234,9 +234,32 @@ pub async fn ca(t: &Target, c: CaCommand) -> anyhow::Result<ExitCode> {
             window,
             key_type,
             json,
+            import_root,
+            import_key,
+            import_intermediate,
+            import_intermediate_key,
             ..
         } => {
-            let body = serde_json::json!({"force": force, "window": window, "key_type": key_type});
+            let mut body =
+                serde_json::json!({"force": force, "window": window, "key_type": key_type});
+            if let Some(root) = &import_root {
+                // The files go to the CA over the admin's mTLS connection.
+                let read = |p: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
+                    p.as_ref()
+                        .map(|p| {
+                            let bytes = meshca_files::read_limited(p, 1 << 20)?;
+                            String::from_utf8(bytes)
+                                .with_context(|| format!("{} is not PEM text", p.display()))
+                        })
+                        .transpose()
+                };
+                body["import"] = serde_json::json!({
+                    "root_cert": read(&Some(root.clone()))?,
+                    "root_key": read(&import_key)?,
+                    "intermediate_cert": read(&import_intermediate)?,
+                    "intermediate_key": read(&import_intermediate_key)?,
+                });
+            }
             let v = client(t)?
                 .post(&format!("/v1/ca/rotate/{}", step.as_str()), &body)
                 .await?;

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use crate::common::*;
 
-fn openssl_root(dir: &std::path::Path, name: &str) -> (String, String) {
+pub fn openssl_root(dir: &std::path::Path, name: &str) -> (String, String) {
     let crt = dir.join(format!("{name}.crt")).to_str().unwrap().to_owned();
     let key = dir.join(format!("{name}.key")).to_str().unwrap().to_owned();
     tool(

@@ -454,3 +454,60 @@ fn the_intermediate_renews_under_the_same_root() {
     let third = issue(&srv, "w3");
     assert_eq!(third[1], second[1]);
 }
+
+#[test]
+fn prepare_can_adopt_an_existing_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    let srv = Server::start(&d, &[]);
+    let (crt, key) = crate::import::openssl_root(tmp.path(), "corp-root");
+    let (other, _) = crate::import::openssl_root(tmp.path(), "other-root");
+    // A key that is not the root's is refused by name; nothing is prepared.
+    let out = srv.cli(&[
+        "ca",
+        "rotate",
+        "prepare",
+        "--import-root",
+        &other,
+        "--import-key",
+        &key,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("root_key"), "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&srv.cli_ok(&["ca", "status", "--json"])).unwrap()["rotation"]
+            ["stage"],
+        "idle"
+    );
+    assert!(
+        std::fs::read_dir(&d).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".import")),
+        "the staged import files are gone"
+    );
+    srv.cli_ok(&[
+        "ca",
+        "rotate",
+        "prepare",
+        "--import-root",
+        &crt,
+        "--import-key",
+        &key,
+    ]);
+    srv.cli_ok(&["ca", "rotate", "activate"]);
+    let out = tmp.path().join("web");
+    srv.cli_ok(&["issue", "web", "--out", p(&out)]);
+    tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            &crt,
+            "-untrusted",
+            p(&out.join("tls.crt")),
+            p(&out.join("tls.crt")),
+        ],
+    );
+}
