@@ -62,6 +62,7 @@ fn serve_alone_gives_a_working_ca() {
         "/v1/events",
         "/v1/crl",
         "/v1/ca",
+        "/v1/ca/rotate/{step}",
     ] {
         assert!(spec["paths"][path].is_object(), "openapi lacks {path}");
     }
