@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The header an agent reports its bundle's fingerprint in.
 pub const BUNDLE_HEADER: &str = "x-meshca-bundle";
@@ -41,6 +41,32 @@ pub struct AgentSummary {
     /// Some of the others (identity), for the operator to look at.
     pub lagging: Vec<String>,
 }
+
+/// What one replica tells the others about its agents (a store blob
+/// `agents/<replica>`, rewritten every few seconds): with replicas, an agent
+/// is connected to one of them, and activation must count them all.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedAgents {
+    /// When it was written (Unix seconds); a replica that stopped writing is
+    /// gone, and its agents have moved to others.
+    pub at: i64,
+    /// Its alive agents.
+    pub agents: Vec<SharedAgent>,
+}
+
+/// One agent in [`SharedAgents`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedAgent {
+    /// `namespace/name`.
+    pub id: String,
+    /// The fingerprint of the bundle it holds.
+    pub bundle: String,
+    /// When it was last heard from (Unix seconds).
+    pub seen: i64,
+}
+
+/// How long another replica's report counts.
+pub const SHARED_FRESH: i64 = 30;
 
 /// Held by an open event stream; the agent stays alive until it is dropped.
 #[derive(Debug)]
@@ -96,22 +122,70 @@ impl AgentRegistry {
 
     /// The alive agents against the bundle fingerprint `current`.
     pub fn summary(&self, current: &str) -> AgentSummary {
+        self.summary_with(current, &[], 0)
+    }
+
+    /// This replica's alive agents, for the others.
+    pub fn export(&self, now_unix: i64) -> SharedAgents {
         let seen = self.lock();
-        let alive: Vec<(&String, &Seen)> = seen
+        let agents = seen
             .iter()
             .filter(|(_, s)| s.streams > 0 || s.at.elapsed() < ALIVE_FOR)
+            .map(|(id, s)| SharedAgent {
+                id: id.clone(),
+                bundle: s.bundle.clone(),
+                seen: if s.streams > 0 {
+                    now_unix
+                } else {
+                    now_unix - i64::try_from(s.at.elapsed().as_secs()).unwrap_or(i64::MAX)
+                },
+            })
             .collect();
-        let mut lagging: Vec<String> = alive
+        SharedAgents {
+            at: now_unix,
+            agents,
+        }
+    }
+
+    /// The alive agents of this replica and of the fresh reports of
+    /// others, against `current`; an agent known to several replicas counts
+    /// once, with what it said last.
+    pub fn summary_with(
+        &self,
+        current: &str,
+        others: &[SharedAgents],
+        now_unix: i64,
+    ) -> AgentSummary {
+        let mut merged: HashMap<String, (i64, String)> = HashMap::new();
+        for a in self.export(now_unix).agents {
+            merged.insert(a.id, (a.seen, a.bundle));
+        }
+        let alive_for = i64::try_from(ALIVE_FOR.as_secs()).unwrap_or(i64::MAX);
+        for report in others.iter().filter(|r| now_unix - r.at <= SHARED_FRESH) {
+            for a in report
+                .agents
+                .iter()
+                .filter(|a| now_unix - a.seen < alive_for)
+            {
+                match merged.get(&a.id) {
+                    Some((seen, _)) if *seen >= a.seen => {}
+                    _ => {
+                        merged.insert(a.id.clone(), (a.seen, a.bundle.clone()));
+                    }
+                }
+            }
+        }
+        let mut lagging: Vec<String> = merged
             .iter()
-            .filter(|(_, s)| s.bundle != current)
-            .map(|(id, _)| (*id).clone())
+            .filter(|(_, (_, b))| b != current)
+            .map(|(id, _)| id.clone())
             .collect();
         lagging.sort();
         let behind = lagging.len();
         lagging.truncate(10);
         AgentSummary {
-            alive: alive.len(),
-            acknowledged: alive.len() - behind,
+            alive: merged.len(),
+            acknowledged: merged.len() - behind,
             lagging,
         }
     }
@@ -140,5 +214,28 @@ mod tests {
         assert_eq!(r.summary("new").acknowledged, 2);
         drop(g2);
         assert_eq!(r.summary("new").alive, 2, "heard from lately");
+
+        // Another replica's agents count too, once each, with what they
+        // said last; a stale report does not.
+        let other = SharedAgents {
+            at: 1000,
+            agents: vec![
+                SharedAgent {
+                    id: "default/api".into(),
+                    bundle: "old".into(),
+                    seen: 1000,
+                },
+                SharedAgent {
+                    id: "default/db".into(),
+                    bundle: "old".into(),
+                    seen: 1,
+                },
+            ],
+        };
+        let s = r.summary_with("new", std::slice::from_ref(&other), 1000);
+        assert_eq!((s.alive, s.acknowledged), (3, 2), "{s:?}");
+        assert_eq!(s.lagging, vec!["default/api".to_owned()]);
+        let s = r.summary_with("new", &[other], 1000 + SHARED_FRESH + 1);
+        assert_eq!(s.alive, 2);
     }
 }

@@ -55,6 +55,25 @@ fn bundle_header(headers: &HeaderMap) -> Option<&str> {
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The agents of every replica against the bundle handed out now.
+async fn agents_summary(s: &AppState) -> Result<crate::agents::AgentSummary, ApiError> {
+    let current = current_bundle_fingerprint(s).await?;
+    let mine = format!("agents/{}", s.replica);
+    let others: Vec<crate::agents::SharedAgents> = s
+        .store
+        .list_blobs("agents/")
+        .await?
+        .into_iter()
+        .filter(|(name, _)| *name != mine)
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect();
+    Ok(s.agents.summary_with(
+        &current,
+        &others,
+        OffsetDateTime::now_utc().unix_timestamp(),
+    ))
+}
+
 /// The fingerprint of the bundle the CA hands out now.
 async fn current_bundle_fingerprint(s: &AppState) -> Result<String, ApiError> {
     Ok(meshca_pki::bundle_fingerprint(
@@ -865,7 +884,7 @@ pub async fn rotate_root(
             )
         }
         "activate" => {
-            let agents = s.agents.summary(&current_bundle_fingerprint(&s).await?);
+            let agents = agents_summary(&s).await?;
             if agents.acknowledged < agents.alive && !b.force {
                 return Err(ApiError::from(meshca_issuer::IssuerError::Rotation(
                     format!(
@@ -939,7 +958,7 @@ pub async fn rotate_root(
 /// The rotation's stage with the agents' acknowledgements of the bundle.
 async fn rotation_json(s: &AppState) -> Result<Value, ApiError> {
     let mut v = json!(meshca_issuer::rotation::status(&s.store).await?);
-    let agents = s.agents.summary(&current_bundle_fingerprint(s).await?);
+    let agents = agents_summary(s).await?;
     if v["stage"] == "prepared" && agents.acknowledged < agents.alive {
         v["safe_to_continue"] = json!(false);
         v["next"] = json!(format!(

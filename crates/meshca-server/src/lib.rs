@@ -619,6 +619,36 @@ async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
             }
         }
     }));
+    // Tell the other replicas which agents this one hears from (activation
+    // of a root rotation counts them all).
+    let st = state.clone();
+    tokio::spawn(async move {
+        let name = format!("agents/{}", st.replica);
+        let mut last: Option<(Vec<(String, String)>, Instant)> = None;
+        loop {
+            let report = st.agents.export(OffsetDateTime::now_utc().unix_timestamp());
+            let mut view: Vec<(String, String)> = report
+                .agents
+                .iter()
+                .map(|a| (a.id.clone(), a.bundle.clone()))
+                .collect();
+            view.sort();
+            // Written when it changed, and often enough to stay fresh.
+            let due = last
+                .as_ref()
+                .is_none_or(|(v, at)| *v != view || at.elapsed() >= Duration::from_secs(15));
+            if due && !(view.is_empty() && last.is_none()) {
+                match serde_json::to_vec(&report) {
+                    Ok(bytes) => match st.store.put_blob(&name, &bytes).await {
+                        Ok(()) => last = Some((view, Instant::now())),
+                        Err(e) => tracing::debug!("sharing this replica's agents: {e}"),
+                    },
+                    Err(e) => tracing::debug!("encoding this replica's agents: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
     let leadership = state
         .store
         .campaign(&state.replica)

@@ -513,6 +513,24 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn list_blobs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = prefix.to_owned();
+        self.read(move |s| {
+            let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
+            let t = txn.open_table(BLOBS).map_err(|e| s.fail(e))?;
+            let mut out = Vec::new();
+            for item in t.range(prefix.as_str()..).map_err(|e| s.fail(e))? {
+                let (k, v) = item.map_err(|e| s.fail(e))?;
+                if !k.value().starts_with(prefix.as_str()) {
+                    break;
+                }
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         self.read(|s| s.db.begin_read().map(|_| ()).map_err(|e| s.fail(e)))
             .await

@@ -523,6 +523,22 @@ impl Store for EtcdStore {
             .map_err(|e| self.fail(e))
     }
 
+    async fn list_blobs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let dir = self.dir("blobs");
+        let kvs = self
+            .client
+            .get_prefix(&self.key("blobs", prefix))
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let name = String::from_utf8(kv.key.get(dir.len()..)?.to_vec()).ok()?;
+                Some((name, kv.value))
+            })
+            .collect())
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         self.client.status().await.map_err(|e| self.fail(e))
     }

@@ -162,6 +162,9 @@ pub trait Store: std::fmt::Debug + Send + Sync {
     /// Sets a named piece of CA state.
     async fn put_blob(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
 
+    /// Every blob whose name starts with `prefix`, by name.
+    async fn list_blobs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
     /// Whether the store answers now ([`StoreError::Unavailable`] if not).
     async fn check(&self) -> Result<(), StoreError>;
 

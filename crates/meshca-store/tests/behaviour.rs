@@ -241,6 +241,21 @@ async fn check_blobs_and_leadership(store: Arc<dyn Store>) {
         Some(&b"two"[..])
     );
     store.check().await.unwrap();
+    store.put_blob("agents/r1", b"x").await.unwrap();
+    store.put_blob("agents/r2/9", b"y").await.unwrap();
+    store
+        .put_blob("agentsz", b"not under agents/")
+        .await
+        .unwrap();
+    let mut listed = store.list_blobs("agents/").await.unwrap();
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![
+            ("agents/r1".to_owned(), b"x".to_vec()),
+            ("agents/r2/9".to_owned(), b"y".to_vec())
+        ]
+    );
     let mut leading = store.campaign("replica-a").await.unwrap();
     tokio::time::timeout(Duration::from_secs(15), leading.wait_for(|l| *l))
         .await

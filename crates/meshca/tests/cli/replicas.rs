@@ -775,11 +775,43 @@ fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
     };
     let (code, body) = issue_via(&b, "web");
     assert_eq!(code, 200, "{body}");
+    // An agent connected to B: A learns of it (and of the bundle it holds)
+    // through the store.
+    let token = json(&b.cli_ok(&["token", "create", "api", "--json"]));
+    let agent_dir = shared.dir("api");
+    let _agent = Child(
+        meshca()
+            .args([
+                "agent",
+                "api",
+                "--server",
+                &b.url(),
+                "--token",
+                token["token"].as_str().unwrap(),
+                "--ca-fingerprint",
+                token["ca_fingerprint"].as_str().unwrap(),
+                "--out",
+                agent_dir.to_str().unwrap(),
+                "--ttl",
+                "1m",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let agents_seen_by_a =
+        || json(&a.cli_ok(&["ca", "status", "--json"]))["rotation"]["agents"].clone();
+    wait("A to know B's agent", &|| agents_seen_by_a()["alive"] == 1);
 
     // prepare on A: B hears of it through etcd and serves both roots; the
-    // new keys are sealed in etcd like the first ones.
+    // new keys are sealed in etcd like the first ones; B's agent fetches the
+    // new bundle and A sees that it did.
     a.cli_ok(&["ca", "rotate", "prepare"]);
     wait("B to serve the new bundle", &|| bundle_of(&b) == 2);
+    wait("A to see B's agent acknowledge the bundle", &|| {
+        agents_seen_by_a()["acknowledged"] == 1
+    });
     let dump = cluster
         .etcdctl()
         .args(["get", "--prefix", "/rot/hierarchies/"])
