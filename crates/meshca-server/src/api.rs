@@ -37,6 +37,15 @@ fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// An optional body: none means every field's default.
+fn parse_json_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        parse_json(body)
+    }
+}
+
 async fn caller(state: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let who = authenticate(state, peer, headers).await?;
     // An agent says which bundle it holds on every call (root rotation).
@@ -441,11 +450,7 @@ pub async fn revoke(
 ) -> Result<Json<Value>, ApiError> {
     let who = caller(&s, &peer, &headers).await?;
     who.require_admin()?;
-    let b: RevokeBody = if body.is_empty() {
-        RevokeBody::default()
-    } else {
-        parse_json(&body)?
-    };
+    let b: RevokeBody = parse_json_or_default(&body)?;
     let reason = match &b.reason {
         Some(r) => r
             .parse::<RevocationReason>()
@@ -574,17 +579,11 @@ pub async fn rotate_identity(
     Ok(Json(json!({"rotating": [format!("{ns}/{name}")]})))
 }
 
-pub async fn rotate_all(
-    State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    let who = caller(&s, &peer, &headers).await?;
-    who.require_admin()?;
-    let now = OffsetDateTime::now_utc();
+/// Every identity with a live (unexpired, unrevoked) certificate, sorted.
+async fn live_identities(s: &AppState) -> Result<Vec<(String, String)>, ApiError> {
     let filter = CertFilter {
         status: Some(CertStatus::Active),
-        exclude_expired_before: Some(now),
+        exclude_expired_before: Some(OffsetDateTime::now_utc()),
         ..Default::default()
     };
     let mut identities: Vec<(String, String)> = s
@@ -596,6 +595,17 @@ pub async fn rotate_all(
         .collect();
     identities.sort();
     identities.dedup();
+    Ok(identities)
+}
+
+pub async fn rotate_all(
+    State(s): S,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &peer, &headers).await?;
+    who.require_admin()?;
+    let identities = live_identities(&s).await?;
     for (ns, name) in &identities {
         s.events.publish("rotate", Some((ns, name)), None);
     }
@@ -835,11 +845,7 @@ pub async fn rotate_root(
     use meshca_issuer::rotation;
     let who = caller(&s, &peer, &headers).await?;
     who.require_admin()?;
-    let b: RotateRootBody = if body.is_empty() {
-        RotateRootBody::default()
-    } else {
-        parse_json(&body)?
-    };
+    let b: RotateRootBody = parse_json_or_default(&body)?;
     if s.authority.issuer().kind() != "builtin" {
         return Err(ApiError::from(meshca_issuer::IssuerError::Rotation(
             format!(
@@ -974,21 +980,7 @@ async fn rotation_json(s: &AppState) -> Result<Value, ApiError> {
 /// Tells every identity with a live certificate to renew, spread evenly
 /// over `window` so that the CA is not asked for everything at once.
 async fn spread_rotate(s: &Arc<AppState>, window: Duration) -> Result<(), ApiError> {
-    let now = OffsetDateTime::now_utc();
-    let filter = CertFilter {
-        status: Some(CertStatus::Active),
-        exclude_expired_before: Some(now),
-        ..Default::default()
-    };
-    let mut identities: Vec<(String, String)> = s
-        .store
-        .list_certificates(&filter)
-        .await?
-        .into_iter()
-        .map(|r| (r.namespace, r.name))
-        .collect();
-    identities.sort();
-    identities.dedup();
+    let identities = live_identities(s).await?;
     let st = s.clone();
     tokio::spawn(async move {
         let gap = window / u32::try_from(identities.len().max(1)).unwrap_or(u32::MAX);
