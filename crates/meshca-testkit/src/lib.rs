@@ -12,8 +12,10 @@
 #![forbid(unsafe_code)]
 
 mod bao;
+mod scan;
 
 pub use bao::Bao;
+pub use scan::{TlsScan, scan_tls};
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -7,4 +7,5 @@ mod pki;
 mod modes;
 mod raw;
 mod reload;
+mod scan;
 mod startup;

@@ -15,6 +15,7 @@ mod proxy;
 mod records;
 mod replicas;
 mod rotation;
+mod scan;
 mod serve;
 mod tls;
 mod vault;
