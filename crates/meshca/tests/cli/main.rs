@@ -16,6 +16,7 @@ mod records;
 mod replicas;
 mod rotation;
 mod scan;
+mod schema;
 mod serve;
 mod tls;
 mod vault;
