@@ -144,9 +144,38 @@ async fn certificate(
     from_csr: bool,
 ) -> Result<Value, ApiError> {
     let started = Instant::now();
-    let who = caller(state, peer, headers).await?;
-    let r: CertRequest = parse_json(body)?;
     let action = if from_csr { "sign" } else { "issue" };
+    // Every refusal is audited, those before the request is understood too.
+    let who = match caller(state, peer, headers).await {
+        Ok(w) => w,
+        Err(e) => {
+            state.audit.record(
+                action,
+                "unauthenticated",
+                None,
+                None,
+                "refused",
+                Some(&e.message),
+            );
+            state.metrics.issuance(e.code);
+            return Err(e);
+        }
+    };
+    let r: CertRequest = match parse_json(body) {
+        Ok(r) => r,
+        Err(e) => {
+            state.audit.record(
+                action,
+                &who.describe(),
+                None,
+                None,
+                "refused",
+                Some(&e.message),
+            );
+            state.metrics.issuance(e.code);
+            return Err(e);
+        }
+    };
     let identity_text = format!("{}/{}", r.namespace, r.name);
     let refuse = |e: ApiError| {
         state.audit.record(

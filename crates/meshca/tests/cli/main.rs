@@ -6,6 +6,7 @@ mod common;
 mod crash;
 
 mod agent;
+mod attacks;
 mod bad_input;
 mod import;
 mod init;
