@@ -411,6 +411,8 @@ pub async fn renew_intermediate(
             // points at a certificate whose key is not on disk.
             let file = hdir.join(intermediate_key_file(new_pem.as_bytes()));
             write_atomic(&file, new_key.to_pem().as_bytes(), SECRET_MODE)?;
+            // The certificate beside it, for people (the record is what counts).
+            write_atomic(&file.with_extension("crt"), new_pem.as_bytes(), PUBLIC_MODE)?;
             (None, Some(file))
         }
     };
