@@ -52,6 +52,15 @@ async fn mtls_refuses_everyone_it_should() {
         now - Duration::from_secs(2 * 86_400),
         Duration::from_secs(3600),
     );
+    // Not valid yet: issued an hour from now.
+    pki.write(
+        &dir.join("future"),
+        "shop",
+        "early",
+        Profile::Client,
+        now + Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    );
     let stranger_pki = Pki::new();
     stranger_pki.service(&dir.join("stranger"), "shop", "cart");
 
@@ -69,7 +78,7 @@ async fn mtls_refuses_everyone_it_should() {
     // reset), so only the refusal is checked.
     let (ok, _, _) = curl(&url, &ca).await;
     assert!(!ok, "a client without a certificate got through");
-    for who in ["outsider", "expired"] {
+    for who in ["outsider", "expired", "future"] {
         let (ok, _, err) = curl(&url, &client_args(&dir.join(who))).await;
         assert!(!ok, "{who} got through: {err}");
     }

@@ -12,6 +12,7 @@ mod import;
 mod init;
 mod issue;
 mod lint;
+mod misuse;
 mod proxy;
 mod records;
 mod replicas;
