@@ -27,6 +27,8 @@ USER_SCRIPTS=$(python3 -c 'import site, os; print(os.path.join(site.getuserbase(
 export PATH="$PY_SCRIPTS:$USER_SCRIPTS:$PATH"
 have lint_pkix_cert || python3 -m pip install --quiet --disable-pip-version-check pkilint
 have lint_pkix_cert || { echo "test.sh: pkilint did not install (lint_pkix_cert not on PATH)"; exit 1; }
+# Clock skew tests run the binary under faketime.
+have faketime || apt_install faketime
 # TLS scanners run against every listener meshca opens.
 have sslscan || apt_install sslscan
 have sslyze || python3 -m pip install --quiet --disable-pip-version-check sslyze

@@ -20,5 +20,6 @@ mod rotation;
 mod scan;
 mod schema;
 mod serve;
+mod skew;
 mod tls;
 mod vault;

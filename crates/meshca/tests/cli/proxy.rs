@@ -388,16 +388,24 @@ while True:
 "#;
 
 /// Writes for 1.5 s without blocking forever; prints how much got out.
+/// (A connection reset before anything got out is tried again once: the
+/// proxies have just started.)
 const PUSH_CLIENT: &str = r#"
 import socket, sys, time
-c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-c.settimeout(0.5)
-n = 0; end = time.time() + 1.5; block = b"x" * 65536
-while time.time() < end:
+for attempt in range(3):
+    c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    c.settimeout(0.5)
+    n = 0; end = time.time() + 1.5; block = b"x" * 65536
     try:
-        n += c.send(block)
-    except socket.timeout:
-        pass
+        while time.time() < end:
+            try:
+                n += c.send(block)
+            except socket.timeout:
+                pass
+        break
+    except ConnectionResetError:
+        print(f"reset after {n} bytes, attempt {attempt}", file=sys.stderr)
+        time.sleep(0.5)
 print(n)
 "#;
 
