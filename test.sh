@@ -27,6 +27,10 @@ USER_SCRIPTS=$(python3 -c 'import site, os; print(os.path.join(site.getuserbase(
 export PATH="$PY_SCRIPTS:$USER_SCRIPTS:$PATH"
 have lint_pkix_cert || python3 -m pip install --quiet --disable-pip-version-check pkilint
 have lint_pkix_cert || { echo "test.sh: pkilint did not install (lint_pkix_cert not on PATH)"; exit 1; }
+# More verifiers of issued chains: GnuTLS (pyca/cryptography comes with sslyze).
+have certtool || apt_install gnutls-bin
+python3 -c 'from cryptography.x509.verification import PolicyBuilder' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check 'cryptography>=42'
 # Clock skew tests run the binary under faketime.
 have faketime || apt_install faketime
 # TLS scanners run against every listener meshca opens.

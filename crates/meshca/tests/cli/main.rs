@@ -23,3 +23,4 @@ mod serve;
 mod skew;
 mod tls;
 mod vault;
+mod verifiers;
