@@ -59,6 +59,7 @@ pub struct EtcdCluster {
     members: Mutex<Vec<Member>>,
     initial_cluster: String,
     tls: Option<EtcdTlsFiles>,
+    extra: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -73,15 +74,21 @@ impl std::fmt::Debug for EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader.
     pub fn start(n: usize) -> Self {
-        Self::start_with(n, None)
+        Self::start_with(n, None, &[])
+    }
+
+    /// Starts `n` members with extra `etcd` flags (a small
+    /// `--quota-backend-bytes`, ...).
+    pub fn start_with_args(n: usize, args: &[&str]) -> Self {
+        Self::start_with(n, None, args)
     }
 
     /// Starts `n` members serving https with `tls` (client certificates required).
     pub fn start_tls(n: usize, tls: EtcdTlsFiles) -> Self {
-        Self::start_with(n, Some(tls))
+        Self::start_with(n, Some(tls), &[])
     }
 
-    fn start_with(n: usize, tls: Option<EtcdTlsFiles>) -> Self {
+    fn start_with(n: usize, tls: Option<EtcdTlsFiles>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let mut members = Vec::new();
         for i in 0..n {
@@ -102,6 +109,7 @@ impl EtcdCluster {
             members: Mutex::new(members),
             initial_cluster,
             tls,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             _dir: dir,
         };
         for i in 0..n {
@@ -142,6 +150,7 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", "meshca-test"])
             // Fast elections keep fail-over tests short.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -861,3 +861,87 @@ fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
             .is_ok_and(|s| s.success())
     });
 }
+
+#[test]
+fn etcd_out_of_space_fails_closed_and_recovers() {
+    // A 4 MiB quota, filled by someone else's data until etcd raises NOSPACE.
+    let cluster = EtcdCluster::start_with_args(1, &["--quota-backend-bytes", "4194304"]);
+    let shared = Shared::init(&cluster, "/full/");
+    let a = shared.replica("a");
+    let (code, body) = issue_via(&a, "before");
+    assert_eq!(code, 200, "{body}");
+    let count = || {
+        json(&a.cli_ok(&["list", "--json"]))
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count();
+    let blob = "x".repeat(100 * 1024);
+    let mut full = false;
+    for i in 0..400 {
+        let out = cluster
+            .etcdctl()
+            .args(["put", &format!("/junk/{i}"), &blob])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("space exceeded"), "{err}");
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "etcd never ran out of space");
+    // Issuance fails closed, with etcd's reason, and records nothing.
+    for _ in 0..3 {
+        let (code, body) = issue_via(&a, "during");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("space exceeded"), "{body}");
+    }
+    assert_eq!(count(), before, "nothing half-written");
+    assert_eq!(
+        a.curl("GET", "/healthz", None, &[]).0,
+        200,
+        "the server keeps serving"
+    );
+    // The operator frees space: delete, compact, defragment, disarm the alarm.
+    cluster
+        .etcdctl()
+        .args(["del", "--prefix", "/junk/"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(
+        &cluster
+            .etcdctl()
+            .args(["endpoint", "status", "-w", "json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    let rev = json(&status)[0]["Status"]["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    cluster
+        .etcdctl()
+        .args(["compact", &rev.to_string()])
+        .output()
+        .unwrap();
+    cluster.etcdctl().args(["defrag"]).output().unwrap();
+    cluster
+        .etcdctl()
+        .args(["alarm", "disarm"])
+        .output()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = issue_via(&a, "after");
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {code} {body}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(count(), before + 1);
+}
