@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SECS="${FUZZ_SECONDS:-20}"
-TARGETS=(csr certs duration)
+TARGETS=(csr certs duration identity)
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
 # cargo-fuzz passes sanitizer flags that rustc gates behind nightly; the one
@@ -33,6 +33,11 @@ for alg in "ec -pkeyopt ec_paramgen_curve:P-256" "ec -pkeyopt ec_paramgen_curve:
 done
 cat "$seeds"/certs/*.pem > "$seeds/certs/bundle.pem"
 for d in 1h30m 1.5h 90s 300ms 87600h 2h45m10.5s 0 1us; do printf '%s' "$d" > "$seeds/duration/$d"; done
+# identity: namespace \001 name \001 extra DNS SAN
+i=0
+for s in 'default\001web\001web.example.com' 'kube-system\001api-server\001a.b-c.d' 'cluster.local' 'shop\001cart\001*.shop.example.com'; do
+  printf "$s" > "$seeds/identity/$i"; i=$((i + 1))
+done
 
 for t in "${TARGETS[@]}"; do
   echo "fuzz: $t for ${SECS}s"
