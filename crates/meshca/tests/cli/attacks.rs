@@ -209,7 +209,7 @@ fn identity_attacks_are_refused_and_audited() {
         "a token for another identity",
     );
     let short = token("api3", "1s");
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     attack(
         &bearer(&short),
         "/v1/sign",
@@ -248,7 +248,8 @@ fn identity_attacks_are_refused_and_audited() {
         "--out",
         brief.to_str().unwrap(),
     ]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // notAfter has one-second precision and is inclusive: wait past it.
+    std::thread::sleep(Duration::from_millis(2500));
     let (code, answer) = srv.curl(
         "POST",
         "/v1/sign",
