@@ -640,9 +640,18 @@ async fn commit_batch(client: &Client, events_dir: &[u8], location: &str, batch:
     };
     let mut txn = Txn::new();
     let mut lease = None;
-    for w in &batch {
+    // etcd refuses a transaction that puts one key twice: a key asked for
+    // again in the same batch (one serial drawn twice) goes in once, and
+    // the later writes of it lose, as they would one after the other.
+    let mut seen = std::collections::HashSet::new();
+    let mut repeated = vec![false; batch.len()];
+    for (i, w) in batch.iter().enumerate() {
         match w {
             Write::Create { key, value, .. } => {
+                if !seen.insert(key.clone()) {
+                    repeated[i] = true;
+                    continue;
+                }
                 txn = txn
                     .when(Compare::absent(key))
                     .then(Op::put(key, value, None));
@@ -669,10 +678,10 @@ async fn commit_batch(client: &Client, events_dir: &[u8], location: &str, batch:
         Ok(r) if r.succeeded => {
             let revision = u64::try_from(r.revision).unwrap_or(0);
             let mut slot = 0u64;
-            for w in batch {
+            for (w, again) in batch.into_iter().zip(repeated) {
                 match w {
                     Write::Create { reply, .. } => {
-                        let _ = reply.send(Ok(true));
+                        let _ = reply.send(Ok(!again));
                     }
                     Write::Event { reply, .. } => {
                         let _ = reply.send(Ok((revision << EVENT_SLOT_BITS) | slot));
