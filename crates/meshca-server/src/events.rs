@@ -132,7 +132,18 @@ impl Events {
 
     /// Follows the store's event log for as long as the process runs,
     /// calling `on_event` for each new event (after it is in the ring).
-    pub async fn follow(self: Arc<Self>, on_event: impl Fn(&Event) + Send + 'static) {
+    ///
+    /// `before_bundle` runs to completion before a `bundle-changed` event
+    /// reaches any subscriber: this replica reads the CA state again first,
+    /// so an agent that fetches the bundle on the event gets the new one.
+    pub async fn follow<F, Fut>(
+        self: Arc<Self>,
+        on_event: impl Fn(&Event) + Send + 'static,
+        before_bundle: F,
+    ) where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         loop {
             let after = {
                 let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,6 +152,12 @@ impl Events {
             match self.store.watch_events(after).await {
                 Ok(mut feed) => {
                     while let Some(stored) = feed.next().await {
+                        let kind = serde_json::from_slice::<serde_json::Value>(&stored.body)
+                            .ok()
+                            .and_then(|v| v["kind"].as_str().map(str::to_owned));
+                        if kind.as_deref() == Some("bundle-changed") {
+                            before_bundle().await;
+                        }
                         if let Some(e) = self.push(stored) {
                             on_event(&e);
                         }

@@ -592,33 +592,37 @@ pub async fn sweep(state: &AppState) -> Result<usize, meshca_store::StoreError> 
 /// election, and the leader's scheduled work.
 async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
     let st = state.clone();
-    tokio::spawn(state.events.clone().follow(move |e| {
-        // A rotation step on any replica: read the hierarchies again.
-        if e.kind == "bundle-changed" {
-            let st = st.clone();
-            tokio::spawn(async move {
+    let reloader = state.clone();
+    tokio::spawn(state.events.clone().follow(
+        move |e| {
+            // A revocation on any replica makes every replica's CRL stale; the
+            // leader makes and shares the new one at once.
+            if e.kind == "revoked" {
+                if let Some(serial) = e.serial.as_deref().and_then(|s| s.parse().ok()) {
+                    st.peers.mark_revoked(&serial);
+                }
+                st.invalidate_crl();
+                if st.is_leader() {
+                    let st = st.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = st.crl().await {
+                            tracing::warn!("remaking the CRL failed: {e}");
+                        }
+                    });
+                }
+            }
+        },
+        // A rotation step on any replica: read the hierarchies again before
+        // the event reaches this replica's agents.
+        move || {
+            let st = reloader.clone();
+            async move {
                 if let Err(e) = st.authority.issuer().reload().await {
                     tracing::warn!("reading the CA hierarchies again failed: {e}");
                 }
-            });
-        }
-        // A revocation on any replica makes every replica's CRL stale; the
-        // leader makes and shares the new one at once.
-        if e.kind == "revoked" {
-            if let Some(serial) = e.serial.as_deref().and_then(|s| s.parse().ok()) {
-                st.peers.mark_revoked(&serial);
             }
-            st.invalidate_crl();
-            if st.is_leader() {
-                let st = st.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = st.crl().await {
-                        tracing::warn!("remaking the CRL failed: {e}");
-                    }
-                });
-            }
-        }
-    }));
+        },
+    ));
     // Tell the other replicas which agents this one hears from (activation
     // of a root rotation counts them all).
     let st = state.clone();
