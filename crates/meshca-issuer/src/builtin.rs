@@ -422,6 +422,46 @@ pub(crate) struct Material {
     pub(crate) imported: bool,
 }
 
+impl Material {
+    /// The keys sealed for a shared store, bound to hierarchy `id`.
+    pub(crate) fn seal(&self, seal: &SealKey, id: &str) -> Result<SealedKeys, IssuerError> {
+        Ok(SealedKeys {
+            intermediate: seal.seal(
+                self.intermediate_key_pem.as_bytes(),
+                &intermediate_seal_label(id),
+            )?,
+            root: match &self.root_key {
+                Some(k) => Some(seal.seal(k.to_pem().as_bytes(), &root_seal_label(id))?),
+                None => None,
+            },
+        })
+    }
+
+    /// The certificates and keys as files of a hierarchy directory (keys
+    /// 0600), next to an embedded store.
+    pub(crate) fn write_files(&self, hdir: &Path) -> Result<(), IssuerError> {
+        write_atomic(
+            &hdir.join("root.crt"),
+            to_pem("CERTIFICATE", &self.root_der).as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        if let Some(k) = &self.root_key {
+            write_atomic(&hdir.join("root.key"), k.to_pem().as_bytes(), SECRET_MODE)?;
+        }
+        write_atomic(
+            &hdir.join("intermediate.crt"),
+            to_pem("CERTIFICATE", self.intermediate.cert_der()).as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        write_atomic(
+            &hdir.join("intermediate.key"),
+            self.intermediate_key_pem.as_bytes(),
+            SECRET_MODE,
+        )?;
+        Ok(())
+    }
+}
+
 fn import_err(path: &Path, e: impl std::fmt::Display) -> IssuerError {
     IssuerError::Import {
         path: path.to_owned(),
@@ -599,22 +639,7 @@ async fn write_staged(
     let hdir = stage.hierarchy_dir(id);
     create_private_dir(&staging.join("ca"))?;
     create_private_dir(&hdir)?;
-    let root_pem = to_pem("CERTIFICATE", &m.root_der);
-    let int_pem = to_pem("CERTIFICATE", m.intermediate.cert_der());
-    write_atomic(&hdir.join("root.crt"), root_pem.as_bytes(), PUBLIC_MODE)?;
-    if let Some(k) = &m.root_key {
-        write_atomic(&hdir.join("root.key"), k.to_pem().as_bytes(), SECRET_MODE)?;
-    }
-    write_atomic(
-        &hdir.join("intermediate.crt"),
-        int_pem.as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    write_atomic(
-        &hdir.join("intermediate.key"),
-        m.intermediate_key_pem.as_bytes(),
-        SECRET_MODE,
-    )?;
+    m.write_files(&hdir)?;
 
     let record = hierarchy_record(id, &m, None, now)?;
     let root_not_after = record.root_not_after;
@@ -846,17 +871,7 @@ pub async fn init_shared(
     let m = tokio::task::spawn_blocking(move || build_material(&opts2, &id2, now))
         .await
         .map_err(|e| IssuerError::Policy(format!("CA generation task failed: {e}")))??;
-    let sealed = SealedKeys {
-        intermediate: seal.seal(
-            m.intermediate_key_pem.as_bytes(),
-            &intermediate_seal_label(&id),
-        )?,
-        root: match &m.root_key {
-            Some(k) => Some(seal.seal(k.to_pem().as_bytes(), &root_seal_label(&id))?),
-            None => None,
-        },
-    };
-    let record = hierarchy_record(&id, &m, Some(sealed), now)?;
+    let record = hierarchy_record(&id, &m, Some(m.seal(seal, &id)?), now)?;
     let root_fingerprint = fingerprint(&m.root_der);
     let imported = m.imported;
     let bundle = vec![m.root_der.clone()];

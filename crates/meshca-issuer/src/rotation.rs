@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use meshca_files::{PUBLIC_MODE, SECRET_MODE, create_private_dir, write_atomic};
 use meshca_pki::{KeyType, SealKey, TrustDomain, to_pem};
-use meshca_store::{CertFilter, CertStatus, HierarchyRecord, HierarchyStatus, SealedKeys, Store};
+use meshca_store::{CertFilter, CertStatus, HierarchyRecord, HierarchyStatus, Store};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -204,39 +204,13 @@ pub async fn prepare(
         .await
         .map_err(|e| IssuerError::Policy(format!("CA generation task failed: {e}")))??;
     let sealed = match (shared, seal) {
-        (true, Some(seal)) => Some(SealedKeys {
-            intermediate: seal.seal(
-                m.intermediate_key_pem.as_bytes(),
-                &intermediate_seal_label(&id),
-            )?,
-            root: match &m.root_key {
-                Some(k) => Some(seal.seal(k.to_pem().as_bytes(), &root_seal_label(&id))?),
-                None => None,
-            },
-        }),
+        (true, Some(seal)) => Some(m.seal(seal, &id)?),
         _ => {
             // Keys first, the record last: a record never points at keys
             // that are not there.
             let hdir = DataDir::new(dir).hierarchy_dir(&id);
             create_private_dir(&hdir)?;
-            write_atomic(
-                &hdir.join("root.crt"),
-                to_pem("CERTIFICATE", &m.root_der).as_bytes(),
-                PUBLIC_MODE,
-            )?;
-            if let Some(k) = &m.root_key {
-                write_atomic(&hdir.join("root.key"), k.to_pem().as_bytes(), SECRET_MODE)?;
-            }
-            write_atomic(
-                &hdir.join("intermediate.crt"),
-                to_pem("CERTIFICATE", m.intermediate.cert_der()).as_bytes(),
-                PUBLIC_MODE,
-            )?;
-            write_atomic(
-                &hdir.join("intermediate.key"),
-                m.intermediate_key_pem.as_bytes(),
-                SECRET_MODE,
-            )?;
+            m.write_files(&hdir)?;
             None
         }
     };
