@@ -2,7 +2,10 @@
 //! listener that redirects to HTTPS.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -10,6 +13,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -46,6 +50,11 @@ pub async fn serve(
                     return;
                 }
             };
+            // hyper's header timeout starts with the first byte of a request:
+            // until then a connection would be held forever (10,000 idle ones
+            // use up the server's files). The first byte is due as soon as the
+            // headers would be.
+            let conn = FirstByteDeadline::new(conn, HEADER_TIMEOUT);
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(peer.clone());
                 app.clone().oneshot(req)
@@ -63,6 +72,86 @@ pub async fn serve(
                 tracing::debug!(%remote, "connection ended: {e}");
             }
         });
+    }
+}
+
+/// A connection that fails its read with `TimedOut` when the client has sent
+/// nothing `limit` after it was wrapped; from the first byte on, a plain pass
+/// through (hyper's own timeouts take over).
+struct FirstByteDeadline<I> {
+    io: I,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> FirstByteDeadline<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        FirstByteDeadline {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstByteDeadline<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.deadline = None;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent no request in time",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByteDeadline<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -136,7 +225,27 @@ pub async fn serve_redirect(listener: TcpListener, https_port: u16) -> std::io::
 
 #[cfg(test)]
 mod tests {
-    use super::redirect_location;
+    use super::{FirstByteDeadline, redirect_location};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_silent_client_times_out_and_a_talking_one_never_does() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut silent = FirstByteDeadline::new(server, Duration::from_millis(100));
+        let mut buf = [0u8; 8];
+        let e = silent.read(&mut buf).await.err().map(|e| e.kind());
+        assert_eq!(e, Some(std::io::ErrorKind::TimedOut));
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut talking = FirstByteDeadline::new(server, Duration::from_millis(100));
+        client.write_all(b"G").await.ok();
+        assert_eq!(talking.read(&mut buf).await.ok(), Some(1));
+        // Long past the deadline, a pause between requests is hyper's business.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.write_all(b"ET").await.ok();
+        assert_eq!(talking.read(&mut buf).await.ok(), Some(2));
+    }
 
     #[test]
     fn locations() {

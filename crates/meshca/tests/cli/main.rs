@@ -8,6 +8,7 @@ mod crash;
 mod agent;
 mod attacks;
 mod bad_input;
+mod hostile;
 mod import;
 mod init;
 mod issue;
