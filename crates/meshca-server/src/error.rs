@@ -134,6 +134,18 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<meshca_api::ApiInputError> for ApiError {
+    fn from(e: meshca_api::ApiInputError) -> Self {
+        if e.is_too_large() {
+            return ApiError::too_large(e.to_string());
+        }
+        match e.pki() {
+            Some(p) if !p.is_bad_input() => ApiError::internal(e.to_string()),
+            _ => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
 impl From<meshca_pki::PkiError> for ApiError {
     fn from(e: meshca_pki::PkiError) -> Self {
         if e.is_bad_input() {

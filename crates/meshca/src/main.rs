@@ -3,9 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
-mod config;
-mod issuer;
-mod store;
+use meshca::{config, issuer, store};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -109,7 +109,7 @@ fn verify(dir: &Path) {
 
 #[test]
 fn agent_bootstraps_renews_and_runs_the_hook() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("web");
@@ -176,7 +176,7 @@ fn agent_bootstraps_renews_and_runs_the_hook() {
 
 #[test]
 fn agent_refusals_are_clear() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("o");
@@ -231,7 +231,7 @@ fn agent_refusals_are_clear() {
 
 #[test]
 fn restarted_agent_reuses_its_certificate() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("web");
@@ -255,7 +255,7 @@ fn restarted_agent_reuses_its_certificate() {
 
 #[test]
 fn server_away_then_back_and_rotation_by_event() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let data = tmp.path().join("data");
     let mut srv = Server::start(&data, &[]);
     let port = srv.port;
@@ -288,7 +288,7 @@ fn server_away_then_back_and_rotation_by_event() {
 
 #[test]
 fn rotate_reaches_the_agent_through_events() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("web");
@@ -312,7 +312,7 @@ fn rotate_reaches_the_agent_through_events() {
 
 #[test]
 fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("web");
@@ -393,7 +393,7 @@ fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
 
 #[test]
 fn rotate_all_renews_fifty_agents_spread_over_the_window() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let mut agents = Vec::new();
     for i in 0..50 {
@@ -444,7 +444,7 @@ fn rotate_all_renews_fifty_agents_spread_over_the_window() {
 
 #[test]
 fn expired_while_away_recovers_with_the_token() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let data = tmp.path().join("data");
     let mut srv = Server::start(&data, &[]);
     let port = srv.port;
@@ -538,7 +538,7 @@ fn a_server_answering_garbage_is_refused_clearly() {
 
 #[test]
 fn a_full_disk_leaves_the_old_pair_intact() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("web");

@@ -22,7 +22,7 @@ fn audit_refusals(dir: &Path) -> usize {
 
 #[test]
 fn identity_attacks_are_refused_and_audited() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let web = tmp.path().join("web");

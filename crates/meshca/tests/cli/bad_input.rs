@@ -204,7 +204,7 @@ fn bad_arguments() {
 
 #[test]
 fn missing_or_empty_data_dirs() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let nowhere = tmp.path().join("nowhere");
     let out = tmp.path().join("out");
     fails(

@@ -15,7 +15,9 @@ pub fn meshca() -> Command {
 
 /// Runs meshca with `args` and returns its output.
 pub fn run(args: &[&str]) -> Output {
-    meshca().args(args).output().expect("run meshca")
+    let out = meshca().args(args).output().expect("run meshca");
+    keep_output("cli-stderr", &out.stderr);
+    out
 }
 
 /// Runs meshca and requires success; returns stdout.
@@ -118,6 +120,119 @@ impl Ca {
         serde_json::from_str::<Vec<serde_json::Value>>(&out)
             .unwrap()
             .len()
+    }
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        sweep(self.tmp.path());
+    }
+}
+
+/// A temporary directory swept for the secret-leak scan when dropped.
+pub struct Scratch(tempfile::TempDir);
+
+pub fn scratch() -> Scratch {
+    Scratch(tempfile::tempdir().unwrap())
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = tempfile::TempDir;
+    fn deref(&self) -> &tempfile::TempDir {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        sweep(self.0.path());
+    }
+}
+
+/// Where the suite keeps, for the secret-leak scan (`leaks.rs`, run by
+/// `./test.sh` after everything else), what it produced (`out`: logs,
+/// audit lines, metrics, error bodies, CLI errors) and the secrets it
+/// handled (`secrets`: private keys, tokens, seal keys).
+pub fn leakscan_dir(kind: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("leakscan")
+        .join(kind)
+}
+
+fn keep(kind: &str, what: &str, bytes: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    if bytes.is_empty() {
+        return;
+    }
+    let dir = leakscan_dir(kind);
+    let _ = std::fs::create_dir_all(&dir);
+    let what: String = what
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let file = dir.join(format!(
+        "{}-{}-{what}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+    {
+        let _ = f.write_all(bytes);
+    }
+}
+
+/// Something meshca said (a log, an error body, metrics), for the leak scan.
+pub fn keep_output(what: &str, bytes: &[u8]) {
+    keep("out", what, bytes);
+}
+
+/// A secret the suite handled, which no output may contain.
+pub fn keep_secret(what: &str, bytes: &[u8]) {
+    keep("secrets", what, bytes);
+}
+
+/// Files under `dir` for the leak scan: `*.log` files (server, agent, proxy
+/// and audit logs) are outputs; private keys, token files and seal keys are
+/// secrets.
+pub fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(kind) = e.file_type() else { continue };
+        let path = e.path();
+        if kind.is_dir() {
+            sweep(&path);
+            continue;
+        }
+        if !kind.is_file() || e.metadata().map_or(true, |m| m.len() > 16 << 20) {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        if name.ends_with(".log") {
+            keep_output(&name, &bytes);
+        } else if bytes.windows(16).any(|w| w == b"PRIVATE KEY-----")
+            || ["token", "seal", "secret"].iter().any(|k| name.contains(k))
+        {
+            keep_secret(&name, &bytes);
+        }
     }
 }
 
@@ -237,11 +352,16 @@ impl Server {
 
     /// `meshca --server URL --dir DIR <args>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        meshca()
+        let out = meshca()
             .args(["--server", &self.url(), "--dir", self.dir.to_str().unwrap()])
             .args(args)
             .output()
-            .unwrap()
+            .unwrap();
+        keep_output("cli-stderr", &out.stderr);
+        if args.starts_with(&["token", "create"]) {
+            keep_secret("token", &out.stdout);
+        }
+        out
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> String {
@@ -282,7 +402,14 @@ impl Server {
         let out = cmd.arg(format!("{}{path}", self.url())).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
+        let code = code.trim().parse().unwrap_or(0);
+        if code >= 400 || path.starts_with("/metrics") {
+            keep_output("http-body", body.as_bytes());
+        }
+        if path.starts_with("/v1/tokens") && method == "POST" {
+            keep_secret("token", body.as_bytes());
+        }
+        (code, body.to_owned())
     }
 
     /// curl arguments presenting the admin certificate.
@@ -300,7 +427,23 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // The metrics it ended with, its log, audit log and keys: for the
+        // leak scan.
+        if self.child.is_some() {
+            if let Ok(out) = Command::new("curl")
+                .args(["-sS", "--max-time", "2", "--cacert"])
+                .arg(self.dir.join("admin/ca.crt"))
+                .arg(format!("{}/metrics", self.url()))
+                .output()
+            {
+                keep_output("metrics", &out.stdout);
+            }
+        }
         self.kill();
+        if let Ok(log) = std::fs::read(&self.log) {
+            keep_output("serve.log", &log);
+        }
+        sweep(&self.dir);
     }
 }
 

@@ -13,7 +13,7 @@ use crate::common::*;
 
 #[test]
 fn kill_9_loses_no_answered_certificate() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let mut srv = Server::start(&d, &[]);
     let rt = tokio::runtime::Builder::new_multi_thread()

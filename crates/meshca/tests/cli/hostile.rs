@@ -289,8 +289,8 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     None
 }
 
-fn start_server() -> (tempfile::TempDir, Server) {
-    let tmp = tempfile::tempdir().unwrap();
+fn start_server() -> (Scratch, Server) {
+    let tmp = scratch();
     let server = Server::start(&tmp.path().join("ca"), &[]);
     (tmp, server)
 }

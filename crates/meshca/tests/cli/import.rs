@@ -86,7 +86,7 @@ fn openssl_intermediate(dir: &std::path::Path, root: &(String, String)) -> (Stri
 
 #[test]
 fn imported_root_signs_a_new_intermediate() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let root = openssl_root(tmp.path(), "Corp Root");
     let d = tmp.path().join("ca");
     let out = ok(&[
@@ -128,7 +128,7 @@ fn imported_root_signs_a_new_intermediate() {
 
 #[test]
 fn imported_intermediate_signs_directly() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let root = openssl_root(tmp.path(), "Corp Root");
     let int = openssl_intermediate(tmp.path(), &root);
     let d = tmp.path().join("ca");
@@ -178,7 +178,7 @@ fn imported_intermediate_signs_directly() {
 
 #[test]
 fn bad_imports_are_refused_and_leave_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let root = openssl_root(tmp.path(), "Corp Root");
     let other = openssl_root(tmp.path(), "Other Root");
     let int = openssl_intermediate(tmp.path(), &other);

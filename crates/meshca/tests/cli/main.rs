@@ -12,6 +12,7 @@ mod hostile;
 mod import;
 mod init;
 mod issue;
+mod leaks;
 mod lint;
 mod misuse;
 mod proxy;

@@ -83,7 +83,7 @@ fn first_cert(file: &Path, out: &Path) -> PathBuf {
 
 #[test]
 fn misused_certificates_and_chains_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let t = tmp.path();
     let d = t.join("data");
     let srv = Server::start(&d, &[]);

@@ -15,14 +15,14 @@ use crate::common::*;
 
 /// A CA in etcd: `init` into replica A's directory, the seal key beside it.
 struct Shared {
-    tmp: tempfile::TempDir,
+    tmp: Scratch,
     url: String,
     seal: PathBuf,
 }
 
 impl Shared {
     fn init(cluster: &EtcdCluster, prefix: &str) -> Shared {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = scratch();
         let url = cluster.store_url(prefix);
         let seal = tmp.path().join("secrets/seal.key");
         let a = tmp.path().join("a");
@@ -675,7 +675,7 @@ fn etcd_pki(dir: &Path) -> meshca_testkit::EtcdTlsFiles {
 
 #[test]
 fn etcd_over_tls_with_client_certificates_and_a_password() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let pki = etcd_pki(&tmp.path().join("pki"));
     let cluster = EtcdCluster::start_tls(1, pki.clone());
     for args in [

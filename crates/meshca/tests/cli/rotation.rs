@@ -98,7 +98,7 @@ fn automatic_root_rotation_under_traffic_fails_no_request() {
 }
 
 fn rotate_under_traffic(agents: usize, auto: bool) {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let site = tmp.path().join("site");
@@ -303,7 +303,7 @@ fn rotate_under_traffic(agents: usize, auto: bool) {
 
 #[test]
 fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let refused = |args: &[&str], needle: &str| {
@@ -410,7 +410,7 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
 
 #[test]
 fn the_intermediate_renews_under_the_same_root() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let mut srv = Server::start(&d, &[]);
     let (_, bundle_before) = srv.curl("GET", "/v1/bundle", None, &[]);
@@ -457,7 +457,7 @@ fn the_intermediate_renews_under_the_same_root() {
 
 #[test]
 fn prepare_can_adopt_an_existing_root() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let (crt, key) = crate::import::openssl_root(tmp.path(), "corp-root");

@@ -17,7 +17,7 @@ fn reports() -> PathBuf {
 
 #[test]
 fn tls_scanners_find_only_strong_tls13() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let admin = d.join("admin");

@@ -15,7 +15,7 @@ use crate::common::*;
 
 #[test]
 fn every_operation_answers_as_the_openapi_document_says() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let admin = d.join("admin");

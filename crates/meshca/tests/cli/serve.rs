@@ -28,7 +28,7 @@ fn save(dir: &std::path::Path, answer: &Value, key: Option<&std::path::Path>) {
 
 #[test]
 fn serve_alone_gives_a_working_ca() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let redirect = free_port();
     let srv = Server::start(
@@ -140,7 +140,7 @@ fn serve_alone_gives_a_working_ca() {
 
 #[test]
 fn admin_cli_tokens_workloads_and_revocation() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
 
@@ -327,7 +327,7 @@ fn admin_cli_tokens_workloads_and_revocation() {
 
 #[test]
 fn bad_requests_get_clear_4xx_and_store_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let admin = srv.admin();
@@ -517,7 +517,7 @@ fn tool_stdin(program: &str, args: &[&str], input: &[u8]) -> String {
 
 #[test]
 fn one_use_token_used_twice_at_once_gives_one_certificate() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     for round in 0..5 {
@@ -541,7 +541,7 @@ fn one_use_token_used_twice_at_once_gives_one_certificate() {
 
 #[test]
 fn events_stream_and_resume() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
     let listen = |extra: Vec<String>| {
@@ -606,7 +606,7 @@ fn events_stream_and_resume() {
 
 #[test]
 fn restart_keeps_state() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let mut srv = Server::start(&d, &[]);
     srv.cli_ok(&[
@@ -649,7 +649,7 @@ fn restart_keeps_state() {
 
 #[test]
 fn policy_rules_from_the_config_file() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     ok(&["init", "--dir", d.to_str().unwrap()]);
     let mut cfg = std::fs::read_to_string(d.join("meshca.toml")).unwrap();

@@ -71,7 +71,7 @@ fn agent_once(
 
 #[test]
 fn clocks_minutes_apart_still_work_and_a_day_ahead_is_detected() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
 

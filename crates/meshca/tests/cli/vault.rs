@@ -81,7 +81,7 @@ fn issue_status(srv: &Server, name: &str) -> (u16, String) {
 fn vault_signs_what_meshca_decides() {
     let bao = Bao::start_dev();
     bao.setup_pki("pki", "meshca", &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let token = root_token_file(&bao, tmp.path());
     let d = tmp.path().join("data");
     let srv = start(&d, &vault_flags(&bao, &token, &[]));
@@ -308,7 +308,7 @@ fn vault_signs_what_meshca_decides() {
 fn unsafe_or_missing_roles_and_bad_logins_are_refused_at_start() {
     let bao = Bao::start_dev();
     bao.setup_pki("pki", "meshca", &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let token = root_token_file(&bao, tmp.path());
     let serve = |dir: &Path, flags: Vec<String>, needles: &[&str]| {
         let listen = format!("127.0.0.1:{}", free_port());
@@ -406,7 +406,7 @@ fn unsafe_or_missing_roles_and_bad_logins_are_refused_at_start() {
 fn vault_sealed_hung_stopped_and_back() {
     let bao = Bao::start_persistent();
     bao.setup_pki("pki", "meshca", &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let token = root_token_file(&bao, tmp.path());
     let d = tmp.path().join("data");
     let srv = start(&d, &vault_flags(&bao, &token, &["--vault-timeout", "2s"]));
@@ -509,7 +509,7 @@ fn vault_sealed_hung_stopped_and_back() {
 fn approle_login_token_renewal_and_expiry() {
     let bao = Bao::start_dev();
     bao.setup_pki("pki", "meshca", &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let policy = tmp.path().join("meshca.hcl");
     std::fs::write(
         &policy,
@@ -638,7 +638,7 @@ path "pki/issuers" { capabilities = ["list"] }
 fn https_vault_is_verified_against_the_given_ca() {
     let bao = Bao::start_dev_tls();
     bao.setup_pki("pki", "meshca", &[]);
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let token = root_token_file(&bao, tmp.path());
     let ca = bao.ca_file.clone().unwrap();
     // Without the CA, Vault's certificate is not trusted: a clear refusal.

@@ -109,7 +109,7 @@ fn crl_serials(srv: &Server, dir: &Path, name: &str) -> String {
 
 #[test]
 fn revoked_certificates_stay_on_the_crl_until_they_expire() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
     let issue = |name: &str, ttl: &str| -> String {
         let out = tmp.path().join(name);

@@ -1,0 +1,414 @@
+//! The wire contract of meshca's `/v1` API: the JSON bodies clients send.
+//!
+//! # Design
+//!
+//! A body enters as bytes and is parsed exactly once, here, into a typed
+//! request whose every field has been checked: the identity is a valid
+//! `namespace/name`, a TTL is a duration, a CSR is parsed and its signature
+//! verified, a profile and a key type are known names, and the limits (CSR
+//! size, number of extra SANs) hold. Unknown fields are refused by name. The
+//! server decides only who may ask for what; it never sees raw JSON.
+//!
+//! This crate does no I/O, so it is what the `api` fuzz target drives: an
+//! accepted body is valid, and it survives a JSON round trip unchanged.
+//!
+//! # Example
+//!
+//! ```
+//! use meshca_api::{CertRequestBody, Endpoint, KeyChoice};
+//!
+//! let body = br#"{"name": "web", "namespace": "shop", "ttl": "1h", "dns": ["web.example.com"]}"#;
+//! let req = CertRequestBody::from_json(body)?.validate(Endpoint::Issue)?;
+//! assert_eq!(req.identity.to_string(), "shop/web");
+//! assert_eq!(req.ttl, Some(std::time::Duration::from_secs(3600)));
+//! assert!(matches!(req.key, KeyChoice::Generate(None)));
+//!
+//! let e = CertRequestBody::from_json(br#"{"name": "web", "nmae": "x"}"#).unwrap_err();
+//! assert!(e.to_string().contains("nmae"));
+//! # Ok::<(), meshca_api::ApiInputError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use meshca_pki::{Identity, KeyType, PkiError, Profile, VerifiedCsr, parse_csr, parse_duration};
+use serde::{Deserialize, Serialize};
+
+/// Largest CSR accepted in a request (PEM text).
+pub const MAX_CSR: usize = 16 * 1024;
+/// Most extra SANs (DNS names and IP addresses together) in one request.
+pub const MAX_SANS: usize = 100;
+/// Longest a join token may live.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// How long a join token lives when the request does not say.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Most uses of one join token.
+pub const MAX_TOKEN_USES: u32 = 10_000;
+
+/// Why a request body was refused. Each names the field or the rule.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiInputError {
+    /// Not JSON, the wrong shape, or an unknown field.
+    #[error("invalid JSON body: {0}")]
+    Json(String),
+    /// A field's value breaks a rule of the API.
+    #[error("{0}")]
+    Invalid(String),
+    /// A field is larger than the API accepts.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A name, duration, CSR, profile or key type that does not parse.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+}
+
+impl ApiInputError {
+    /// True when the request was refused for its size (HTTP 413).
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, ApiInputError::TooLarge(_))
+    }
+
+    /// The PKI error behind this one, if any (for its own status mapping).
+    pub fn pki(&self) -> Option<&PkiError> {
+        match self {
+            ApiInputError::Pki(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn from_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiInputError> {
+    serde_json::from_slice(body).map_err(|e| ApiInputError::Json(e.to_string()))
+}
+
+/// An optional body: none means every field's default.
+fn from_json_or_default<'a, T: Deserialize<'a> + Default>(
+    body: &'a [u8],
+) -> Result<T, ApiInputError> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        from_json(body)
+    }
+}
+
+fn default_ns() -> String {
+    meshca_pki::DEFAULT_NAMESPACE.to_owned()
+}
+
+fn is_default_ns(ns: &str) -> bool {
+    ns == meshca_pki::DEFAULT_NAMESPACE
+}
+
+/// Which certificate endpoint a body was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/sign`: the caller's CSR brings the key.
+    Sign,
+    /// `POST /v1/issue`: the CA generates the key.
+    Issue,
+}
+
+/// The body of `POST /v1/sign` and `POST /v1/issue`, as sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertRequestBody {
+    pub name: String,
+    #[serde(default = "default_ns", skip_serializing_if = "is_default_ns")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+}
+
+/// Where the certificate's key comes from.
+#[derive(Debug, Clone)]
+pub enum KeyChoice {
+    /// The caller's CSR, its signature verified.
+    Csr(Box<VerifiedCsr>),
+    /// Generated by the CA: this type, or the CA's default.
+    Generate(Option<KeyType>),
+}
+
+/// A certificate request whose every field has been checked. Extra DNS
+/// names and IPs are checked against the trust domain and the policy when
+/// the SANs are built (they depend on the CA's settings).
+#[derive(Debug, Clone)]
+pub struct CertRequest {
+    pub identity: Identity,
+    pub profile: Option<Profile>,
+    pub ttl: Option<Duration>,
+    pub dns: Vec<String>,
+    pub ips: Vec<String>,
+    pub key: KeyChoice,
+}
+
+impl CertRequestBody {
+    /// Parses the JSON body; unknown fields are refused by name.
+    pub fn from_json(body: &[u8]) -> Result<Self, ApiInputError> {
+        from_json(body)
+    }
+
+    /// `namespace/name` as asked for (for audit lines, before it is checked).
+    pub fn identity_text(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Checks every field for `endpoint`.
+    pub fn validate(&self, endpoint: Endpoint) -> Result<CertRequest, ApiInputError> {
+        let sans = self.dns.len() + self.ips.len();
+        if sans > MAX_SANS {
+            return Err(ApiInputError::Invalid(format!(
+                "{sans} extra SANs asked for; at most {MAX_SANS}"
+            )));
+        }
+        let identity = Identity::new(&self.namespace, &self.name)?;
+        let profile = self
+            .profile
+            .as_deref()
+            .map(str::parse::<Profile>)
+            .transpose()?;
+        let ttl = self.ttl.as_deref().map(parse_duration).transpose()?;
+        let key = match endpoint {
+            Endpoint::Sign => {
+                if self.key_type.is_some() {
+                    return Err(ApiInputError::Invalid(
+                        "key_type is for /v1/issue; a CSR brings its own key".into(),
+                    ));
+                }
+                let csr = self
+                    .csr
+                    .as_deref()
+                    .ok_or_else(|| ApiInputError::Invalid("missing field `csr` (PEM)".into()))?;
+                if csr.len() > MAX_CSR {
+                    return Err(ApiInputError::TooLarge(format!(
+                        "the CSR is {} bytes; at most {MAX_CSR}",
+                        csr.len()
+                    )));
+                }
+                KeyChoice::Csr(Box::new(parse_csr(csr.as_bytes())?))
+            }
+            Endpoint::Issue => {
+                if self.csr.is_some() {
+                    return Err(ApiInputError::Invalid(
+                        "csr is for /v1/sign; /v1/issue generates the key".into(),
+                    ));
+                }
+                KeyChoice::Generate(
+                    self.key_type
+                        .as_deref()
+                        .map(str::parse::<KeyType>)
+                        .transpose()?,
+                )
+            }
+        };
+        Ok(CertRequest {
+            identity,
+            profile,
+            ttl,
+            dns: self.dns.clone(),
+            ips: self.ips.clone(),
+            key,
+        })
+    }
+}
+
+/// The body of `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequestBody {
+    pub name: String,
+    #[serde(default = "default_ns", skip_serializing_if = "is_default_ns")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
+}
+
+/// A join token request whose every field has been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRequest {
+    pub identity: Identity,
+    /// More than zero, at most [`MAX_TOKEN_TTL`].
+    pub ttl: Duration,
+    /// Between 1 and [`MAX_TOKEN_USES`].
+    pub uses: u32,
+}
+
+impl TokenRequestBody {
+    /// Parses and checks the body.
+    pub fn parse(body: &[u8]) -> Result<TokenRequest, ApiInputError> {
+        let b: TokenRequestBody = from_json(body)?;
+        let identity = Identity::new(&b.namespace, &b.name)?;
+        let ttl = match &b.ttl {
+            Some(t) => parse_duration(t)?,
+            None => DEFAULT_TOKEN_TTL,
+        };
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(ApiInputError::Invalid(format!(
+                "token ttl {:?} must be more than 0 and at most 720h",
+                b.ttl.unwrap_or_default()
+            )));
+        }
+        let uses = b.uses.unwrap_or(1);
+        if uses == 0 || uses > MAX_TOKEN_USES {
+            return Err(ApiInputError::Invalid(format!(
+                "uses must be between 1 and {MAX_TOKEN_USES}"
+            )));
+        }
+        Ok(TokenRequest {
+            identity,
+            ttl,
+            uses,
+        })
+    }
+}
+
+/// The optional body of `POST /v1/certificates/{serial}/revoke`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    /// An RFC 5280 reason name (checked by the store's reason type).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl RevokeBody {
+    /// Parses the body; an empty body is no reason.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiInputError> {
+        from_json_or_default(body)
+    }
+}
+
+/// The optional body of `POST /v1/ca/rotate/{step}`, as sent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRootBody {
+    #[serde(default)]
+    force: bool,
+    /// Over how long the identities are told to renew (activate).
+    #[serde(default)]
+    window: Option<String>,
+    /// Key type of the new hierarchy (prepare).
+    #[serde(default)]
+    key_type: Option<String>,
+    /// An existing root (and intermediate) to adopt (prepare), PEM.
+    #[serde(default)]
+    import: Option<ImportBody>,
+}
+
+/// PEM texts of a hierarchy to adopt. Keys in it never reach Debug or logs.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportBody {
+    pub root_cert: String,
+    #[serde(default)]
+    pub root_key: Option<String>,
+    #[serde(default)]
+    pub intermediate_cert: Option<String>,
+    #[serde(default)]
+    pub intermediate_key: Option<String>,
+}
+
+impl std::fmt::Debug for ImportBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImportBody(...)")
+    }
+}
+
+/// A rotation step's options, checked.
+#[derive(Debug, Default)]
+pub struct RotateRoot {
+    pub force: bool,
+    /// None: the server's default.
+    pub window: Option<Duration>,
+    pub key_type: Option<KeyType>,
+    pub import: Option<ImportBody>,
+}
+
+impl RotateRootBody {
+    /// Parses and checks the body; an empty body takes every default.
+    pub fn parse(body: &[u8]) -> Result<RotateRoot, ApiInputError> {
+        let b: RotateRootBody = from_json_or_default(body)?;
+        let window = b
+            .window
+            .as_deref()
+            .map(|w| parse_duration(w).map_err(|e| ApiInputError::Invalid(format!("window: {e}"))))
+            .transpose()?;
+        let key_type = b
+            .key_type
+            .as_deref()
+            .map(str::parse::<KeyType>)
+            .transpose()?;
+        Ok(RotateRoot {
+            force: b.force,
+            window,
+            key_type,
+            import: b.import,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_field_or_rule() {
+        let e = CertRequestBody::from_json(b"{\"name\": 5}").unwrap_err();
+        assert!(e.to_string().starts_with("invalid JSON body"), "{e}");
+        let body = CertRequestBody::from_json(br#"{"name": "web", "ttl": "forever"}"#).unwrap();
+        let e = body.validate(Endpoint::Issue).unwrap_err();
+        assert!(e.to_string().contains("forever"), "{e}");
+        let e = body.validate(Endpoint::Sign).unwrap_err();
+        assert!(e.to_string().contains("forever"), "{e}");
+        let body = CertRequestBody::from_json(br#"{"name": "web"}"#).unwrap();
+        let e = body.validate(Endpoint::Sign).unwrap_err();
+        assert!(e.to_string().contains("csr"), "{e}");
+        let many = format!(
+            "{{\"name\": \"web\", \"dns\": [{}]}}",
+            vec!["\"a.b\""; 101].join(",")
+        );
+        let e = CertRequestBody::from_json(many.as_bytes())
+            .unwrap()
+            .validate(Endpoint::Issue)
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 100"), "{e}");
+        let big = CertRequestBody {
+            csr: Some("x".repeat(MAX_CSR + 1)),
+            ..CertRequestBody::from_json(br#"{"name": "web"}"#).unwrap()
+        };
+        assert!(big.validate(Endpoint::Sign).unwrap_err().is_too_large());
+    }
+
+    #[test]
+    fn tokens_and_rotation() {
+        let t = TokenRequestBody::parse(br#"{"name": "web", "uses": 3}"#).unwrap();
+        assert_eq!((t.ttl, t.uses), (DEFAULT_TOKEN_TTL, 3));
+        for bad in [
+            r#"{"name": "web", "uses": 0}"#,
+            r#"{"name": "web", "ttl": "0s"}"#,
+            r#"{"name": "web", "ttl": "721h"}"#,
+            r#"{"name": "Web"}"#,
+        ] {
+            assert!(TokenRequestBody::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let r = RotateRootBody::parse(b"").unwrap();
+        assert!(!r.force && r.window.is_none());
+        let e = RotateRootBody::parse(br#"{"window": "soon"}"#).unwrap_err();
+        assert!(e.to_string().starts_with("window:"), "{e}");
+        assert!(RevokeBody::parse(b"").unwrap().reason.is_none());
+    }
+}
