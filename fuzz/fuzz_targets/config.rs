@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            assert!(msg.contains("meshca.toml"), "the refusal does not name the file: {msg}");
+            assert!(
+                msg.contains("meshca.toml"),
+                "the refusal does not name the file: {msg}"
+            );
         }
     }
 });

@@ -5,8 +5,13 @@ use libfuzzer_sys::fuzz_target;
 use meshca_pki::{format_duration, parse_duration};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(d) = parse_duration(s) {
-        assert_eq!(parse_duration(&format_duration(d)).expect("formatted parses"), d);
+        assert_eq!(
+            parse_duration(&format_duration(d)).expect("formatted parses"),
+            d
+        );
     }
 });

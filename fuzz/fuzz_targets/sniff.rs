@@ -44,14 +44,18 @@ fn env() -> &'static Env {
             .sign_leaf(&LeafPublicKey::of(&key).expect("public key"), &spec, now)
             .expect("leaf");
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("tls.crt"), to_pem("CERTIFICATE", &leaf.der)).expect("write");
+        std::fs::write(dir.path().join("tls.crt"), to_pem("CERTIFICATE", &leaf.der))
+            .expect("write");
         std::fs::write(dir.path().join("tls.key"), key.to_pem()).expect("write");
         std::fs::write(dir.path().join("ca.crt"), to_pem("CERTIFICATE", &root_der)).expect("write");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.path().join("tls.key"), std::fs::Permissions::from_mode(0o600))
-                .expect("chmod");
+            std::fs::set_permissions(
+                dir.path().join("tls.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .expect("chmod");
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -64,7 +68,9 @@ fn env() -> &'static Env {
                 ..Default::default()
             };
             let acceptor = TlsAcceptor::new(&config).expect("acceptor");
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             (listener, acceptor)
         });
         Env {
@@ -93,7 +99,10 @@ fuzz_target!(|data: &[u8]| {
             match env.acceptor.accept(tcp).await {
                 Ok((Conn::Plain(mut tcp), peer)) => {
                     assert!(!peer.tls);
-                    assert!(data.first() != Some(&0x16), "a TLS record served as plaintext");
+                    assert!(
+                        data.first() != Some(&0x16),
+                        "a TLS record served as plaintext"
+                    );
                     let mut got = Vec::new();
                     tcp.read_to_end(&mut got).await.expect("read");
                     assert_eq!(got, data, "the plaintext stream lost or changed bytes");
@@ -102,8 +111,10 @@ fuzz_target!(|data: &[u8]| {
                 Err(_) => assert_eq!(data.first(), Some(&0x16), "plaintext refused"),
             }
         };
-        tokio::time::timeout(Duration::from_secs(15), async { tokio::join!(client, server) })
-            .await
-            .expect("the sniff hung");
+        tokio::time::timeout(Duration::from_secs(15), async {
+            tokio::join!(client, server)
+        })
+        .await
+        .expect("the sniff hung");
     });
 });
