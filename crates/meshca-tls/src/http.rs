@@ -2,9 +2,9 @@
 //! listener that redirects to HTTPS.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,8 +13,8 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tower::ServiceExt;
 
 use crate::TlsAcceptor;
@@ -50,14 +50,27 @@ pub async fn serve(
                     return;
                 }
             };
-            // hyper's header timeout starts with the first byte of a request:
-            // until then a connection would be held forever (10,000 idle ones
-            // use up the server's files). The first byte is due as soon as the
-            // headers would be.
-            let conn = FirstByteDeadline::new(conn, HEADER_TIMEOUT);
+            // A connection with no request in flight for IDLE_TIMEOUT is
+            // closed, whatever its protocol: hyper's HTTP/1 header timeout
+            // starts only with a request's first byte, and HTTP/2 has none,
+            // so one that never asks would be held forever (10,000 of them
+            // use up the server's files). A streamed answer (events) is a
+            // request in flight until it ends.
+            let activity = Activity::default();
+            let tracker = activity.clone();
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let in_flight = tracker.begin();
                 req.extensions_mut().insert(peer.clone());
-                app.clone().oneshot(req)
+                let answer = app.clone().oneshot(req);
+                async move {
+                    let resp = answer.await?;
+                    Ok::<_, Infallible>(resp.map(|body| {
+                        axum::body::Body::new(Tracked {
+                            inner: body,
+                            _in_flight: in_flight,
+                        })
+                    }))
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // A client that never finishes its request headers is cut off.
@@ -65,93 +78,102 @@ pub async fn serve(
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT);
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(conn), svc)
-                .await
-            {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = activity.idle_for(IDLE_TIMEOUT) => {
+                    // HTTP/1: closed now. HTTP/2: GOAWAY and a PING; a client
+                    // that never answers the PING is not waited for long
+                    // (nothing is in flight, so nothing is cut short).
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(Duration::from_secs(1), conn).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%remote, "connection ended: {e}");
             }
         });
     }
 }
 
-/// A connection that fails its read with `TimedOut` when the client has sent
-/// nothing `limit` after it was wrapped; from the first byte on, a plain pass
-/// through (hyper's own timeouts take over).
-struct FirstByteDeadline<I> {
-    io: I,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+/// How long a connection may have no request in flight before it is closed
+/// (the first request included).
+pub const IDLE_TIMEOUT: Duration = HEADER_TIMEOUT;
+
+/// The requests in flight on one connection.
+#[derive(Clone, Default)]
+struct Activity(Arc<ActivityState>);
+
+#[derive(Default)]
+struct ActivityState {
+    in_flight: AtomicUsize,
+    changed: Notify,
 }
 
-impl<I> FirstByteDeadline<I> {
-    fn new(io: I, limit: Duration) -> Self {
-        FirstByteDeadline {
-            io,
-            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+/// One request in flight, until its answer's body is dropped.
+struct InFlight(Activity);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        (self.0).0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        (self.0).0.changed.notify_waiters();
+    }
+}
+
+impl Activity {
+    fn begin(&self) -> InFlight {
+        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+        InFlight(self.clone())
+    }
+
+    /// Returns once no request has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            // Listen before looking, so that a change in between is not missed.
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.0.in_flight.load(Ordering::SeqCst) == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(limit) => return,
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
         }
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for FirstByteDeadline<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    this.deadline = None;
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
-                if expired {
-                    Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the client sent no request in time",
-                    )))
-                } else {
-                    Poll::Pending
-                }
-            }
-        }
-    }
+/// An answer's body that holds its request's [`InFlight`] until it is
+/// sent or dropped.
+struct Tracked {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByteDeadline<I> {
-    fn poll_write(
+impl http_body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -225,26 +247,27 @@ pub async fn serve_redirect(listener: TcpListener, https_port: u16) -> std::io::
 
 #[cfg(test)]
 mod tests {
-    use super::{FirstByteDeadline, redirect_location};
-    use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use super::{Activity, redirect_location};
+    use std::time::{Duration, Instant};
 
     #[tokio::test]
-    async fn a_silent_client_times_out_and_a_talking_one_never_does() {
-        let (_client, server) = tokio::io::duplex(64);
-        let mut silent = FirstByteDeadline::new(server, Duration::from_millis(100));
-        let mut buf = [0u8; 8];
-        let e = silent.read(&mut buf).await.err().map(|e| e.kind());
-        assert_eq!(e, Some(std::io::ErrorKind::TimedOut));
+    async fn idle_means_nothing_in_flight_for_the_whole_limit() {
+        let limit = Duration::from_millis(200);
+        let activity = Activity::default();
+        let started = Instant::now();
+        activity.idle_for(limit).await;
+        assert!(started.elapsed() >= limit);
 
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut talking = FirstByteDeadline::new(server, Duration::from_millis(100));
-        client.write_all(b"G").await.ok();
-        assert_eq!(talking.read(&mut buf).await.ok(), Some(1));
-        // Long past the deadline, a pause between requests is hyper's business.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        client.write_all(b"ET").await.ok();
-        assert_eq!(talking.read(&mut buf).await.ok(), Some(2));
+        // A request in flight for 500 ms: idle only 200 ms after it ends.
+        let busy = activity.begin();
+        let waiter = activity.clone();
+        let started = Instant::now();
+        let idle = tokio::spawn(async move { waiter.idle_for(limit).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!idle.is_finished());
+        drop(busy);
+        idle.await.ok();
+        assert!(started.elapsed() >= Duration::from_millis(700));
     }
 
     #[test]

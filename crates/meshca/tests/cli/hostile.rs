@@ -52,6 +52,13 @@ fn client_config(dir: &Path, admin: bool) -> Arc<rustls::ClientConfig> {
     })
 }
 
+/// The same client offering only HTTP/2 (ALPN `h2`).
+fn h2_config(dir: &Path) -> Arc<rustls::ClientConfig> {
+    let mut c = (*client_config(dir, false)).clone();
+    c.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(c)
+}
+
 fn tcp(port: u16) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_nodelay(true)?;
@@ -306,6 +313,20 @@ fn stalled_handshakes_and_slowloris_are_cut_off() {
     // ClientHello, 100 that finish the handshake and then dribble a request
     // header one byte every 300 ms (slowloris).
     let mut silent: Vec<TcpStream> = (0..200).map(|_| tcp(port).unwrap()).collect();
+    // 50 that negotiate HTTP/2, send its preface and an empty SETTINGS
+    // frame, and then no request.
+    let h2 = h2_config(&server.dir);
+    let h2_opened = Instant::now();
+    let mut idle_h2: Vec<Tls> = (0..50)
+        .map(|_| {
+            let mut s = tls(port, &h2).unwrap();
+            assert_eq!(s.conn.alpn_protocol(), Some(&b"h2"[..]));
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                .unwrap();
+            s.flush().unwrap();
+            s
+        })
+        .collect();
     let mut half: Vec<TcpStream> = (0..100)
         .map(|_| {
             let (_, hello) = client_hello(&cfg);
@@ -363,6 +384,37 @@ fn stalled_handshakes_and_slowloris_are_cut_off() {
         }
     }
     assert_eq!(cut, 300, "stalled handshakes still open");
+    // The idle HTTP/2 ones too (the server's SETTINGS, then GOAWAY and EOF).
+    let mut h2_cut = 0;
+    let h2_deadline = h2_opened + Duration::from_secs(20);
+    for s in &mut idle_h2 {
+        s.sock
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if Instant::now() > h2_deadline {
+                        break false;
+                    }
+                }
+                Err(_) => break true,
+            }
+        };
+        h2_cut += usize::from(closed);
+    }
+    assert_eq!(h2_cut, 50, "idle HTTP/2 connections still open");
+    println!(
+        "hostile: idle HTTP/2 connections (preface, then nothing): tried 50, cut off 50, crashes 0"
+    );
     println!(
         "hostile: stalled handshakes (silent and half a ClientHello): tried 300, cut off 300, crashes 0"
     );
