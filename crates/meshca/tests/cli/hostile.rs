@@ -32,20 +32,27 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// A TLS 1.3 client trusting the CA of `dir` (a `meshca serve` data dir),
 /// presenting the admin certificate when `admin`.
 fn client_config(dir: &Path, admin: bool) -> Arc<rustls::ClientConfig> {
+    let admin_dir = dir.join("admin");
+    credentials_config(&admin_dir, admin)
+}
+
+/// A TLS 1.3 client trusting `dir/ca.crt`, presenting `dir/tls.crt` and
+/// `dir/tls.key` when `present` (a kubernetes.io/tls directory).
+fn credentials_config(dir: &Path, present: bool) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join("admin/ca.crt")).unwrap() {
+    for c in CertificateDer::pem_file_iter(dir.join("ca.crt")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(roots);
-    Arc::new(if admin {
-        let certs = CertificateDer::pem_file_iter(dir.join("admin/tls.crt"))
+    Arc::new(if present {
+        let certs = CertificateDer::pem_file_iter(dir.join("tls.crt"))
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        let key = PrivateKeyDer::from_pem_file(dir.join("admin/tls.key")).unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join("tls.key")).unwrap();
         builder.with_client_auth_cert(certs, key).unwrap()
     } else {
         builder.with_no_client_auth()
@@ -155,12 +162,25 @@ fn read_response(s: &mut impl Read) -> std::io::Result<(u16, String)> {
     ))
 }
 
-/// One well-behaved call: a new connection, `GET /v1/bundle`, 200.
-fn probe(port: u16, cfg: &Arc<rustls::ClientConfig>) -> Result<Duration, String> {
+/// What the well-behaved client asks for, and a piece of the answer.
+#[derive(Clone, Copy)]
+struct Call {
+    path: &'static str,
+    expect: &'static str,
+}
+
+/// The CA's trust bundle (no authentication).
+const BUNDLE: Call = Call {
+    path: "/v1/bundle",
+    expect: "BEGIN CERTIFICATE",
+};
+
+/// One well-behaved call: a new connection, `GET`, 200 with the answer.
+fn probe(port: u16, cfg: &Arc<rustls::ClientConfig>, call: Call) -> Result<Duration, String> {
     let started = Instant::now();
     let mut s = tls(port, cfg).map_err(|e| format!("handshake: {e}"))?;
-    let (code, body) = request(&mut s, "GET", "/v1/bundle", None).map_err(|e| e.to_string())?;
-    if code != 200 || !body.contains("BEGIN CERTIFICATE") {
+    let (code, body) = request(&mut s, "GET", call.path, None).map_err(|e| e.to_string())?;
+    if code != 200 || !body.contains(call.expect) {
         return Err(format!("{code}: {body}"));
     }
     Ok(started.elapsed())
@@ -180,16 +200,21 @@ struct Prober {
 }
 
 impl Prober {
-    /// Measures the normal latency (median of 40 calls), then keeps calling.
+    /// Measures the normal latency of the bundle (median of 40 calls), then
+    /// keeps calling.
     fn start(port: u16, cfg: &Arc<rustls::ClientConfig>) -> Prober {
-        let mut base: Vec<Duration> = (0..40).map(|_| probe(port, cfg).unwrap()).collect();
+        Prober::calling(port, cfg, BUNDLE)
+    }
+
+    fn calling(port: u16, cfg: &Arc<rustls::ClientConfig>, call: Call) -> Prober {
+        let mut base: Vec<Duration> = (0..40).map(|_| probe(port, cfg, call).unwrap()).collect();
         let baseline = median(&mut base);
         let stop = Arc::new(AtomicBool::new(false));
         let (s, cfg) = (stop.clone(), cfg.clone());
         let handle = std::thread::spawn(move || {
             let mut out = Vec::new();
             while !s.load(Ordering::Relaxed) {
-                out.push(probe(port, &cfg));
+                out.push(probe(port, &cfg, call));
                 std::thread::sleep(Duration::from_millis(20));
             }
             out
@@ -805,4 +830,121 @@ fn clients_that_stop_reading_do_not_grow_the_server() {
     drop(subscribers);
     prober.finish("clients that stop reading");
     assert_alive(&mut server, "clients that stop reading");
+}
+
+/// The same attacks on `meshca proxy server` (mTLS in front of a Python web
+/// server), whose own idle timeout is set to 3 s here.
+#[test]
+fn the_proxy_survives_hostile_clients() {
+    let ca = Ca::new(&[]);
+    let web = ca.issue("web", "web", &["--dns", "localhost"]);
+    let cli = ca.issue("cli", "cli", &[]);
+    let site = ca.path("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "hello through the proxy\n").unwrap();
+    let site_port = free_port();
+    // Python's web server with a listen backlog of 4096, not 5: the proxy
+    // opens a target connection per client, 1,000 at once below.
+    let server_py = "import functools, sys, http.server as h\n\
+        class S(h.ThreadingHTTPServer):\n    request_queue_size = 4096\n\
+        handler = functools.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[2])\n\
+        S(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()\n";
+    let _site = spawn(
+        "python3",
+        &[
+            "-c",
+            server_py,
+            &site_port.to_string(),
+            site.to_str().unwrap(),
+        ],
+    );
+    wait_for_port(site_port);
+    let port = free_port();
+    let _proxy = Child(
+        meshca()
+            .args(["proxy", "server", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--target", &format!("127.0.0.1:{site_port}")])
+            .args([
+                "--certs",
+                web.to_str().unwrap(),
+                "--allow",
+                "spiffe://cluster.local/ns/default/*",
+            ])
+            .args(["--idle-timeout", "3s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(ca.path("hostile-proxy.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port);
+    let cfg = credentials_config(&cli, true);
+    let stranger = credentials_config(&cli, false);
+    let call = Call {
+        path: "/",
+        expect: "hello through the proxy",
+    };
+    let prober = Prober::calling(port, &cfg, call);
+
+    // Stalled handshakes: silent, and half a ClientHello.
+    let mut stalled: Vec<TcpStream> = (0..100).map(|_| tcp(port).unwrap()).collect();
+    stalled.extend((0..100).map(|_| {
+        let (_, hello) = client_hello(&cfg);
+        let mut s = tcp(port).unwrap();
+        s.write_all(&hello[..hello.len() / 2]).unwrap();
+        s
+    }));
+    // A handshake flood, with and without a client certificate.
+    let flood: Vec<_> = [cfg.clone(), stranger.clone(), cfg.clone(), stranger]
+        .into_iter()
+        .map(|c| {
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(3);
+                let mut n = 0;
+                while Instant::now() < until {
+                    // Refused ones fail here or at their first read: either way
+                    // the proxy is done with them.
+                    let _ = tls(port, &c);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let handshakes: usize = flood.into_iter().map(|t| t.join().unwrap()).sum();
+    // close_notify or garbage right after the ClientHello.
+    for i in 0..200 {
+        let (_, hello) = client_hello(&cfg);
+        let mut s = tcp(port).unwrap();
+        s.write_all(&hello).unwrap();
+        let tail: &[u8] = if i % 2 == 0 {
+            &[0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00]
+        } else {
+            &[0x17; 300]
+        };
+        s.write_all(tail).unwrap();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        assert!(closed_within(&mut s, Duration::from_secs(10)).is_some());
+    }
+    // 1,000 allowed connections that say nothing to the target: closed by
+    // the proxy's idle timeout.
+    let idle: Vec<Tls> = (0..1_000).map(|_| tls(port, &cfg).unwrap()).collect();
+    let mut cut = 0;
+    for s in stalled.iter_mut() {
+        cut += usize::from(closed_within(s, Duration::from_secs(12)).is_some());
+    }
+    assert_eq!(cut, 200, "stalled handshakes still open on the proxy");
+    let mut idle_cut = 0;
+    for mut s in idle {
+        idle_cut += usize::from(closed_within(&mut s.sock, Duration::from_secs(8)).is_some());
+    }
+    assert_eq!(
+        idle_cut, 1_000,
+        "idle connections outlived the proxy's idle timeout"
+    );
+    println!(
+        "hostile: proxy: stalled handshakes 200 cut off, {handshakes} handshakes flooded, 200 closed after the ClientHello, 1,000 idle closed after 3 s, crashes 0"
+    );
+    prober.finish("the proxy under hostile clients");
+    let log = std::fs::read_to_string(ca.path("hostile-proxy.log")).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
 }
