@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -136,7 +136,7 @@ fn agent_bootstraps_renews_and_runs_the_hook() {
                 &health,
             ],
         )
-        .stderr(Stdio::null())
+        .stderr(kept_log("agent"))
         .spawn()
         .unwrap(),
     );
@@ -182,6 +182,7 @@ fn agent_refusals_are_clear() {
     let out = tmp.path().join("o");
     let run = |c: &mut Command| {
         let o = c.output().unwrap();
+        keep_output("agent-stderr", &o.stderr);
         assert!(!o.status.success());
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
@@ -237,6 +238,7 @@ fn restarted_agent_reuses_its_certificate() {
     let out = tmp.path().join("web");
     let ok = |c: &mut Command| {
         let o = c.output().unwrap();
+        keep_output("agent-stderr", &o.stderr);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     ok(&mut agent_cmd(
@@ -263,7 +265,7 @@ fn server_away_then_back_and_rotation_by_event() {
     let out = tmp.path().join("web");
     let _agent = Agent(
         agent_cmd(&srv, "web", &tok, &fp, &out, &["--ttl", "12s"])
-            .stderr(Stdio::null())
+            .stderr(kept_log("agent"))
             .spawn()
             .unwrap(),
     );
@@ -296,7 +298,7 @@ fn rotate_reaches_the_agent_through_events() {
     // spread window is a tenth of the lifetime (6 s).
     let _agent = Agent(
         agent_cmd(&srv, "web", &tok, &fp, &out, &["--ttl", "60s"])
-            .stderr(Stdio::null())
+            .stderr(kept_log("agent"))
             .spawn()
             .unwrap(),
     );
@@ -327,7 +329,7 @@ fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
             &out,
             &["--ttl", "6s", "--on-rotate", &hook_cmd],
         )
-        .stderr(Stdio::null())
+        .stderr(kept_log("agent"))
         .spawn()
         .unwrap(),
     );
@@ -374,6 +376,7 @@ fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
             ])
             .output()
             .unwrap();
+        keep_output("agent-stderr", &o.stderr);
         if o.status.success() {
             ok += 1;
         } else {
@@ -413,7 +416,7 @@ fn rotate_all_renews_fifty_agents_spread_over_the_window() {
                 &out,
                 &["--ttl", "60s", "--on-rotate", &hook],
             )
-            .stderr(Stdio::null())
+            .stderr(kept_log("agent"))
             .spawn()
             .unwrap(),
         ));
@@ -453,7 +456,7 @@ fn expired_while_away_recovers_with_the_token() {
     let out = tmp.path().join("web");
     let _agent = Agent(
         agent_cmd(&srv, "web", &tok, &fp, &out, &["--ttl", "4s"])
-            .stderr(Stdio::null())
+            .stderr(kept_log("agent"))
             .spawn()
             .unwrap(),
     );
@@ -530,6 +533,7 @@ fn a_server_answering_garbage_is_refused_clearly() {
         ])
         .output()
         .unwrap();
+    keep_output("agent-stderr", &o.stderr);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("refusing to talk to the server"), "{e}");
@@ -545,6 +549,7 @@ fn a_full_disk_leaves_the_old_pair_intact() {
     let o = agent_cmd(&srv, "web", &tok, &fp, &out, &["--once", "--ttl", "9s"])
         .output()
         .unwrap();
+    keep_output("agent-stderr", &o.stderr);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let first = serial_of(&out);
     // Restart the agent where no file may grow past 1 KiB (as on a full disk):

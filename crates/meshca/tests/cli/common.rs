@@ -195,6 +195,21 @@ fn keep(kind: &str, what: &str, bytes: &[u8]) {
     }
 }
 
+/// A file for a meshca process's stderr that goes straight to the leak scan
+/// (for processes whose output the test does not read).
+pub fn kept_log(what: &str) -> Stdio {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = leakscan_dir("out");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(format!(
+        "{}-log{}-{what}.log",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::File::create(file).map_or_else(|_| Stdio::null(), Stdio::from)
+}
+
 /// Something meshca said (a log, an error body, metrics), for the leak scan.
 pub fn keep_output(what: &str, bytes: &[u8]) {
     keep("out", what, bytes);

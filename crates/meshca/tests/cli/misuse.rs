@@ -164,7 +164,7 @@ fn misused_certificates_and_chains_are_refused() {
                 p(&web),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(kept_log("misuse"))
             .spawn()
             .unwrap(),
     );

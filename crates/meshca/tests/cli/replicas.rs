@@ -796,7 +796,7 @@ fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
                 "1m",
             ])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(kept_log("replicas"))
             .spawn()
             .unwrap(),
     );

@@ -338,7 +338,7 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
                 p(&out),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(kept_log("rotation"))
             .spawn()
             .unwrap(),
     );

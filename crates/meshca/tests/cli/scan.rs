@@ -56,7 +56,7 @@ fn tls_scanners_find_only_strong_tls13() {
                 web.to_str().unwrap(),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(kept_log("scan"))
             .spawn()
             .unwrap(),
     );
