@@ -29,7 +29,7 @@ use meshca_client::{Client, ClientError};
 use meshca_pki::{
     KeyType, PrivateKey, build_csr, describe, fingerprint, parse_certs, to_pem, verify_chain,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -384,12 +384,18 @@ impl Agent {
         b.build().map_err(|e| AgentError::Config(e.to_string()))
     }
 
-    fn request(&self, csr_pem: &str) -> Value {
-        let mut body = json!({"name": self.cfg.name, "namespace": self.cfg.namespace, "csr": csr_pem, "dns": self.cfg.dns, "ips": self.cfg.ips});
-        if let Some(t) = &self.cfg.ttl {
-            body["ttl"] = json!(t);
-        }
-        body
+    fn request(&self, csr_pem: &str) -> Result<Value, AgentError> {
+        let body = meshca_api::CertRequestBody {
+            name: self.cfg.name.clone(),
+            namespace: self.cfg.namespace.clone(),
+            csr: Some(csr_pem.to_owned()),
+            ttl: self.cfg.ttl.clone(),
+            profile: None,
+            key_type: None,
+            dns: self.cfg.dns.clone(),
+            ips: self.cfg.ips.clone(),
+        };
+        serde_json::to_value(&body).map_err(|e| AgentError::Config(e.to_string()))
     }
 
     async fn sign(&self, identity: Option<&Held>) -> Result<Held, AgentError> {
@@ -402,7 +408,7 @@ impl Agent {
         let start = OffsetDateTime::now_utc();
         let v = self
             .client(identity)?
-            .post("/v1/sign", &self.request(&csr))
+            .post("/v1/sign", &self.request(&csr)?)
             .await
             .map_err(api_err)?;
         let cert_pem = v["certificate"]

@@ -37,25 +37,30 @@ pub async fn issue(t: &Target, a: IssueArgs) -> anyhow::Result<ExitCode> {
             a.out.display()
         );
     }
-    let mut body = json!({"name": a.name, "namespace": a.namespace, "profile": a.profile, "dns": a.dns, "ips": a.ips});
-    if let Some(ttl) = &a.ttl {
-        body["ttl"] = json!(ttl);
-    }
+    let mut body = meshca_api::CertRequestBody {
+        name: a.name.clone(),
+        namespace: a.namespace.clone(),
+        csr: None,
+        ttl: a.ttl.clone(),
+        profile: Some(a.profile.clone()),
+        key_type: None,
+        dns: a.dns.clone(),
+        ips: a.ips.clone(),
+    };
     let path = match &a.csr {
         Some(p) => {
-            let csr = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the CSR {}", p.display()))?;
-            body["csr"] = json!(csr);
+            body.csr = Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the CSR {}", p.display()))?,
+            );
             "/v1/sign"
         }
         None => {
-            if let Some(k) = &a.key_type {
-                body["key_type"] = json!(k);
-            }
+            body.key_type = a.key_type.clone();
             "/v1/issue"
         }
     };
-    let v = client(t)?.post(path, &body).await?;
+    let v = client(t)?.post(path, &serde_json::to_value(&body)?).await?;
     let text = |k: &str| {
         v[k].as_str()
             .map(str::to_owned)
@@ -131,7 +136,9 @@ pub async fn revoke(t: &Target, a: RevokeArgs) -> anyhow::Result<ExitCode> {
     let v = client(t)?
         .post(
             &format!("/v1/certificates/{serial}/revoke"),
-            &json!({"reason": a.reason}),
+            &serde_json::to_value(meshca_api::RevokeBody {
+                reason: Some(a.reason.clone()),
+            })?,
         )
         .await?;
     if a.json {
@@ -153,7 +160,15 @@ pub async fn token(t: &Target, c: TokenCommand) -> anyhow::Result<ExitCode> {
     match c {
         TokenCommand::Create(a) => {
             let v = client
-                .post("/v1/tokens", &json!({"name": a.name, "namespace": a.namespace, "ttl": a.ttl, "uses": a.uses}))
+                .post(
+                    "/v1/tokens",
+                    &serde_json::to_value(meshca_api::TokenRequestBody {
+                        name: a.name.clone(),
+                        namespace: a.namespace.clone(),
+                        ttl: Some(a.ttl.clone()),
+                        uses: Some(a.uses),
+                    })?,
+                )
                 .await?;
             if a.json {
                 super::print_json(
