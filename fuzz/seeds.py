@@ -22,31 +22,9 @@ bodies = [
 for i, (which, body) in enumerate(bodies):
     (seeds / "api" / str(i)).write_bytes(bytes([which]) + json.dumps(body).encode())
 
-(seeds / "config" / "full.toml").write_text("""trust_domain = "cluster.local"
-key_type = "ecdsa-p256"
-max_ttl = "720h"
-
-[[policy]]
-namespace = "shop"
-dns = ["*.shop.example.com"]
-ips = ["10.0.0.0/8"]
-max_ttl = "48h"
-profiles = ["service", "server"]
-key_types = ["ecdsa-p256"]
-
-[store]
-url = "etcd://127.0.0.1:2379/meshca/"
-seal_key_file = "/etc/meshca/seal.key"
-
-[issuer]
-kind = "vault"
-
-[issuer.vault]
-addr = "https://vault.example.com:8200"
-mount = "pki"
-role = "meshca"
-token_file = "/etc/meshca/vault-token"
-""")
+# Also read by crates/meshca/src/config.rs's test: one file, two users.
+here = pathlib.Path(__file__).parent
+(seeds / "config" / "full.toml").write_text((here / "seeds" / "meshca.toml").read_text())
 (seeds / "config" / "small.toml").write_text('trust_domain = "example.org"\n')
 
 for name, data in {

@@ -117,17 +117,21 @@ struct ActivityState {
 /// One request in flight, until its answer's body is dropped.
 struct InFlight(Activity);
 
+// Only the moves between idle and busy concern `idle_for`: the other
+// requests of a busy connection touch a counter and nothing else.
 impl Drop for InFlight {
     fn drop(&mut self) {
-        (self.0).0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        (self.0).0.changed.notify_waiters();
+        if (self.0).0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            (self.0).0.changed.notify_waiters();
+        }
     }
 }
 
 impl Activity {
     fn begin(&self) -> InFlight {
-        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.0.changed.notify_waiters();
+        if self.0.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.0.changed.notify_waiters();
+        }
         InFlight(self.clone())
     }
 

@@ -103,32 +103,8 @@ mod tests {
 
     #[test]
     fn a_full_config_round_trips() {
-        // The `config` fuzz target's richest seed (fuzz/seeds.py).
-        let text = r#"trust_domain = "cluster.local"
-key_type = "ecdsa-p256"
-max_ttl = "720h"
-
-[[policy]]
-namespace = "shop"
-dns = ["*.shop.example.com"]
-ips = ["10.0.0.0/8"]
-max_ttl = "48h"
-profiles = ["service", "server"]
-key_types = ["ecdsa-p256"]
-
-[store]
-url = "etcd://127.0.0.1:2379/meshca/"
-seal_key_file = "/etc/meshca/seal.key"
-
-[issuer]
-kind = "vault"
-
-[issuer.vault]
-addr = "https://vault.example.com:8200"
-mount = "pki"
-role = "meshca"
-token_file = "/etc/meshca/vault-token"
-"#;
+        // Also the `config` fuzz target's richest seed (fuzz/seeds.py).
+        let text = include_str!("../../../fuzz/seeds/meshca.toml");
         let p = Path::new("meshca.toml");
         let c = Config::parse(text.as_bytes(), p).unwrap();
         assert_eq!(c.policy.len(), 1);

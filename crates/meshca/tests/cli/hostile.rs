@@ -22,6 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::common::*;
+use crate::proxy::{Proxy, http_site};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -306,7 +307,8 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut buf = [0u8; 4096];
-    while started.elapsed() < limit {
+    // One look at least: with no time left, an already closed socket counts.
+    loop {
         match s.read(&mut buf) {
             Ok(0) => return Some(started.elapsed()),
             Ok(_) => {}
@@ -317,8 +319,10 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
                 ) => {}
             Err(_) => return Some(started.elapsed()),
         }
+        if started.elapsed() >= limit {
+            return None;
+        }
     }
-    None
 }
 
 fn start_server() -> (Scratch, Server) {
@@ -413,28 +417,8 @@ fn stalled_handshakes_and_slowloris_are_cut_off() {
     let mut h2_cut = 0;
     let h2_deadline = h2_opened + Duration::from_secs(20);
     for s in &mut idle_h2 {
-        s.sock
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        let closed = loop {
-            match s.read(&mut buf) {
-                Ok(0) => break true,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if Instant::now() > h2_deadline {
-                        break false;
-                    }
-                }
-                Err(_) => break true,
-            }
-        };
-        h2_cut += usize::from(closed);
+        let left = h2_deadline.saturating_duration_since(Instant::now());
+        h2_cut += usize::from(closed_within(&mut s.sock, left).is_some());
     }
     assert_eq!(h2_cut, 50, "idle HTTP/2 connections still open");
     println!(
@@ -839,44 +823,27 @@ fn the_proxy_survives_hostile_clients() {
     let ca = Ca::new(&[]);
     let web = ca.issue("web", "web", &["--dns", "localhost"]);
     let cli = ca.issue("cli", "cli", &[]);
-    let site = ca.path("site");
-    std::fs::create_dir_all(&site).unwrap();
-    std::fs::write(site.join("index.html"), "hello through the proxy\n").unwrap();
-    let site_port = free_port();
-    // Python's web server with a listen backlog of 4096, not 5: the proxy
-    // opens a target connection per client, 1,000 at once below.
-    let server_py = "import functools, sys, http.server as h\n\
-        class S(h.ThreadingHTTPServer):\n    request_queue_size = 4096\n\
-        handler = functools.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[2])\n\
-        S(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()\n";
-    let _site = spawn(
-        "python3",
-        &[
-            "-c",
-            server_py,
-            &site_port.to_string(),
-            site.to_str().unwrap(),
-        ],
-    );
-    wait_for_port(site_port);
+    let (_site, site_port) = http_site(&ca.path("site"));
     let port = free_port();
-    let _proxy = Child(
-        meshca()
-            .args(["proxy", "server", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--target", &format!("127.0.0.1:{site_port}")])
-            .args([
-                "--certs",
-                web.to_str().unwrap(),
-                "--allow",
-                "spiffe://cluster.local/ns/default/*",
-            ])
-            .args(["--idle-timeout", "3s"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(ca.path("hostile-proxy.log")).unwrap())
-            .spawn()
-            .unwrap(),
+    let listen = format!("127.0.0.1:{port}");
+    let target = format!("127.0.0.1:{site_port}");
+    let proxy = Proxy::start(
+        &[
+            "server",
+            "--listen",
+            &listen,
+            "--target",
+            &target,
+            "--certs",
+            web.to_str().unwrap(),
+            "--allow",
+            "spiffe://cluster.local/ns/default/*",
+            "--idle-timeout",
+            "3s",
+        ],
+        ca.path("hostile-proxy.log"),
+        &[port],
     );
-    wait_for_port(port);
     let cfg = credentials_config(&cli, true);
     let stranger = credentials_config(&cli, false);
     let call = Call {
@@ -945,6 +912,6 @@ fn the_proxy_survives_hostile_clients() {
         "hostile: proxy: stalled handshakes 200 cut off, {handshakes} handshakes flooded, 200 closed after the ClientHello, 1,000 idle closed after 3 s, crashes 0"
     );
     prober.finish("the proxy under hostile clients");
-    let log = std::fs::read_to_string(ca.path("hostile-proxy.log")).unwrap_or_default();
+    let log = proxy.log();
     assert!(!log.contains("panicked"), "{log}");
 }

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 /// A running `meshca proxy`, killed when dropped.
-struct Proxy {
+pub(crate) struct Proxy {
     child: Option<std::process::Child>,
     log: PathBuf,
 }
 
 impl Proxy {
-    fn start(args: &[&str], log: PathBuf, wait: &[u16]) -> Proxy {
+    pub(crate) fn start(args: &[&str], log: PathBuf, wait: &[u16]) -> Proxy {
         let child = meshca()
             .arg("proxy")
             .args(args)
@@ -34,7 +34,7 @@ impl Proxy {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -56,22 +56,18 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-fn http_site(dir: &Path) -> (Child, u16) {
+/// Python's web server serving `dir/index.html` ("hello through the
+/// proxy"), with a listen backlog of 4096 rather than 5: the proxy opens a
+/// target connection per client, a thousand at once in the hostile tests.
+pub(crate) fn http_site(dir: &Path) -> (Child, u16) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("index.html"), "hello through the proxy\n").unwrap();
     let port = free_port();
-    let child = spawn(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            p(dir),
-        ],
-    );
+    let server_py = "import functools, sys, http.server as h\n\
+        class S(h.ThreadingHTTPServer):\n    request_queue_size = 4096\n\
+        handler = functools.partial(h.SimpleHTTPRequestHandler, directory=sys.argv[2])\n\
+        S(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()\n";
+    let child = spawn("python3", &["-c", server_py, &port.to_string(), p(dir)]);
     wait_for_port(port);
     (child, port)
 }
