@@ -212,7 +212,7 @@ impl Authority {
             profile: req.profile,
             sans,
             ttl: requested_ttl,
-            serial: Serial::random()?,
+            serial: Serial::time_ordered(OffsetDateTime::now_utc())?,
         };
         for _attempt in 0..4 {
             let signed = self.issuer.sign(&req.key, &spec).await?;
@@ -256,7 +256,9 @@ impl Authority {
                         clipped: leaf.clipped,
                     });
                 }
-                Err(e) if e.is_conflict() => spec.serial = Serial::random()?,
+                Err(e) if e.is_conflict() => {
+                    spec.serial = Serial::time_ordered(OffsetDateTime::now_utc())?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
