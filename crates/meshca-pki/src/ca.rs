@@ -72,7 +72,7 @@ pub fn generate_root(
         now + ttl,
     )?;
     Ok(params
-        .self_signed(&key.pair)
+        .self_signed(key.pair()?)
         .map_err(signing)?
         .der()
         .to_vec())
@@ -98,7 +98,7 @@ pub fn generate_intermediate(
     )?;
     params.use_authority_key_identifier_extension = true;
     Ok(params
-        .signed_by(&key.pair, &root.issuer)
+        .signed_by(key.pair()?, &root.issuer)
         .map_err(signing)?
         .der()
         .to_vec())
@@ -144,7 +144,7 @@ impl SigningCa {
             });
         }
         let key_type = key.key_type();
-        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key.pair)
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key.into_pair()?)
             .map_err(|e| PkiError::MalformedCertificate(e.to_string()))?;
         Ok(SigningCa {
             issuer,

@@ -45,7 +45,7 @@ pub fn build_csr(key: &PrivateKey) -> Result<Vec<u8>, PkiError> {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params
-        .serialize_request(&key.pair)
+        .serialize_request(key.pair()?)
         .map_err(crate::error::signing)?;
     Ok(csr.der().to_vec())
 }
@@ -110,7 +110,7 @@ mod tests {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "admin");
-        let csr = params.serialize_request(&key.pair).unwrap();
+        let csr = params.serialize_request(key.pair().unwrap()).unwrap();
         (csr.pem().unwrap(), csr.der().to_vec())
     }
 

@@ -2,8 +2,12 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
+use aws_lc_rs::encoding::{AsDer, PublicKeyX509Der};
+use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _};
 use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SignatureAlgorithm};
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -105,9 +109,17 @@ impl From<KeyType> for String {
 }
 
 /// A private key. Its `Debug` never prints key material.
+///
+/// An EC key the CA generates for a workload is only ever written out, never
+/// used to sign: it is kept as its PKCS#8 document and public key, and the
+/// signing form (rcgen's `KeyPair`, whose parse checks the key again with a
+/// second scalar multiplication, as long as the generation itself) is made
+/// only when something signs with it. Half the cost of an issuance's key.
 pub struct PrivateKey {
-    pub(crate) pair: KeyPair,
     key_type: KeyType,
+    pkcs8: Vec<u8>,
+    spki: Vec<u8>,
+    pair: OnceLock<KeyPair>,
 }
 
 impl fmt::Debug for PrivateKey {
@@ -119,23 +131,86 @@ impl fmt::Debug for PrivateKey {
 }
 
 impl PrivateKey {
+    fn of_pair(pair: KeyPair, key_type: KeyType) -> Self {
+        PrivateKey {
+            key_type,
+            pkcs8: pair.serialized_der().to_vec(),
+            spki: pair.subject_public_key_info(),
+            pair: OnceLock::from(pair),
+        }
+    }
+
     /// Generates a fresh key of the given type.
     pub fn generate(key_type: KeyType) -> Result<Self, PkiError> {
-        let pair = match key_type {
-            KeyType::Rsa2048 => KeyPair::generate_rsa_for(key_type.algorithm(), RsaKeySize::_2048),
-            KeyType::Rsa3072 => KeyPair::generate_rsa_for(key_type.algorithm(), RsaKeySize::_3072),
-            KeyType::Rsa4096 => KeyPair::generate_rsa_for(key_type.algorithm(), RsaKeySize::_4096),
-            _ => KeyPair::generate_for(key_type.algorithm()),
-        }
-        .map_err(crate::error::signing)?;
-        Ok(PrivateKey { pair, key_type })
+        let ec = match key_type {
+            KeyType::EcdsaP256 => &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            KeyType::EcdsaP384 => &signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+            KeyType::Rsa2048 => return Self::generate_rsa(key_type, RsaKeySize::_2048),
+            KeyType::Rsa3072 => return Self::generate_rsa(key_type, RsaKeySize::_3072),
+            KeyType::Rsa4096 => return Self::generate_rsa(key_type, RsaKeySize::_4096),
+            KeyType::Ed25519 => {
+                let pair =
+                    KeyPair::generate_for(key_type.algorithm()).map_err(crate::error::signing)?;
+                return Ok(Self::of_pair(pair, key_type));
+            }
+        };
+        let failed = |what: &str| PkiError::Signing(format!("EC key generation failed ({what})"));
+        let pair = EcdsaKeyPair::generate(ec).map_err(|_| failed("generate"))?;
+        let pkcs8 = pair.to_pkcs8v1().map_err(|_| failed("PKCS#8"))?;
+        let spki: PublicKeyX509Der<'_> = pair
+            .public_key()
+            .as_der()
+            .map_err(|_| failed("public key"))?;
+        Ok(PrivateKey {
+            key_type,
+            pkcs8: pkcs8.as_ref().to_vec(),
+            spki: spki.as_ref().to_vec(),
+            pair: OnceLock::new(),
+        })
+    }
+
+    fn generate_rsa(key_type: KeyType, size: RsaKeySize) -> Result<Self, PkiError> {
+        let pair =
+            KeyPair::generate_rsa_for(key_type.algorithm(), size).map_err(crate::error::signing)?;
+        Ok(Self::of_pair(pair, key_type))
     }
 
     /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1) of a supported type.
     pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
         let pair = KeyPair::from_pem(pem).map_err(|e| PkiError::MalformedKey(e.to_string()))?;
         let key_type = key_type_of_spki(&pair.subject_public_key_info())?;
-        Ok(PrivateKey { pair, key_type })
+        Ok(Self::of_pair(pair, key_type))
+    }
+
+    /// The form that signs, made on first use.
+    pub(crate) fn pair(&self) -> Result<&KeyPair, PkiError> {
+        if let Some(pair) = self.pair.get() {
+            return Ok(pair);
+        }
+        let _ = self.pair.set(self.parse_pair()?);
+        self.pair
+            .get()
+            .ok_or_else(|| PkiError::Signing("the key could not be loaded".into()))
+    }
+
+    /// The form that signs, owned.
+    pub(crate) fn into_pair(self) -> Result<KeyPair, PkiError> {
+        match self.pair.into_inner() {
+            Some(pair) => Ok(pair),
+            None => PrivateKey {
+                pair: OnceLock::new(),
+                ..self
+            }
+            .parse_pair(),
+        }
+    }
+
+    fn parse_pair(&self) -> Result<KeyPair, PkiError> {
+        KeyPair::from_pkcs8_der_and_sign_algo(
+            &PrivatePkcs8KeyDer::from(self.pkcs8.as_slice()),
+            self.key_type.algorithm(),
+        )
+        .map_err(crate::error::signing)
     }
 
     /// The key's type.
@@ -149,7 +224,7 @@ impl PrivateKey {
     /// reads: aws-lc emits v2 (with the public key appended), which OpenSSL
     /// 3.0 refuses to load.
     pub fn to_pem(&self) -> String {
-        let der = self.pair.serialized_der();
+        let der = self.pkcs8.as_slice();
         let der = match self.key_type {
             KeyType::Ed25519 => ed25519_pkcs8_v1(der).unwrap_or_else(|| der.to_vec()),
             _ => der.to_vec(),
@@ -162,7 +237,7 @@ impl PrivateKey {
 
     /// The DER SubjectPublicKeyInfo.
     pub fn public_key_der(&self) -> Vec<u8> {
-        self.pair.subject_public_key_info()
+        self.spki.clone()
     }
 }
 
@@ -254,6 +329,14 @@ mod tests {
             assert_eq!(again.public_key_der(), k.public_key_der());
             assert_eq!(key_type_of_spki(&k.public_key_der()).unwrap(), kt);
             assert!(!format!("{k:?}").contains("BEGIN"));
+            // The signing form, made on first use, belongs to the public key
+            // the key reports: a CSR it signs verifies against it.
+            let csr = crate::csr::parse_csr(&crate::csr::build_csr(&k).unwrap()).unwrap();
+            assert_eq!(
+                csr.public_key().subject_public_key_info(),
+                k.public_key_der(),
+                "{kt}"
+            );
         }
     }
 
