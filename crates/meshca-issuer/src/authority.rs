@@ -158,6 +158,27 @@ pub struct Authority {
     issuer: Arc<dyn Issuer>,
     store: Arc<dyn Store>,
     policy: Policy,
+    bundle_pem: Arc<PemMemo>,
+    chain_pem: Arc<PemMemo>,
+}
+
+/// The PEM of the last list of certificates asked for: the trust bundle and
+/// the chain change only on rotation, and every issuance returns both.
+#[derive(Debug, Default)]
+struct PemMemo(std::sync::Mutex<Option<(Vec<Vec<u8>>, String)>>);
+
+impl PemMemo {
+    fn pem(&self, ders: &[Vec<u8>]) -> String {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, pem)) = last.as_ref()
+            && seen.as_slice() == ders
+        {
+            return pem.clone();
+        }
+        let pem: String = ders.iter().map(|d| to_pem("CERTIFICATE", d)).collect();
+        *last = Some((ders.to_vec(), pem.clone()));
+        pem
+    }
 }
 
 impl Authority {
@@ -167,6 +188,8 @@ impl Authority {
             issuer,
             store,
             policy,
+            bundle_pem: Arc::default(),
+            chain_pem: Arc::default(),
         }
     }
 
@@ -187,13 +210,7 @@ impl Authority {
 
     /// The trust bundle as PEM.
     pub async fn trust_bundle_pem(&self) -> Result<String, IssuerError> {
-        Ok(self
-            .issuer
-            .trust_bundle()
-            .await?
-            .iter()
-            .map(|d| to_pem("CERTIFICATE", d))
-            .collect())
+        Ok(self.bundle_pem.pem(&self.issuer.trust_bundle().await?))
     }
 
     /// Issues and records a certificate. Every check happens before anything
@@ -222,10 +239,8 @@ impl Authority {
                 (KeySource::Generate(_), Some(k)) => k.key_type(),
                 (KeySource::Generate(kt), None) => *kt,
             };
-            let mut certificate_pem = to_pem("CERTIFICATE", &leaf.der);
-            for c in &signed.chain {
-                certificate_pem.push_str(&to_pem("CERTIFICATE", c));
-            }
+            let leaf_pem = to_pem("CERTIFICATE", &leaf.der);
+            let certificate_pem = leaf_pem.clone() + &self.chain_pem.pem(&signed.chain);
             let record = CertificateRecord {
                 serial: leaf.serial.clone(),
                 namespace: spec.identity.namespace().to_owned(),
@@ -243,7 +258,7 @@ impl Authority {
                 status: CertStatus::Active,
                 revoked_at: None,
                 revocation_reason: None,
-                certificate_pem: to_pem("CERTIFICATE", &leaf.der),
+                certificate_pem: leaf_pem,
             };
             match self.store.insert_certificate(&record).await {
                 Ok(()) => {

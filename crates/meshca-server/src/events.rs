@@ -105,18 +105,24 @@ impl Events {
     }
 
     /// Adds an event read from the store's log to the ring and the broadcast.
-    fn push(&self, stored: StoredEvent) -> Option<Event> {
-        let mut event: Event = match serde_json::from_slice(&stored.body) {
-            Ok(e) => e,
+    /// Decodes a stored event; `None` (with a warning) when it does not decode.
+    fn decode(stored: &StoredEvent) -> Option<Event> {
+        match serde_json::from_slice::<Event>(&stored.body) {
+            Ok(mut event) => {
+                event.id = stored.id;
+                Some(event)
+            }
             Err(e) => {
                 tracing::warn!(
                     id = stored.id,
                     "skipping an event that does not decode: {e}"
                 );
-                return None;
+                None
             }
-        };
-        event.id = stored.id;
+        }
+    }
+
+    fn push(&self, event: Event) -> Option<Event> {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if ring.back().is_some_and(|last| last.id >= event.id) {
             return None;
@@ -152,13 +158,13 @@ impl Events {
             match self.store.watch_events(after).await {
                 Ok(mut feed) => {
                     while let Some(stored) = feed.next().await {
-                        let kind = serde_json::from_slice::<serde_json::Value>(&stored.body)
-                            .ok()
-                            .and_then(|v| v["kind"].as_str().map(str::to_owned));
-                        if kind.as_deref() == Some("bundle-changed") {
+                        let Some(event) = Self::decode(&stored) else {
+                            continue;
+                        };
+                        if event.kind == "bundle-changed" {
                             before_bundle().await;
                         }
-                        if let Some(e) = self.push(stored) {
+                        if let Some(e) = self.push(event) {
                             on_event(&e);
                         }
                     }
