@@ -204,7 +204,19 @@ impl Bao {
 
     /// Runs `bao ARGS` and requires success; returns stdout.
     pub fn run(&self, args: &[&str]) -> String {
-        let out = self.try_run(args);
+        self.run_in(None, args)
+    }
+
+    /// [`Bao::run`] in `namespace` (`BAO_NAMESPACE`) when one is given.
+    pub fn run_in(&self, namespace: Option<&str>, args: &[&str]) -> String {
+        let mut cmd = self.command();
+        if let Some(ns) = namespace {
+            cmd.env("BAO_NAMESPACE", ns);
+        }
+        let out = cmd
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run bao: {e}"));
         assert!(
             out.status.success(),
             "bao {args:?} failed:\nstdout: {}\nstderr: {}",
@@ -217,9 +229,24 @@ impl Bao {
     /// Mounts a PKI engine at `mount`, generates a root in it and creates
     /// `role` with the settings meshca requires plus `role_args`.
     pub fn setup_pki(&self, mount: &str, role: &str, role_args: &[&str]) {
-        self.run(&["secrets", "enable", &format!("-path={mount}"), "pki"]);
-        self.run(&["secrets", "tune", "-max-lease-ttl=87600h", mount]);
-        self.run(&[
+        self.setup_pki_in(None, mount, role, role_args);
+    }
+
+    /// [`Bao::setup_pki`] inside `namespace` (created first) when one is given.
+    pub fn setup_pki_in(
+        &self,
+        namespace: Option<&str>,
+        mount: &str,
+        role: &str,
+        role_args: &[&str],
+    ) {
+        if let Some(ns) = namespace {
+            self.run(&["namespace", "create", ns]);
+        }
+        let run = |args: &[&str]| self.run_in(namespace, args);
+        run(&["secrets", "enable", &format!("-path={mount}"), "pki"]);
+        run(&["secrets", "tune", "-max-lease-ttl=87600h", mount]);
+        run(&[
             "write",
             "-field=issuer_id",
             &format!("{mount}/root/generate/internal"),
@@ -239,7 +266,7 @@ impl Bao {
         ];
         args.extend(role_args.iter().map(|a| (*a).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.run(&args);
+        run(&args);
     }
 
     /// Writes `token` to `path` with mode 0600.

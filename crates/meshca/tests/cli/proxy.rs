@@ -181,6 +181,59 @@ fn only_allowed_peers_get_through_and_refusals_are_counted() {
 }
 
 #[test]
+fn tls12_is_accepted_only_with_the_flag_and_only_with_aead_suites() {
+    let ca = Ca::new(&[]);
+    let web = ca.issue("web", "web", &["--dns", "localhost"]);
+    let cli = ca.issue("cli", "cli", &[]);
+    let (_site, site_port) = http_site(&ca.path("site"));
+    let port = free_port();
+    let _proxy = Proxy::start(
+        &[
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{site_port}"),
+            "--certs",
+            p(&web),
+            "--tls12",
+        ],
+        ca.path("proxy.log"),
+        &[port],
+    );
+    let url = format!("https://localhost:{port}/index.html");
+    let with = |extra: &[&str]| {
+        let mut args = creds(&cli);
+        args[1] = p(&web.join("ca.crt")).into();
+        args.push("-v".into());
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        curl(&url, &args)
+    };
+    // curl (OpenSSL) limited to TLS 1.2 gets through, with an ECDHE AEAD suite.
+    let (ok, out) = with(&["--tlsv1.2", "--tls-max", "1.2"]);
+    assert!(ok && out.contains("hello through the proxy"), "{out}");
+    assert!(out.contains("TLSv1.2"), "{out}");
+    assert!(
+        out.contains("ECDHE-ECDSA-AES") && out.contains("GCM")
+            || out.contains("ECDHE-ECDSA-CHACHA20-POLY1305"),
+        "an ECDHE AEAD suite: {out}"
+    );
+    // TLS 1.3 stays the first choice.
+    let (ok, out) = with(&[]);
+    assert!(ok && out.contains("TLSv1.3"), "{out}");
+    // Only AEAD suites: a client that offers nothing but CBC is refused.
+    let (ok, out) = with(&[
+        "--tlsv1.2",
+        "--tls-max",
+        "1.2",
+        "--ciphers",
+        "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA",
+    ]);
+    assert!(!ok, "CBC suites must be refused: {out}");
+}
+
+#[test]
 fn client_route_to_server_route_end_to_end() {
     let ca = Ca::new(&[]);
     let web = ca.issue("web", "web", &["--dns", "localhost"]);

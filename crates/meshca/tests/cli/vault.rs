@@ -305,6 +305,155 @@ fn vault_signs_what_meshca_decides() {
 }
 
 #[test]
+fn a_vault_namespace_is_used_for_every_call() {
+    // The PKI lives only in namespace `team-a`; the root namespace has none.
+    let bao = Bao::start_dev();
+    bao.setup_pki_in(Some("team-a"), "pki", "meshca", &[]);
+    let tmp = scratch();
+    let token = root_token_file(&bao, tmp.path());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let without = tmp.path().join("without");
+    let mut args = vec![
+        "serve",
+        "--dir",
+        without.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    let flags = vault_flags(&bao, &token, &[]);
+    args.extend(flags.iter().map(String::as_str));
+    // Without the namespace, meshca looks in the root namespace and says
+    // what it did not find there.
+    fails(&args, &["\"meshca\"", "does not exist", "\"pki\""]);
+    assert!(
+        !without.exists(),
+        "a refused start must leave nothing behind"
+    );
+
+    let d = tmp.path().join("data");
+    let srv = start(
+        &d,
+        &vault_flags(&bao, &token, &["--vault-namespace", "team-a"]),
+    );
+    let toml = std::fs::read_to_string(d.join("meshca.toml")).unwrap();
+    assert!(
+        toml.contains("team-a"),
+        "the namespace is remembered: {toml}"
+    );
+    let status: Value = serde_json::from_str(&srv.cli_ok(&["ca", "status", "--json"])).unwrap();
+    assert_eq!(status["issuer_health"], "ok", "{status}");
+    // Signed by the namespace's CA, checked by openssl.
+    let ns_ca = tmp.path().join("team-a-ca.pem");
+    std::fs::write(
+        &ns_ca,
+        bao.run_in(
+            Some("team-a"),
+            &["read", "-field=certificate", "pki/cert/ca"],
+        ),
+    )
+    .unwrap();
+    let web = tmp.path().join("web");
+    srv.cli_ok(&["issue", "web", "--out", web.to_str().unwrap()]);
+    tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            ns_ca.to_str().unwrap(),
+            web.join("tls.crt").to_str().unwrap(),
+        ],
+    );
+    // Vault recorded the issuance in that namespace.
+    let serial = colon(&serial_of(&web.join("tls.crt")));
+    let listed = bao.run_in(Some("team-a"), &["list", "pki/certs"]);
+    assert!(listed.contains(&serial), "{serial} not in\n{listed}");
+}
+
+/// notAfter - notBefore of the first certificate in a PEM file.
+fn lifetime(cert: &Path) -> Duration {
+    let der = meshca_pki::parse_certs(&std::fs::read(cert).unwrap()).unwrap();
+    let facts = meshca_pki::cert_facts(&der[0]).unwrap();
+    Duration::try_from(facts.not_after - facts.not_before).unwrap()
+}
+
+#[test]
+fn profile_roles_from_the_config_file_pick_the_role() {
+    let bao = Bao::start_dev();
+    bao.setup_pki("pki", "meshca", &[]);
+    // The client profile's own role: client auth only, at most an hour.
+    bao.run(&[
+        "write",
+        "pki/roles/clients",
+        "allow_any_name=true",
+        "allowed_uri_sans=spiffe://cluster.local/*",
+        "use_csr_sans=false",
+        "use_csr_common_name=false",
+        "server_flag=false",
+        "client_flag=true",
+        "key_type=any",
+        "max_ttl=1h",
+    ]);
+    let tmp = scratch();
+    let token = root_token_file(&bao, tmp.path());
+    let d = tmp.path().join("data");
+    drop(start(&d, &vault_flags(&bao, &token, &[])));
+    let config = d.join("meshca.toml");
+    let written = std::fs::read_to_string(&config).unwrap();
+    let with_role = |role: &str| {
+        std::fs::write(
+            &config,
+            format!("{written}\n[issuer.vault.profile_roles]\nclient = \"{role}\"\n"),
+        )
+        .unwrap();
+    };
+    // A role that does not exist is refused at start, by name.
+    with_role("nosuch");
+    let listen = format!("127.0.0.1:{}", free_port());
+    fails(
+        &["serve", "--dir", d.to_str().unwrap(), "--listen", &listen],
+        &["\"nosuch\"", "does not exist"],
+    );
+
+    with_role("clients");
+    let srv = Server::start(&d, &[]);
+    let (client, service) = (tmp.path().join("client"), tmp.path().join("service"));
+    srv.cli_ok(&[
+        "issue",
+        "robot",
+        "--profile",
+        "client",
+        "--out",
+        client.to_str().unwrap(),
+    ]);
+    srv.cli_ok(&["issue", "web", "--out", service.to_str().unwrap()]);
+    // The client certificate came through `clients` (its max_ttl of an
+    // hour; the 5 minutes of backdating on top), the service one through
+    // the default role (the service profile's 24 hours).
+    let hour = Duration::from_secs(3600);
+    assert!(lifetime(&client.join("tls.crt")) <= hour + Duration::from_secs(600));
+    assert!(lifetime(&service.join("tls.crt")) > 20 * hour);
+    let eku = |cert: &Path| {
+        tool(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                cert.to_str().unwrap(),
+                "-noout",
+                "-ext",
+                "extendedKeyUsage",
+            ],
+        )
+    };
+    let client_eku = eku(&client.join("tls.crt"));
+    assert!(
+        client_eku.contains("Client Authentication")
+            && !client_eku.contains("Server Authentication"),
+        "{client_eku}"
+    );
+}
+
+#[test]
 fn unsafe_or_missing_roles_and_bad_logins_are_refused_at_start() {
     let bao = Bao::start_dev();
     bao.setup_pki("pki", "meshca", &[]);
