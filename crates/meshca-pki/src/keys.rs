@@ -194,14 +194,10 @@ impl PrivateKey {
     }
 
     /// The form that signs, owned.
-    pub(crate) fn into_pair(self) -> Result<KeyPair, PkiError> {
-        match self.pair.into_inner() {
+    pub(crate) fn into_pair(mut self) -> Result<KeyPair, PkiError> {
+        match self.pair.take() {
             Some(pair) => Ok(pair),
-            None => PrivateKey {
-                pair: OnceLock::new(),
-                ..self
-            }
-            .parse_pair(),
+            None => self.parse_pair(),
         }
     }
 

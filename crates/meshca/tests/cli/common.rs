@@ -72,6 +72,22 @@ pub fn tool(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// One extension of a PEM certificate as openssl prints it
+/// (`openssl x509 -noout -ext NAME`).
+pub fn cert_ext(cert: &Path, name: &str) -> String {
+    tool(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            cert.to_str().unwrap(),
+            "-noout",
+            "-ext",
+            name,
+        ],
+    )
+}
+
 /// A temporary directory with an initialised CA in `dir/ca`.
 pub struct Ca {
     pub tmp: tempfile::TempDir,

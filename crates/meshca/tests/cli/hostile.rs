@@ -736,17 +736,7 @@ fn oversized_and_deeply_nested_inputs_are_refused_in_bounded_time() {
             let pem = v["certificate"].as_str().unwrap();
             let cert = tmp.path().join("many.crt");
             std::fs::write(&cert, pem).unwrap();
-            let text = tool(
-                "openssl",
-                &[
-                    "x509",
-                    "-in",
-                    cert.to_str().unwrap(),
-                    "-noout",
-                    "-ext",
-                    "subjectAltName",
-                ],
-            );
+            let text = cert_ext(&cert, "subjectAltName");
             assert!(!text.contains("DNS:0"), "a CSR name was copied: {text}");
             println!(
                 "hostile: CSR with {n} SANs: signed in {took:?} with only the identity's names"
@@ -824,25 +814,16 @@ fn the_proxy_survives_hostile_clients() {
     let web = ca.issue("web", "web", &["--dns", "localhost"]);
     let cli = ca.issue("cli", "cli", &[]);
     let (_site, site_port) = http_site(&ca.path("site"));
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let target = format!("127.0.0.1:{site_port}");
-    let proxy = Proxy::start(
+    let (proxy, port) = Proxy::server(
+        &ca,
+        &format!("127.0.0.1:{site_port}"),
+        &web,
         &[
-            "server",
-            "--listen",
-            &listen,
-            "--target",
-            &target,
-            "--certs",
-            web.to_str().unwrap(),
             "--allow",
             "spiffe://cluster.local/ns/default/*",
             "--idle-timeout",
             "3s",
         ],
-        ca.path("hostile-proxy.log"),
-        &[port],
     );
     let cfg = credentials_config(&cli, true);
     let stranger = credentials_config(&cli, false);

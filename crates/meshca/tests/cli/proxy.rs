@@ -34,6 +34,25 @@ impl Proxy {
         }
     }
 
+    /// `meshca proxy server` on a free loopback port in front of `target`,
+    /// serving `certs`, with `extra` flags; logs to `ca`'s `proxy.log`.
+    /// Returns once the port listens.
+    pub(crate) fn server(ca: &Ca, target: &str, certs: &Path, extra: &[&str]) -> (Proxy, u16) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "server",
+            "--listen",
+            &listen,
+            "--target",
+            target,
+            "--certs",
+            p(certs),
+        ];
+        args.extend_from_slice(extra);
+        (Proxy::start(&args, ca.path("proxy.log"), &[port]), port)
+    }
+
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -121,24 +140,19 @@ fn only_allowed_peers_get_through_and_refusals_are_counted() {
     let foreign = Ca::new(&[]);
     let stranger = foreign.issue("cli", "stranger", &[]);
     let (_site, site_port) = http_site(&ca.path("site"));
-    let (port, health) = (free_port(), free_port());
-    let proxy = Proxy::start(
+    let health = free_port();
+    let (proxy, port) = Proxy::server(
+        &ca,
+        &format!("127.0.0.1:{site_port}"),
+        &web,
         &[
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{site_port}"),
-            "--certs",
-            p(&web),
             "--allow",
             "spiffe://cluster.local/ns/default/*",
             "--health",
             &format!("127.0.0.1:{health}"),
         ],
-        ca.path("proxy.log"),
-        &[port, health],
     );
+    wait_for_port(health);
     let url = format!("https://localhost:{port}/index.html");
     let as_ = |dir: &Path| {
         let mut args = creds(dir);
@@ -186,21 +200,7 @@ fn tls12_is_accepted_only_with_the_flag_and_only_with_aead_suites() {
     let web = ca.issue("web", "web", &["--dns", "localhost"]);
     let cli = ca.issue("cli", "cli", &[]);
     let (_site, site_port) = http_site(&ca.path("site"));
-    let port = free_port();
-    let _proxy = Proxy::start(
-        &[
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{site_port}"),
-            "--certs",
-            p(&web),
-            "--tls12",
-        ],
-        ca.path("proxy.log"),
-        &[port],
-    );
+    let (_proxy, port) = Proxy::server(&ca, &format!("127.0.0.1:{site_port}"), &web, &["--tls12"]);
     let url = format!("https://localhost:{port}/index.html");
     let with = |extra: &[&str]| {
         let mut args = creds(&cli);
@@ -663,21 +663,11 @@ fn unix_target_with_the_identity_in_a_proxy_v2_header() {
     let sock = ca.path("app.sock");
     let _target = spawn("python3", &["-c", PROXY_V2_TARGET, p(&sock)]);
     wait_for("the unix socket", 10, || sock.exists());
-    let port = free_port();
-    let _proxy = Proxy::start(
-        &[
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("unix:{}", p(&sock)),
-            "--certs",
-            p(&web),
-            "--proxy-protocol",
-            "--permissive",
-        ],
-        ca.path("proxy.log"),
-        &[port],
+    let (_proxy, port) = Proxy::server(
+        &ca,
+        &format!("unix:{}", p(&sock)),
+        &web,
+        &["--proxy-protocol", "--permissive"],
     );
     let script = r#"
 import socket, ssl, sys
@@ -754,21 +744,11 @@ fn certificate_rotation_under_a_thousand_requests_fails_none() {
         &["x509", "-in", p(&web.join("tls.crt")), "-noout", "-serial"],
     );
     let (_site, site_port) = http_site(&ca.path("site"));
-    let port = free_port();
-    let proxy = Proxy::start(
-        &[
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{site_port}"),
-            "--certs",
-            p(&web),
-            "--allow",
-            "spiffe://cluster.local/ns/default/sa/cli",
-        ],
-        ca.path("proxy.log"),
-        &[port],
+    let (proxy, port) = Proxy::server(
+        &ca,
+        &format!("127.0.0.1:{site_port}"),
+        &web,
+        &["--allow", "spiffe://cluster.local/ns/default/sa/cli"],
     );
     let load = Command::new("python3")
         .args([

@@ -67,17 +67,7 @@ fn serve_alone_gives_a_working_ca() {
         assert!(spec["paths"][path].is_object(), "openapi lacks {path}");
     }
     // The server certificate names localhost, 127.0.0.1 and the extra name; TLS 1.3 only.
-    let text = tool(
-        "openssl",
-        &[
-            "x509",
-            "-in",
-            d.join("server/tls.crt").to_str().unwrap(),
-            "-noout",
-            "-ext",
-            "subjectAltName",
-        ],
-    );
+    let text = cert_ext(&d.join("server/tls.crt"), "subjectAltName");
     assert!(
         text.contains("DNS:localhost")
             && text.contains("IP Address:127.0.0.1")

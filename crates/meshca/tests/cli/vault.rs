@@ -432,20 +432,7 @@ fn profile_roles_from_the_config_file_pick_the_role() {
     let hour = Duration::from_secs(3600);
     assert!(lifetime(&client.join("tls.crt")) <= hour + Duration::from_secs(600));
     assert!(lifetime(&service.join("tls.crt")) > 20 * hour);
-    let eku = |cert: &Path| {
-        tool(
-            "openssl",
-            &[
-                "x509",
-                "-in",
-                cert.to_str().unwrap(),
-                "-noout",
-                "-ext",
-                "extendedKeyUsage",
-            ],
-        )
-    };
-    let client_eku = eku(&client.join("tls.crt"));
+    let client_eku = cert_ext(&client.join("tls.crt"), "extendedKeyUsage");
     assert!(
         client_eku.contains("Client Authentication")
             && !client_eku.contains("Server Authentication"),
