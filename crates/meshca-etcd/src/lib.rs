@@ -260,6 +260,18 @@ impl Op {
         })
     }
 
+    /// Deletes `key` (nothing when it does not exist).
+    pub fn delete(key: &[u8]) -> Self {
+        Op(rpc::RequestOp {
+            request: Some(rpc::request_op::Request::RequestDeleteRange(
+                rpc::DeleteRangeRequest {
+                    key: key.to_vec(),
+                    ..Default::default()
+                },
+            )),
+        })
+    }
+
     /// Reads `key`.
     pub fn get(key: &[u8]) -> Self {
         Op(rpc::RequestOp {

@@ -89,6 +89,8 @@ pub struct AppState {
     /// Set when the server's own certificate must come from the signing
     /// hierarchy at the next check (a root rotation's activation).
     pub server_cert_stale: std::sync::atomic::AtomicBool,
+    /// How long records of expired certificates are kept.
+    pub keep_expired: Duration,
     crl: tokio::sync::Mutex<Option<(Instant, u64, Vec<u8>)>>,
     crl_generation: AtomicU64,
     crl_number: AtomicU64,
@@ -119,12 +121,19 @@ impl AppState {
             dir: dir.to_owned(),
             seal: None,
             server_cert_stale: std::sync::atomic::AtomicBool::new(false),
+            keep_expired: DEFAULT_KEEP_EXPIRED,
             crl: tokio::sync::Mutex::new(None),
             crl_generation: AtomicU64::new(0),
             crl_number: AtomicU64::new(
                 u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1),
             ),
         })
+    }
+
+    /// Sets how long records of expired certificates are kept.
+    pub fn with_keep_expired(mut self, keep: Duration) -> Self {
+        self.keep_expired = keep;
+        self
     }
 
     /// Gives the seal key of a shared store (root rotation seals the new keys).
@@ -588,6 +597,34 @@ pub async fn sweep(state: &AppState) -> Result<usize, meshca_store::StoreError> 
     Ok(gone)
 }
 
+/// How long records of expired certificates are kept by default.
+pub const DEFAULT_KEEP_EXPIRED: Duration = Duration::from_secs(7 * 86_400);
+
+/// How often the leader deletes records that expired over
+/// [`AppState::keep_expired`] ago (and once when it starts).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Records deleted per store call: each call is one short write, so that
+/// a large backlog never holds up issuance for long.
+const PRUNE_BATCH: usize = 1000;
+
+/// Deletes the records of certificates that expired over
+/// [`AppState::keep_expired`] ago; returns how many.
+pub async fn prune_expired(state: &AppState) -> Result<usize, meshca_store::StoreError> {
+    let cutoff = OffsetDateTime::now_utc() - state.keep_expired;
+    let mut gone = 0;
+    loop {
+        let n = state
+            .store
+            .delete_expired_certificates(cutoff, PRUNE_BATCH)
+            .await?;
+        gone += n;
+        if n < PRUNE_BATCH {
+            return Ok(gone);
+        }
+    }
+}
+
 /// Starts what runs beside the API: following the event log, the leader
 /// election, and the leader's scheduled work.
 async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
@@ -659,6 +696,35 @@ async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
         .await
         .map_err(|e| ServeError::Listen(format!("leader election: {e}")))?;
     let _ = state.leader.set(leadership);
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            if !st.is_leader() {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                continue;
+            }
+            match prune_expired(&st).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    let done = format!(
+                        "deleted {n} certificate record(s) expired over {} ago",
+                        meshca_pki::GoDuration(st.keep_expired)
+                    );
+                    tracing::info!("{done}");
+                    st.audit.record(
+                        "prune-expired",
+                        "scheduler",
+                        None,
+                        None,
+                        "allowed",
+                        Some(&done),
+                    );
+                }
+                Err(e) => tracing::warn!("pruning expired records failed (will retry): {e}"),
+            }
+            tokio::time::sleep(PRUNE_EVERY).await;
+        }
+    });
     let st = state.clone();
     tokio::spawn(async move {
         loop {

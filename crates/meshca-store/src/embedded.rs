@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 
 use crate::decide;
 use crate::events::MemoryLog;
+use crate::record::NotAfter;
 use crate::{
     CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
     RevocationReason, RevokeOutcome, Store, StoreError, TokenRecord, TokenRefusal,
@@ -390,6 +391,51 @@ impl Store for EmbeddedStore {
                     key,
                 }),
             }
+        })
+        .await
+    }
+
+    async fn delete_expired_certificates(
+        &self,
+        expired_before: OffsetDateTime,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.blocking(move |s| {
+            // Found in a read snapshot, so that the scan never holds up the
+            // insert writer; serials are time-ordered, so the oldest (the
+            // expired) come first.
+            let mut expired: Vec<String> = Vec::new();
+            {
+                let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
+                let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
+                for item in t.iter().map_err(|e| s.fail(e))? {
+                    if expired.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = item.map_err(|e| s.fail(e))?;
+                    let rec: NotAfter = decode(k.value(), v.value())?;
+                    if rec.not_after < expired_before {
+                        expired.push(k.value().to_owned());
+                    }
+                }
+            }
+            if expired.is_empty() {
+                return Ok(0);
+            }
+            // A record's notAfter never changes, so what the snapshot found
+            // expired still is; only records deleted meanwhile are skipped.
+            let txn = s.db.begin_write().map_err(|e| s.fail(e))?;
+            let mut gone = 0;
+            {
+                let mut t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
+                for key in &expired {
+                    if t.remove(key.as_str()).map_err(|e| s.fail(e))?.is_some() {
+                        gone += 1;
+                    }
+                }
+            }
+            txn.commit().map_err(|e| s.fail(e))?;
+            Ok(gone)
         })
         .await
     }

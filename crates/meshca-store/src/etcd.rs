@@ -28,6 +28,7 @@ use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
 use crate::decide::{self, Decision};
+use crate::record::NotAfter;
 use crate::{
     CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
     RevocationReason, RevokeOutcome, Store, StoreError, StoredEvent, TokenRecord, TokenRefusal,
@@ -41,6 +42,10 @@ pub const EVENT_RETENTION: Duration = Duration::from_secs(1800);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// How often a compare-and-swap is tried before giving up.
 const CAS_TRIES: usize = 50;
+
+/// Deletes per transaction when sweeping expired records (etcd allows 128
+/// operations per transaction by default).
+const DELETE_BATCH: usize = 100;
 /// Most writes grouped into one transaction (etcd allows 128 operations
 /// per transaction by default).
 const MAX_BATCH: usize = 64;
@@ -390,6 +395,37 @@ impl Store for EtcdStore {
                 kind: "certificate",
                 key,
             })
+    }
+
+    async fn delete_expired_certificates(
+        &self,
+        expired_before: OffsetDateTime,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let mut expired = Vec::new();
+        for kv in self
+            .client
+            .get_prefix(&self.dir("certs"))
+            .await
+            .map_err(|e| self.fail(e))?
+        {
+            if expired.len() >= limit {
+                break;
+            }
+            let rec: NotAfter = decode(&kv)?;
+            if rec.not_after < expired_before {
+                expired.push(kv.key);
+            }
+        }
+        // A record's notAfter never changes, so no comparison is needed;
+        // batches stay under etcd's limit of operations per transaction.
+        for batch in expired.chunks(DELETE_BATCH) {
+            let txn = batch
+                .iter()
+                .fold(Txn::new(), |txn, key| txn.then(Op::delete(key)));
+            self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
+        }
+        Ok(expired.len())
     }
 
     async fn list_certificates(

@@ -106,6 +106,16 @@ pub trait Store: std::fmt::Debug + Send + Sync {
     /// One certificate record; [`StoreError::NotFound`] when unknown.
     async fn get_certificate(&self, serial: &Serial) -> Result<CertificateRecord, StoreError>;
 
+    /// Deletes up to `limit` certificate records whose notAfter is before
+    /// `expired_before` and returns how many it deleted (fewer than `limit`:
+    /// none is left). The records are the CA's working state; the audit log
+    /// keeps the history of every issuance.
+    async fn delete_expired_certificates(
+        &self,
+        expired_before: OffsetDateTime,
+        limit: usize,
+    ) -> Result<usize, StoreError>;
+
     /// Certificate records matching `filter`, soonest expiry first.
     async fn list_certificates(
         &self,

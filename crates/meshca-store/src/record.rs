@@ -212,6 +212,14 @@ pub struct CertificateRecord {
     pub certificate_pem: String,
 }
 
+/// Only a certificate record's notAfter: what a sweep for expired records
+/// reads, without decoding (and allocating) the rest.
+#[derive(Deserialize)]
+pub(crate) struct NotAfter {
+    #[serde(with = "time::serde::rfc3339")]
+    pub(crate) not_after: OffsetDateTime,
+}
+
 impl CertificateRecord {
     /// `active`, `expired` or `revoked` at `now` (expiry is read from
     /// notAfter, not stored).

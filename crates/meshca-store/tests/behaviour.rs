@@ -203,6 +203,7 @@ async fn check_all(store: Arc<dyn Store>) {
     check_tokens(store.clone()).await;
     check_events(store.clone()).await;
     check_blobs_and_leadership(store.clone()).await;
+    check_expired_sweep(store.clone()).await;
     check_group_commit(store).await;
 }
 
@@ -380,6 +381,59 @@ async fn check_tokens(store: Arc<dyn Store>) {
         !format!("{:?}", token("t", b"secret", 1, hour))
             .contains(&meshca_pki::fingerprint(b"secret"))
     );
+}
+
+/// Records expired before the cut-off go, in batches of at most the limit,
+/// revoked or not; later ones stay.
+async fn check_expired_sweep(store: Arc<dyn Store>) {
+    let now = OffsetDateTime::now_utc();
+    let day = Duration::from_secs(86_400);
+    let old: Vec<Serial> = (0..5).map(|_| Serial::random().unwrap()).collect();
+    for (i, serial) in old.iter().enumerate() {
+        store
+            .insert_certificate(&cert(serial, &format!("old{i}"), now - 10 * day))
+            .await
+            .unwrap();
+    }
+    store
+        .revoke_certificate(&old[0], RevocationReason::Superseded, now)
+        .await
+        .unwrap();
+    let recent = Serial::random().unwrap();
+    store
+        .insert_certificate(&cert(&recent, "recent", now - day))
+        .await
+        .unwrap();
+    let cutoff = now - 5 * day;
+    assert_eq!(
+        store.delete_expired_certificates(cutoff, 2).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .delete_expired_certificates(cutoff, 100)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .delete_expired_certificates(cutoff, 100)
+            .await
+            .unwrap(),
+        0
+    );
+    for serial in &old {
+        let gone = store.get_certificate(serial).await.unwrap_err();
+        assert!(gone.is_not_found(), "{gone}");
+    }
+    assert_eq!(store.get_certificate(&recent).await.unwrap().name, "recent");
+    let everything = store
+        .list_certificates(&CertFilter::default())
+        .await
+        .unwrap();
+    assert!(everything.iter().all(|r| r.not_after >= cutoff));
+    assert!(everything.iter().any(|r| r.serial == recent));
 }
 
 /// Many concurrent inserts (committed in groups) are all durable and all distinct.

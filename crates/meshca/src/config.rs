@@ -28,6 +28,40 @@ pub struct Config {
     /// Who signs (`[issuer]`); absent: the built-in CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<crate::issuer::IssuerSettings>,
+    /// How long a certificate's record stays in the store after it expired
+    /// (the audit log keeps every issuance for good). Short-lived
+    /// certificates would otherwise grow the store, and every scan of it,
+    /// without bound.
+    #[serde(
+        default = "default_keep_expired",
+        skip_serializing_if = "is_default_keep_expired"
+    )]
+    pub keep_expired: GoDuration,
+}
+
+fn default_keep_expired() -> GoDuration {
+    GoDuration(meshca_server::DEFAULT_KEEP_EXPIRED)
+}
+
+fn is_default_keep_expired(d: &GoDuration) -> bool {
+    *d == default_keep_expired()
+}
+
+/// A TOML error with the line and the setting it is about: a value's own
+/// message ("invalid duration ...") does not say which setting it was.
+fn where_in(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    match line.split_once('=') {
+        Some((key, _)) if !line.starts_with('[') => {
+            format!("line {line_no}, {}: {}", key.trim(), e.message())
+        }
+        _ => format!("line {line_no}: {}", e.message()),
+    }
 }
 
 fn default_max_ttl() -> GoDuration {
@@ -44,6 +78,7 @@ impl Config {
             policy: Vec::new(),
             store: None,
             issuer: None,
+            keep_expired: default_keep_expired(),
         }
     }
 
@@ -58,7 +93,7 @@ impl Config {
         let text = std::str::from_utf8(bytes)
             .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
         let config: Config = toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), where_in(text, &e)))?;
         config.validate(path)?;
         Ok(config)
     }

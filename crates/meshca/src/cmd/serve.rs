@@ -68,7 +68,9 @@ pub async fn run(
     }
     let (config, authority, seal) = super::open_authority(dir, store_args, issuer_args).await?;
     let state = Arc::new(
-        AppState::new(dir, authority, config.policy.clone(), config.key_type)?.with_seal(seal),
+        AppState::new(dir, authority, config.policy.clone(), config.key_type)?
+            .with_seal(seal)
+            .with_keep_expired(config.keep_expired.get()),
     );
     let opts = ServeOptions {
         dir: dir.to_owned(),

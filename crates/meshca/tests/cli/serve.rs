@@ -671,3 +671,79 @@ fn policy_rules_from_the_config_file() {
     assert_eq!(code, 403);
     assert!(body.contains("48h"), "{body}");
 }
+
+#[test]
+fn records_of_certificates_expired_longer_than_keep_expired_are_deleted() {
+    let tmp = scratch();
+    let d = tmp.path().join("data");
+    ok(&["init", "--dir", d.to_str().unwrap()]);
+    let toml = d.join("meshca.toml");
+    let cfg = std::fs::read_to_string(&toml).unwrap();
+    // A bad value is refused at start, naming the file and the field.
+    std::fs::write(&toml, format!("keep_expired = \"a week\"\n{cfg}")).unwrap();
+    let out = run(&[
+        "serve",
+        "--dir",
+        d.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("meshca.toml") && err.contains("keep_expired"),
+        "{err}"
+    );
+    std::fs::write(&toml, format!("keep_expired = \"1s\"\n{cfg}")).unwrap();
+    let mut srv = Server::start(&d, &[]);
+    let serial_of = |body: &str| json(body)["serial"].as_str().unwrap().to_owned();
+    let (code, body) = srv.curl(
+        "POST",
+        "/v1/issue",
+        Some(r#"{"name":"brief","ttl":"1s"}"#),
+        &srv.admin(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let brief = serial_of(&body);
+    let (code, body) = srv.curl(
+        "POST",
+        "/v1/issue",
+        Some(r#"{"name":"lasting"}"#),
+        &srv.admin(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let lasting = serial_of(&body);
+    // Expired for over a second: the leader deletes it when it starts and
+    // every ten minutes after.
+    std::thread::sleep(Duration::from_secs(3));
+    srv.kill();
+    let srv = Server::start(&d, &[]);
+    let gone = (0..100).any(|_| {
+        let (code, _) = srv.curl(
+            "GET",
+            &format!("/v1/certificates/{brief}"),
+            None,
+            &srv.admin(),
+        );
+        code == 404 || {
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        }
+    });
+    assert!(gone, "the expired record is still there");
+    let (code, body) = srv.curl(
+        "GET",
+        &format!("/v1/certificates/{lasting}"),
+        None,
+        &srv.admin(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    let lines: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("prune-expired"))
+        .collect();
+    assert!(
+        lines.len() == 1 && lines[0].contains("deleted 1 certificate record(s)"),
+        "{audit}"
+    );
+}
