@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 use crate::decide;
 use crate::events::MemoryLog;
-use crate::record::NotAfter;
+use crate::record::{Expiry, IDENTITY_INDEX_MARKER, identity_key, identity_prefix};
 use crate::{
     CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
     RevocationReason, RevokeOutcome, Store, StoreError, TokenRecord, TokenRefusal,
@@ -28,6 +28,8 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates")
 const HIERARCHIES: TableDefinition<&str, &[u8]> = TableDefinition::new("hierarchies");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// The identity index: `namespace/name/serial` to nothing.
+const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
 
 /// redb's page cache. Its default (1 GiB) kept the whole file in memory: a
 /// server that had issued 130,000 certificates held 490 MB. Inserts touch
@@ -97,6 +99,7 @@ impl EmbeddedStore {
             .map_err(|e| unavailable(path, e))?;
         txn.open_table(TOKENS).map_err(|e| unavailable(path, e))?;
         txn.open_table(BLOBS).map_err(|e| unavailable(path, e))?;
+        build_identity_index(&txn).map_err(|e| unavailable(path, e))?;
         txn.commit().map_err(|e| unavailable(path, e))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(4 * MAX_BATCH);
         let (writer_db, writer_path) = (db.clone(), path.to_owned());
@@ -216,6 +219,35 @@ impl EmbeddedStore {
     }
 }
 
+/// Indexes every certificate record by identity, once: a store made before
+/// the index existed gets it here, in the transaction that opens it.
+fn build_identity_index(txn: &redb::WriteTransaction) -> Result<(), String> {
+    let mut blobs = txn.open_table(BLOBS).map_err(|e| e.to_string())?;
+    if blobs
+        .get(IDENTITY_INDEX_MARKER)
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let certs = txn.open_table(CERTS).map_err(|e| e.to_string())?;
+    let mut index = txn.open_table(IDENTITIES).map_err(|e| e.to_string())?;
+    for item in certs.iter().map_err(|e| e.to_string())? {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let rec: Expiry = decode(k.value(), v.value()).map_err(|e| e.to_string())?;
+        index
+            .insert(
+                identity_key(&rec.namespace, &rec.name, k.value()).as_str(),
+                &[][..],
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    blobs
+        .insert(IDENTITY_INDEX_MARKER, &b"1"[..])
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// The group-commit writer: takes the first queued insert, drains whatever
 /// else is queued (up to [`MAX_BATCH`]), commits them in one transaction and
 /// answers each. Ends when every store handle is gone.
@@ -237,6 +269,9 @@ fn insert_writer(
             let txn = db.begin_write().map_err(|e| unavailable(path, e))?;
             {
                 let mut t = txn.open_table(CERTS).map_err(|e| unavailable(path, e))?;
+                let mut index = txn
+                    .open_table(IDENTITIES)
+                    .map_err(|e| unavailable(path, e))?;
                 for (record, _) in &batch {
                     let key = record.serial.to_hex();
                     if t.get(key.as_str())
@@ -250,6 +285,12 @@ fn insert_writer(
                     }
                     let bytes = encode(&key, record)?;
                     t.insert(key.as_str(), bytes.as_slice())
+                        .map_err(|e| unavailable(path, e))?;
+                    index
+                        .insert(
+                            identity_key(&record.namespace, &record.name, &key).as_str(),
+                            &[][..],
+                        )
                         .map_err(|e| unavailable(path, e))?;
                     results.push(Ok(()));
                 }
@@ -404,7 +445,7 @@ impl Store for EmbeddedStore {
             // Found in a read snapshot, so that the scan never holds up the
             // insert writer; serials are time-ordered, so the oldest (the
             // expired) come first.
-            let mut expired: Vec<String> = Vec::new();
+            let mut expired: Vec<(String, String)> = Vec::new();
             {
                 let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
                 let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
@@ -413,9 +454,10 @@ impl Store for EmbeddedStore {
                         break;
                     }
                     let (k, v) = item.map_err(|e| s.fail(e))?;
-                    let rec: NotAfter = decode(k.value(), v.value())?;
+                    let rec: Expiry = decode(k.value(), v.value())?;
                     if rec.not_after < expired_before {
-                        expired.push(k.value().to_owned());
+                        let indexed = identity_key(&rec.namespace, &rec.name, k.value());
+                        expired.push((k.value().to_owned(), indexed));
                     }
                 }
             }
@@ -428,10 +470,12 @@ impl Store for EmbeddedStore {
             let mut gone = 0;
             {
                 let mut t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
-                for key in &expired {
+                let mut index = txn.open_table(IDENTITIES).map_err(|e| s.fail(e))?;
+                for (key, indexed) in &expired {
                     if t.remove(key.as_str()).map_err(|e| s.fail(e))?.is_some() {
                         gone += 1;
                     }
+                    index.remove(indexed.as_str()).map_err(|e| s.fail(e))?;
                 }
             }
             txn.commit().map_err(|e| s.fail(e))?;
@@ -449,6 +493,25 @@ impl Store for EmbeddedStore {
             let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
             let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
             let mut out = Vec::new();
+            if let (Some(ns), Some(name)) = (&filter.namespace, &filter.name) {
+                // One identity: its keys in the index, not every record.
+                let index = txn.open_table(IDENTITIES).map_err(|e| s.fail(e))?;
+                let prefix = identity_prefix(ns, name);
+                for item in index.range(prefix.as_str()..).map_err(|e| s.fail(e))? {
+                    let (k, _) = item.map_err(|e| s.fail(e))?;
+                    let Some(serial) = k.value().strip_prefix(prefix.as_str()) else {
+                        break;
+                    };
+                    if let Some(v) = t.get(serial).map_err(|e| s.fail(e))? {
+                        let rec: CertificateRecord = decode(serial, v.value())?;
+                        if filter.matches(&rec) {
+                            out.push(rec);
+                        }
+                    }
+                }
+                decide::sort_certificates(&mut out);
+                return Ok(out);
+            }
             for item in t.iter().map_err(|e| s.fail(e))? {
                 let (k, v) = item.map_err(|e| s.fail(e))?;
                 let rec: CertificateRecord = decode(k.value(), v.value())?;

@@ -5,6 +5,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `P` `certs/<serial hex>` | certificate record (JSON) |
+//! | `P` `ids/<namespace>/<name>/<serial hex>` | empty: the identity index |
 //! | `P` `hierarchies/<id>` | hierarchy record (JSON; CA keys sealed) |
 //! | `P` `tokens/<id>` | join token record (JSON; secret hashed) |
 //! | `P` `blobs/<name>` | named CA state (the shared `meshca.toml`, ...) |
@@ -28,7 +29,7 @@ use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
 use crate::decide::{self, Decision};
-use crate::record::NotAfter;
+use crate::record::{Expiry, IDENTITY_INDEX_MARKER, identity_key, identity_prefix};
 use crate::{
     CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
     RevocationReason, RevokeOutcome, Store, StoreError, StoredEvent, TokenRecord, TokenRefusal,
@@ -43,12 +44,13 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// How often a compare-and-swap is tried before giving up.
 const CAS_TRIES: usize = 50;
 
-/// Deletes per transaction when sweeping expired records (etcd allows 128
-/// operations per transaction by default).
-const DELETE_BATCH: usize = 100;
+/// Operations per transaction when deleting expired records or building the
+/// identity index (etcd allows 128 by default).
+const OPS_PER_TXN: usize = 100;
 /// Most writes grouped into one transaction (etcd allows 128 operations
-/// per transaction by default).
-const MAX_BATCH: usize = 64;
+/// per transaction by default; a certificate is two puts, the record and
+/// its index key, and the batch's events one more).
+const MAX_BATCH: usize = 63;
 /// Transactions in flight at once. One measured best (bench/etcd.sh): while
 /// it is in flight the next batch grows, and etcd orders them anyway.
 const BATCHES_IN_FLIGHT: usize = 1;
@@ -127,6 +129,8 @@ enum Write {
     Create {
         key: Vec<u8>,
         value: Vec<u8>,
+        /// An index key put (empty) with it.
+        index: Option<Vec<u8>>,
         reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
     },
     /// Append an event (on `lease`); answers its id.
@@ -188,7 +192,47 @@ impl EtcdStore {
             writes,
         };
         store.check().await?;
+        store.build_identity_index().await?;
         Ok(store)
+    }
+
+    /// Indexes every certificate record by identity, once: a store made
+    /// before the index existed gets it when a replica first opens it. The
+    /// puts are idempotent, so replicas opening it together do no harm.
+    async fn build_identity_index(&self) -> Result<(), StoreError> {
+        let marker = self.key("blobs", IDENTITY_INDEX_MARKER);
+        if self
+            .client
+            .get(&marker)
+            .await
+            .map_err(|e| self.fail(e))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let certs = self.dir("certs");
+        let kvs = self
+            .client
+            .get_prefix(&certs)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut keys = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let rec: Expiry = decode(kv)?;
+            let serial = String::from_utf8_lossy(&kv.key[certs.len()..]);
+            keys.push(self.key("ids", &identity_key(&rec.namespace, &rec.name, &serial)));
+        }
+        for batch in keys.chunks(OPS_PER_TXN) {
+            let txn = batch
+                .iter()
+                .fold(Txn::new(), |txn, key| txn.then(Op::put(key, b"", None)));
+            self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
+        }
+        self.client
+            .put(&marker, b"1", None)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(())
     }
 
     fn fail(&self, e: EtcdError) -> StoreError {
@@ -364,6 +408,10 @@ impl Store for EtcdStore {
         let write = Write::Create {
             key: self.key("certs", &serial),
             value: encode(&serial, record)?,
+            index: Some(self.key(
+                "ids",
+                &identity_key(&record.namespace, &record.name, &serial),
+            )),
             reply,
         };
         self.submit(write, answer).await.and_then(|created| {
@@ -412,17 +460,20 @@ impl Store for EtcdStore {
             if expired.len() >= limit {
                 break;
             }
-            let rec: NotAfter = decode(&kv)?;
+            let rec: Expiry = decode(&kv)?;
             if rec.not_after < expired_before {
-                expired.push(kv.key);
+                let serial = kv.key.rsplit(|b| *b == b'/').next().unwrap_or_default();
+                let serial = String::from_utf8_lossy(serial);
+                let indexed = self.key("ids", &identity_key(&rec.namespace, &rec.name, &serial));
+                expired.push((kv.key, indexed));
             }
         }
         // A record's notAfter never changes, so no comparison is needed;
         // batches stay under etcd's limit of operations per transaction.
-        for batch in expired.chunks(DELETE_BATCH) {
-            let txn = batch
-                .iter()
-                .fold(Txn::new(), |txn, key| txn.then(Op::delete(key)));
+        for batch in expired.chunks(OPS_PER_TXN / 2) {
+            let txn = batch.iter().fold(Txn::new(), |txn, (key, indexed)| {
+                txn.then(Op::delete(key)).then(Op::delete(indexed))
+            });
             self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
         }
         Ok(expired.len())
@@ -432,6 +483,26 @@ impl Store for EtcdStore {
         &self,
         filter: &CertFilter,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
+        if let (Some(ns), Some(name)) = (&filter.namespace, &filter.name) {
+            // One identity: its keys in the index, not every record.
+            let prefix = self.key("ids", &identity_prefix(ns, name));
+            let mut out = Vec::new();
+            for kv in self
+                .client
+                .get_prefix(&prefix)
+                .await
+                .map_err(|e| self.fail(e))?
+            {
+                let serial = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                let record: Option<CertificateRecord> =
+                    self.get(&self.key("certs", &serial)).await?;
+                if let Some(r) = record.filter(|r| filter.matches(r)) {
+                    out.push(r);
+                }
+            }
+            decide::sort_certificates(&mut out);
+            return Ok(out);
+        }
         let mut out: Vec<CertificateRecord> = self
             .scan::<CertificateRecord>("certs")
             .await?
@@ -683,7 +754,9 @@ async fn commit_batch(client: &Client, events_dir: &[u8], location: &str, batch:
     let mut repeated = vec![false; batch.len()];
     for (i, w) in batch.iter().enumerate() {
         match w {
-            Write::Create { key, value, .. } => {
+            Write::Create {
+                key, value, index, ..
+            } => {
                 if !seen.insert(key.clone()) {
                     repeated[i] = true;
                     continue;
@@ -691,6 +764,9 @@ async fn commit_batch(client: &Client, events_dir: &[u8], location: &str, batch:
                 txn = txn
                     .when(Compare::absent(key))
                     .then(Op::put(key, value, None));
+                if let Some(index) = index {
+                    txn = txn.then(Op::put(index, b"", None));
+                }
             }
             Write::Event { lease: l, .. } => lease = Some(*l),
         }
@@ -731,10 +807,18 @@ async fn commit_batch(client: &Client, events_dir: &[u8], location: &str, batch:
         Ok(_) => {
             for w in batch {
                 match w {
-                    Write::Create { key, value, reply } => {
-                        let one = Txn::new()
+                    Write::Create {
+                        key,
+                        value,
+                        index,
+                        reply,
+                    } => {
+                        let mut one = Txn::new()
                             .when(Compare::absent(&key))
                             .then(Op::put(&key, &value, None));
+                        if let Some(index) = index {
+                            one = one.then(Op::put(&index, b"", None));
+                        }
                         let r = client.txn(&one).await;
                         let _ = reply.send(r.map(|r| r.succeeded).map_err(|e| fail(&e)));
                     }

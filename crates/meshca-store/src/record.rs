@@ -212,13 +212,31 @@ pub struct CertificateRecord {
     pub certificate_pem: String,
 }
 
-/// Only a certificate record's notAfter: what a sweep for expired records
-/// reads, without decoding (and allocating) the rest.
+/// What a sweep for expired records reads of a certificate record (its
+/// expiry, and its identity for the index), without decoding the rest.
 #[derive(Deserialize)]
-pub(crate) struct NotAfter {
+pub(crate) struct Expiry {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
     #[serde(with = "time::serde::rfc3339")]
     pub(crate) not_after: OffsetDateTime,
 }
+
+/// The key of a certificate in the identity index: `namespace/name/serial`
+/// (names are DNS labels, so `/` cannot occur in them). Every record has
+/// one; listing one identity's certificates reads only its keys.
+pub(crate) fn identity_key(namespace: &str, name: &str, serial_hex: &str) -> String {
+    format!("{namespace}/{name}/{serial_hex}")
+}
+
+/// Where an identity's keys in the index start.
+pub(crate) fn identity_prefix(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}/")
+}
+
+/// The marker that the identity index covers every record (stores made
+/// before the index get it built when they are first opened).
+pub(crate) const IDENTITY_INDEX_MARKER: &str = "index/identity-v1";
 
 impl CertificateRecord {
     /// `active`, `expired` or `revoked` at `now` (expiry is read from

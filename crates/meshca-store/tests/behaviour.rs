@@ -99,6 +99,34 @@ async fn check_all(store: Arc<dyn Store>) {
         store.list_certificates(&by_name).await.unwrap()[0].serial,
         s1
     );
+    // One identity (namespace and name) is read through the index: the
+    // same answer, other filters still applied.
+    let s3 = Serial::random().unwrap();
+    store
+        .insert_certificate(&cert(&s3, "web", now + Duration::from_secs(7200)))
+        .await
+        .unwrap();
+    let web = |status| CertFilter {
+        namespace: Some("default".into()),
+        name: Some("web".into()),
+        status,
+        ..Default::default()
+    };
+    let listed = store.list_certificates(&web(None)).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|c| &c.serial).collect::<Vec<_>>(),
+        [&s1, &s3]
+    );
+    let other_ns = CertFilter {
+        namespace: Some("shop".into()),
+        ..web(None)
+    };
+    assert!(store.list_certificates(&other_ns).await.unwrap().is_empty());
+    let we = CertFilter {
+        name: Some("we".into()),
+        ..web(None)
+    };
+    assert!(store.list_certificates(&we).await.unwrap().is_empty());
 
     // Revocation happens once.
     match store
@@ -428,6 +456,15 @@ async fn check_expired_sweep(store: Arc<dyn Store>) {
         assert!(gone.is_not_found(), "{gone}");
     }
     assert_eq!(store.get_certificate(&recent).await.unwrap().name, "recent");
+    // Their index keys went with them.
+    for i in 0..5 {
+        let one = CertFilter {
+            namespace: Some("default".into()),
+            name: Some(format!("old{i}")),
+            ..Default::default()
+        };
+        assert!(store.list_certificates(&one).await.unwrap().is_empty());
+    }
     let everything = store
         .list_certificates(&CertFilter::default())
         .await
@@ -487,6 +524,83 @@ async fn embedded_store_survives_reopen() {
     assert_eq!(store.get_certificate(&serial).await.unwrap().name, "web");
     let missing = EmbeddedStore::open_existing(&dir.path().join("nope.redb")).unwrap_err();
     assert!(missing.is_unavailable() && missing.to_string().contains("nope.redb"));
+}
+
+fn web_of(namespace: &str) -> CertFilter {
+    CertFilter {
+        namespace: Some(namespace.into()),
+        name: Some("web".into()),
+        ..Default::default()
+    }
+}
+
+/// A store written before the identity index existed: its records are
+/// found by identity after it is opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_indexes_old_records_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let serial = Serial::random().unwrap();
+    let later = OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    {
+        let store = EmbeddedStore::open(&path).unwrap();
+        store
+            .insert_certificate(&cert(&serial, "web", later))
+            .await
+            .unwrap();
+    }
+    // What an older meshca left: no index table, no marker.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(redb::TableDefinition::<&str, &[u8]>::new("identities"))
+            .unwrap();
+        txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("blobs"))
+            .unwrap()
+            .remove("index/identity-v1")
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open_existing(&path).unwrap();
+    let found = store.list_certificates(&web_of("default")).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].serial, serial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_indexes_old_records_when_opened() {
+    let etcd = meshca_testkit::EtcdCluster::start(1);
+    let url = etcd.store_url("/old/");
+    let serial = Serial::random().unwrap();
+    let later = OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    {
+        let store = EtcdStore::open(EtcdStoreConfig::from_url(&url).unwrap())
+            .await
+            .unwrap();
+        store
+            .insert_certificate(&cert(&serial, "web", later))
+            .await
+            .unwrap();
+    }
+    // What an older meshca left: no index keys, no marker.
+    let config = EtcdStoreConfig::from_url(&url).unwrap();
+    let client = meshca_etcd::Client::new(config.etcd.clone()).unwrap();
+    let mut old: Vec<Vec<u8>> = client
+        .get_prefix(b"/old/ids/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(old.len(), 1, "the insert wrote its index key");
+    old.push(b"/old/blobs/index/identity-v1".to_vec());
+    for key in old {
+        assert_eq!(client.delete(&key).await.unwrap(), 1);
+    }
+    let store = EtcdStore::open(config).await.unwrap();
+    let found = store.list_certificates(&web_of("default")).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].serial, serial);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
