@@ -44,8 +44,9 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// How often a compare-and-swap is tried before giving up.
 const CAS_TRIES: usize = 50;
 
-/// Operations per transaction when deleting expired records or building the
-/// identity index (etcd allows 128 by default).
+/// Operations per transaction when deleting expired records, building the
+/// identity index or reading one identity's records (etcd allows 128 by
+/// default).
 const OPS_PER_TXN: usize = 100;
 /// Most writes grouped into one transaction (etcd allows 128 operations
 /// per transaction by default; a certificate is two puts, the record and
@@ -210,17 +211,14 @@ impl EtcdStore {
         {
             return Ok(());
         }
-        let certs = self.dir("certs");
         let kvs = self
             .client
-            .get_prefix(&certs)
+            .get_prefix(&self.dir("certs"))
             .await
             .map_err(|e| self.fail(e))?;
         let mut keys = Vec::with_capacity(kvs.len());
         for kv in &kvs {
-            let rec: Expiry = decode(kv)?;
-            let serial = String::from_utf8_lossy(&kv.key[certs.len()..]);
-            keys.push(self.key("ids", &identity_key(&rec.namespace, &rec.name, &serial)));
+            keys.push(self.index_key_of(kv, &decode(kv)?));
         }
         for batch in keys.chunks(OPS_PER_TXN) {
             let txn = batch
@@ -233,6 +231,13 @@ impl EtcdStore {
             .await
             .map_err(|e| self.fail(e))?;
         Ok(())
+    }
+
+    /// The index key of the certificate record `kv` (`certs/<serial>`).
+    fn index_key_of(&self, kv: &KeyValue, rec: &Expiry) -> Vec<u8> {
+        let serial = kv.key.rsplit(|b| *b == b'/').next().unwrap_or_default();
+        let serial = String::from_utf8_lossy(serial);
+        self.key("ids", &identity_key(&rec.namespace, &rec.name, &serial))
     }
 
     fn fail(&self, e: EtcdError) -> StoreError {
@@ -462,9 +467,7 @@ impl Store for EtcdStore {
             }
             let rec: Expiry = decode(&kv)?;
             if rec.not_after < expired_before {
-                let serial = kv.key.rsplit(|b| *b == b'/').next().unwrap_or_default();
-                let serial = String::from_utf8_lossy(serial);
-                let indexed = self.key("ids", &identity_key(&rec.namespace, &rec.name, &serial));
+                let indexed = self.index_key_of(&kv, &rec);
                 expired.push((kv.key, indexed));
             }
         }
@@ -486,18 +489,30 @@ impl Store for EtcdStore {
         if let (Some(ns), Some(name)) = (&filter.namespace, &filter.name) {
             // One identity: its keys in the index, not every record.
             let prefix = self.key("ids", &identity_prefix(ns, name));
-            let mut out = Vec::new();
-            for kv in self
+            let keys: Vec<Vec<u8>> = self
                 .client
                 .get_prefix(&prefix)
                 .await
                 .map_err(|e| self.fail(e))?
-            {
-                let serial = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-                let record: Option<CertificateRecord> =
-                    self.get(&self.key("certs", &serial)).await?;
-                if let Some(r) = record.filter(|r| filter.matches(r)) {
-                    out.push(r);
+                .iter()
+                .map(|kv| {
+                    let serial = String::from_utf8_lossy(&kv.key[prefix.len()..]);
+                    self.key("certs", &serial)
+                })
+                .collect();
+            // The records in transactions of many gets: one round trip per
+            // batch, not per certificate.
+            let mut out = Vec::new();
+            for batch in keys.chunks(OPS_PER_TXN) {
+                let txn = batch
+                    .iter()
+                    .fold(Txn::new(), |txn, key| txn.then(Op::get(key)));
+                let r = self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
+                for kv in r.ranges.iter().flatten() {
+                    let rec: CertificateRecord = decode(kv)?;
+                    if filter.matches(&rec) {
+                        out.push(rec);
+                    }
                 }
             }
             decide::sort_certificates(&mut out);

@@ -54,7 +54,11 @@ fn where_in(text: &str, e: &toml::de::Error) -> String {
         return e.message().to_owned();
     };
     let start = span.start.min(text.len());
-    let line_no = text[..start].matches('\n').count() + 1;
+    let line_no = text.as_bytes()[..start]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
     match line.split_once('=') {
         Some((key, _)) if !line.starts_with('[') => {
