@@ -5,9 +5,17 @@
 //! a crash at any moment leaves either the previous or the new commit, never a
 //! torn one, and an issuance is answered only after its record is committed.
 //! Records are JSON values in two tables keyed by serial and by hierarchy id.
+//!
+//! Certificate inserts are made durable by the store's journal
+//! ([`crate::journal`]: one append and one `fdatasync` per group of
+//! inserts) and reach redb in large checkpoints; until then they are read
+//! from memory, and scans and changes of certificate records wait for the
+//! checkpoint of everything answered before them.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use meshca_pki::Serial;
@@ -18,6 +26,7 @@ use time::OffsetDateTime;
 
 use crate::decide;
 use crate::events::MemoryLog;
+use crate::journal::{self, Entry, Files, Pending, Shared};
 use crate::record::{Expiry, IDENTITY_INDEX_MARKER, identity_key, identity_prefix};
 use crate::{
     CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
@@ -40,6 +49,9 @@ const CACHE_BYTES: usize = 64 << 20;
 /// Most certificate inserts committed together.
 const MAX_BATCH: usize = 512;
 
+/// The blob that holds the highest journal seq in redb (8 bytes, LE).
+const CHECKPOINT_BLOB: &str = "journal/checkpointed";
+
 type InsertReply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 /// The embedded store. Cheap to clone; all clones share one database.
@@ -54,24 +66,71 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
     writer: Arc<Writer>,
+    journal: Arc<Journal>,
     events: Arc<MemoryLog>,
     // One process owns the file, so it always leads.
     leader: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-/// The group-commit writer thread. Dropping the last handle closes its queue
-/// and waits for it, so the database file is closed when the store is.
+/// The group-commit writer and the checkpointer threads. Dropping the last
+/// handle closes the writer's queue, waits for it, lets the checkpointer
+/// move what is left into redb and removes the journal files, so the
+/// database file alone holds everything once the store is closed.
 struct Writer {
     tx: Option<std::sync::mpsc::SyncSender<(CertificateRecord, InsertReply)>>,
-    handle: Option<std::thread::JoinHandle<()>>,
+    handle: Option<std::thread::JoinHandle<Files>>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
+    journal: Arc<Journal>,
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
         drop(self.tx.take());
-        if let Some(h) = self.handle.take() {
+        let files = self.handle.take().and_then(|h| h.join().ok());
+        self.journal.lock().closing = true;
+        self.journal.wake.notify_all();
+        if let Some(h) = self.checkpointer.take() {
             let _ = h.join();
         }
+        if let Some(files) = files
+            && self.journal.lock().queue.is_empty()
+            && let Err(e) = files.remove()
+        {
+            tracing::warn!("could not remove the store's journal files: {e}");
+        }
+    }
+}
+
+/// What the writer, the checkpointer and readers of the store share about
+/// records answered but not yet checkpointed.
+#[derive(Debug)]
+struct Journal {
+    shared: Mutex<Shared>,
+    /// Wakes the checkpointer.
+    wake: Condvar,
+    /// The highest seq answered.
+    acked: AtomicU64,
+    /// Where the checkpoints are.
+    state: tokio::sync::watch::Sender<Checkpoints>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Checkpoints {
+    /// The highest seq in redb.
+    seq: u64,
+    /// How many checkpoints failed, and the last reason.
+    failures: u64,
+    last_error: String,
+}
+
+impl Journal {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The record under `key` if it is answered but not yet in redb.
+    fn pending(&self, key: &str) -> Option<Arc<Pending>> {
+        self.lock().by_key.get(key).cloned()
     }
 }
 
@@ -101,11 +160,38 @@ impl EmbeddedStore {
         txn.open_table(BLOBS).map_err(|e| unavailable(path, e))?;
         build_identity_index(&txn).map_err(|e| unavailable(path, e))?;
         txn.commit().map_err(|e| unavailable(path, e))?;
+        let next_seq = replay_journal(&db, path)?;
+        let (files, _) = Files::open(path).map_err(|e| unavailable(path, e))?;
+        let journal = Arc::new(Journal {
+            shared: Mutex::new(Shared::default()),
+            wake: Condvar::new(),
+            acked: AtomicU64::new(next_seq - 1),
+            state: tokio::sync::watch::channel(Checkpoints {
+                seq: next_seq - 1,
+                ..Checkpoints::default()
+            })
+            .0,
+        });
         let (tx, rx) = std::sync::mpsc::sync_channel(4 * MAX_BATCH);
-        let (writer_db, writer_path) = (db.clone(), path.to_owned());
+        let (writer_db, writer_path, writer_journal) =
+            (db.clone(), path.to_owned(), journal.clone());
         let handle = std::thread::Builder::new()
             .name("meshca-store-writer".into())
-            .spawn(move || insert_writer(&writer_db, &writer_path, &rx))
+            .spawn(move || {
+                insert_writer(
+                    &writer_db,
+                    &writer_path,
+                    &rx,
+                    &writer_journal,
+                    files,
+                    next_seq,
+                )
+            })
+            .map_err(|e| unavailable(path, e))?;
+        let (ck_db, ck_path, ck_journal) = (db.clone(), path.to_owned(), journal.clone());
+        let checkpointer = std::thread::Builder::new()
+            .name("meshca-store-checkpoint".into())
+            .spawn(move || checkpointer(&ck_db, &ck_path, &ck_journal))
             .map_err(|e| unavailable(path, e))?;
         Ok(EmbeddedStore {
             db,
@@ -113,7 +199,10 @@ impl EmbeddedStore {
             writer: Arc::new(Writer {
                 tx: Some(tx),
                 handle: Some(handle),
+                checkpointer: Some(checkpointer),
+                journal: journal.clone(),
             }),
+            journal,
             events: Arc::new(MemoryLog::new()),
             leader: Arc::new(tokio::sync::watch::channel(true).0),
         })
@@ -132,6 +221,37 @@ impl EmbeddedStore {
 
     fn fail(&self, e: impl std::fmt::Display) -> StoreError {
         unavailable(&self.path, e)
+    }
+
+    /// Waits until every certificate insert answered before the call is in
+    /// redb: scans and changes of certificate records go through redb only.
+    async fn settle(&self) -> Result<(), StoreError> {
+        let target = self.journal.acked.load(Ordering::Acquire);
+        let mut rx = self.journal.state.subscribe();
+        let failures = {
+            let now = rx.borrow_and_update();
+            if now.seq >= target {
+                return Ok(());
+            }
+            now.failures
+        };
+        self.journal.lock().asked = true;
+        self.journal.wake.notify_all();
+        loop {
+            if rx.changed().await.is_err() {
+                return Err(self.fail("the store is closing"));
+            }
+            let now = rx.borrow_and_update();
+            if now.seq >= target {
+                return Ok(());
+            }
+            if now.failures > failures {
+                return Err(self.fail(format!(
+                    "records could not be moved from the journal: {}",
+                    now.last_error
+                )));
+            }
+        }
     }
 
     /// Runs a read inline: a redb read transaction is a lock-free snapshot of
@@ -248,14 +368,81 @@ fn build_identity_index(txn: &redb::WriteTransaction) -> Result<(), String> {
     Ok(())
 }
 
+/// Moves into redb every journal frame that a checkpoint has not: what was
+/// answered before a crash. Returns the first seq the writer may use.
+fn replay_journal(db: &Database, path: &Path) -> Result<u64, StoreError> {
+    let checkpointed = {
+        let txn = db.begin_read().map_err(|e| unavailable(path, e))?;
+        let blobs = txn.open_table(BLOBS).map_err(|e| unavailable(path, e))?;
+        blobs
+            .get(CHECKPOINT_BLOB)
+            .map_err(|e| unavailable(path, e))?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    let (files, frames) = Files::open(path).map_err(|e| unavailable(path, e))?;
+    drop(files);
+    let highest = frames.last().map_or(0, |(seq, _)| *seq).max(checkpointed);
+    let todo: Vec<&Entry> = frames
+        .iter()
+        .filter(|(seq, _)| *seq > checkpointed)
+        .map(|(_, e)| e)
+        .collect();
+    if !todo.is_empty() {
+        let txn = db.begin_write().map_err(|e| unavailable(path, e))?;
+        let added =
+            write_entries(&txn, todo.iter().copied(), highest).map_err(|e| unavailable(path, e))?;
+        txn.commit().map_err(|e| unavailable(path, e))?;
+        tracing::info!(
+            store = %path.display(),
+            "{added} certificate record(s) recovered from the journal"
+        );
+    }
+    // A frame of a group that was never answered may lie on disk behind a
+    // torn one, unread: the writer starts above any seq it could have, so
+    // that such a frame is never read back after newer ones.
+    Ok(highest + MAX_BATCH as u64 + 1)
+}
+
+/// Inserts journal entries that redb does not hold yet (with their index
+/// keys) and records `through` as checkpointed, in `txn`. Returns how many
+/// were new.
+fn write_entries<'a>(
+    txn: &redb::WriteTransaction,
+    entries: impl Iterator<Item = &'a Entry>,
+    through: u64,
+) -> Result<usize, redb::Error> {
+    let mut added = 0;
+    {
+        let mut t = txn.open_table(CERTS)?;
+        let mut index = txn.open_table(IDENTITIES)?;
+        for e in entries {
+            if t.get(e.key.as_str())?.is_some() {
+                continue;
+            }
+            t.insert(e.key.as_str(), e.value.as_slice())?;
+            index.insert(e.index_key.as_str(), &[][..])?;
+            added += 1;
+        }
+        let mut blobs = txn.open_table(BLOBS)?;
+        blobs.insert(CHECKPOINT_BLOB, &through.to_le_bytes()[..])?;
+    }
+    Ok(added)
+}
+
 /// The group-commit writer: takes the first queued insert, drains whatever
-/// else is queued (up to [`MAX_BATCH`]), commits them in one transaction and
-/// answers each. Ends when every store handle is gone.
+/// else is queued (up to [`MAX_BATCH`]), appends them to the journal with
+/// one sync and answers each. Ends when every store handle is gone, giving
+/// back the journal files.
 fn insert_writer(
     db: &Database,
     path: &Path,
     rx: &std::sync::mpsc::Receiver<(CertificateRecord, InsertReply)>,
-) {
+    journal: &Journal,
+    mut files: Files,
+    mut next_seq: u64,
+) -> Files {
+    let mut frames = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -265,52 +452,180 @@ fn insert_writer(
             }
         }
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
-        let outcome = (|| -> Result<(), StoreError> {
-            let txn = db.begin_write().map_err(|e| unavailable(path, e))?;
-            {
-                let mut t = txn.open_table(CERTS).map_err(|e| unavailable(path, e))?;
-                let mut index = txn
-                    .open_table(IDENTITIES)
-                    .map_err(|e| unavailable(path, e))?;
-                for (record, _) in &batch {
-                    let key = record.serial.to_hex();
-                    if t.get(key.as_str())
-                        .map_err(|e| unavailable(path, e))?
-                        .is_some()
-                    {
+        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        frames.clear();
+        let keys: Vec<String> = batch.iter().map(|(r, _)| r.serial.to_hex()).collect();
+        match taken_keys(db, path, journal, &keys) {
+            Err(e) => results.extend(keys.iter().map(|_| Err(e.clone()))),
+            Ok(taken) => {
+                for (((record, _), key), taken) in batch.iter().zip(keys).zip(taken) {
+                    if taken {
                         results.push(Err(StoreError::Conflict(format!(
                             "serial {key} is already recorded"
                         ))));
                         continue;
                     }
-                    let bytes = encode(&key, record)?;
-                    t.insert(key.as_str(), bytes.as_slice())
-                        .map_err(|e| unavailable(path, e))?;
-                    index
-                        .insert(
-                            identity_key(&record.namespace, &record.name, &key).as_str(),
-                            &[][..],
-                        )
-                        .map_err(|e| unavailable(path, e))?;
+                    let entry = match encode(&key, record) {
+                        Ok(value) => Entry {
+                            index_key: identity_key(&record.namespace, &record.name, &key),
+                            key,
+                            value,
+                        },
+                        Err(e) => {
+                            results.push(Err(e));
+                            continue;
+                        }
+                    };
+                    if journal::encode_frame(&mut frames, next_seq, &entry).is_none() {
+                        results.push(Err(StoreError::Corrupt {
+                            key: entry.key,
+                            reason: "the record is too large for the journal".into(),
+                        }));
+                        continue;
+                    }
+                    pending.push(Pending {
+                        seq: next_seq,
+                        entry,
+                    });
+                    next_seq += 1;
                     results.push(Ok(()));
                 }
             }
-            txn.commit().map_err(|e| unavailable(path, e))
+        }
+        if let Some(last) = pending.last().map(|p| p.seq) {
+            let checkpointed = journal.state.borrow().seq;
+            match files.append(&frames, last, checkpointed) {
+                Ok(()) => {
+                    let mut shared = journal.lock();
+                    for p in pending {
+                        let p = Arc::new(p);
+                        shared.by_key.insert(p.entry.key.clone(), p.clone());
+                        shared.queue.push(p);
+                    }
+                    journal.acked.store(last, Ordering::Release);
+                    if shared.queue.len() >= journal::CHECKPOINT_RECORDS {
+                        journal.wake.notify_all();
+                    }
+                }
+                Err(e) => {
+                    // Nothing of the group counts as stored: every caller hears so.
+                    let err = unavailable(path, format!("the journal could not be written: {e}"));
+                    for r in results.iter_mut().filter(|r| r.is_ok()) {
+                        *r = Err(err.clone());
+                    }
+                }
+            }
+        }
+        for ((_, reply), result) in batch.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+    files
+}
+
+/// For each of `keys`, whether it is already recorded: answered and
+/// waiting for a checkpoint, in redb, or earlier in the same list.
+fn taken_keys(
+    db: &Database,
+    path: &Path,
+    journal: &Journal,
+    keys: &[String],
+) -> Result<Vec<bool>, StoreError> {
+    let mut seen = HashSet::with_capacity(keys.len());
+    let mut taken: Vec<bool> = {
+        // Looked up before the redb snapshot is taken: a record leaves the
+        // memory only once its checkpoint is committed, so it is in one or
+        // the other.
+        let shared = journal.lock();
+        keys.iter()
+            .map(|k| shared.by_key.contains_key(k) || !seen.insert(k.as_str()))
+            .collect()
+    };
+    let txn = db.begin_read().map_err(|e| unavailable(path, e))?;
+    let t = txn.open_table(CERTS).map_err(|e| unavailable(path, e))?;
+    for (k, taken) in keys.iter().zip(taken.iter_mut()) {
+        if !*taken
+            && t.get(k.as_str())
+                .map_err(|e| unavailable(path, e))?
+                .is_some()
+        {
+            *taken = true;
+        }
+    }
+    Ok(taken)
+}
+
+/// Moves answered records from memory into redb: when
+/// [`journal::CHECKPOINT_RECORDS`] wait, when someone asks
+/// ([`EmbeddedStore::settle`]), when the oldest has waited about
+/// [`journal::CHECKPOINT_EVERY`], and a last time when the store closes.
+fn checkpointer(db: &Database, path: &Path, journal: &Journal) {
+    loop {
+        let batch: Vec<Arc<Pending>> = {
+            let mut shared = journal.lock();
+            loop {
+                if shared.queue.is_empty() {
+                    if shared.closing {
+                        return;
+                    }
+                    shared.asked = false;
+                    shared = journal.wake.wait(shared).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                if shared.queue.len() >= journal::CHECKPOINT_RECORDS
+                    || shared.asked
+                    || shared.closing
+                {
+                    break;
+                }
+                let (s, waited) = journal
+                    .wake
+                    .wait_timeout(shared, journal::CHECKPOINT_EVERY)
+                    .unwrap_or_else(|e| e.into_inner());
+                shared = s;
+                if waited.timed_out() {
+                    break;
+                }
+            }
+            shared.asked = false;
+            shared.queue.clone()
+        };
+        let Some(through) = batch.last().map(|p| p.seq) else {
+            continue;
+        };
+        let outcome = (|| -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            write_entries(&txn, batch.iter().map(|p| &p.entry), through)?;
+            txn.commit()?;
+            Ok(())
         })();
         match outcome {
             Ok(()) => {
-                for ((_, reply), result) in batch.into_iter().zip(results) {
-                    let _ = reply.send(result);
+                let mut shared = journal.lock();
+                for p in &batch {
+                    if shared
+                        .by_key
+                        .get(&p.entry.key)
+                        .is_some_and(|q| Arc::ptr_eq(p, q))
+                    {
+                        shared.by_key.remove(&p.entry.key);
+                    }
                 }
+                shared.queue.drain(..batch.len());
+                drop(shared);
+                journal.state.send_modify(|s| s.seq = through);
             }
             Err(e) => {
-                // Nothing of the batch is stored: every caller hears so.
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(StoreError::Unavailable {
-                        location: path.display().to_string(),
-                        reason: e.to_string(),
-                    }));
+                // The records stay in memory and in the journal; try again.
+                tracing::warn!(store = %path.display(), "checkpoint failed, retrying: {e}");
+                journal.state.send_modify(|s| {
+                    s.failures += 1;
+                    s.last_error = e.to_string();
+                });
+                if journal.lock().closing {
+                    return;
                 }
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
     }
@@ -412,6 +727,10 @@ impl Store for EmbeddedStore {
 
     async fn serial_exists(&self, serial: &Serial) -> Result<bool, StoreError> {
         let key = serial.to_hex();
+        // In memory first: a record leaves it only once it is in redb.
+        if self.journal.pending(&key).is_some() {
+            return Ok(true);
+        }
         self.read(move |s| {
             let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
             let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
@@ -422,6 +741,9 @@ impl Store for EmbeddedStore {
 
     async fn get_certificate(&self, serial: &Serial) -> Result<CertificateRecord, StoreError> {
         let key = serial.to_hex();
+        if let Some(p) = self.journal.pending(&key) {
+            return decode(&key, &p.entry.value);
+        }
         self.read(move |s| {
             let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
             let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
@@ -441,6 +763,7 @@ impl Store for EmbeddedStore {
         expired_before: OffsetDateTime,
         limit: usize,
     ) -> Result<usize, StoreError> {
+        self.settle().await?;
         self.blocking(move |s| {
             // Found in a read snapshot, so that the scan never holds up the
             // insert writer; serials are time-ordered, so the oldest (the
@@ -489,6 +812,7 @@ impl Store for EmbeddedStore {
         filter: &CertFilter,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
         let filter = filter.clone();
+        self.settle().await?;
         self.blocking(move |s| {
             let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
             let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
@@ -587,6 +911,7 @@ impl Store for EmbeddedStore {
         at: OffsetDateTime,
     ) -> Result<RevokeOutcome, StoreError> {
         let key = serial.to_hex();
+        self.settle().await?;
         self.blocking(move |s| {
             s.modify(CERTS, &key, |rec: Option<CertificateRecord>| {
                 decide::revocation(&key, rec, reason, at)

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// What can go wrong in a store.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The record asked for does not exist.

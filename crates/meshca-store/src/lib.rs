@@ -32,6 +32,7 @@ mod embedded;
 mod error;
 mod etcd;
 mod events;
+mod journal;
 mod record;
 
 use std::pin::Pin;
