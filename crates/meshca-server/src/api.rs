@@ -81,18 +81,32 @@ async fn current_bundle_fingerprint(s: &AppState) -> Result<String, ApiError> {
     ))
 }
 
-fn cert_json(issued: &Issued) -> Value {
-    let mut v = json!({
-        "certificate": issued.certificate_pem,
-        "ca_bundle": issued.ca_bundle_pem,
-        "serial": issued.record.serial,
-        "not_after": rfc3339(issued.record.not_after),
-        "spiffe_id": issued.record.spiffe_id,
-    });
-    if let Some(k) = &issued.private_key {
-        v["private_key"] = json!(k.to_pem());
+/// The answer to `/v1/sign` and `/v1/issue`, serialized straight from the
+/// issuance (no intermediate JSON tree: the PEM is the bulk of it).
+#[derive(serde::Serialize)]
+struct CertAnswer<'a> {
+    certificate: &'a str,
+    ca_bundle: &'a str,
+    serial: &'a Serial,
+    not_after: String,
+    spiffe_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    private_key: Option<String>,
+}
+
+fn cert_json(issued: &Issued) -> Response {
+    let answer = CertAnswer {
+        certificate: &issued.certificate_pem,
+        ca_bundle: &issued.ca_bundle_pem,
+        serial: &issued.record.serial,
+        not_after: rfc3339(issued.record.not_after),
+        spiffe_id: &issued.record.spiffe_id,
+        private_key: issued.private_key.as_ref().map(|k| k.to_pem()),
+    };
+    match serde_json::to_vec(&answer) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError::internal(format!("cannot format the answer: {e}")).into_response(),
     }
-    v
 }
 
 /// `POST /v1/sign` and `POST /v1/issue`.
@@ -102,7 +116,7 @@ async fn certificate(
     headers: &HeaderMap,
     body: &Bytes,
     from_csr: bool,
-) -> Result<Value, ApiError> {
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let action = if from_csr { "sign" } else { "issue" };
     // Every refusal is audited, those before the request is understood too.
@@ -268,10 +282,8 @@ pub async fn sign(
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    certificate(&s, &peer, &headers, &body, true)
-        .await
-        .map(Json)
+) -> Result<Response, ApiError> {
+    certificate(&s, &peer, &headers, &body, true).await
 }
 
 pub async fn issue(
@@ -279,10 +291,8 @@ pub async fn issue(
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    certificate(&s, &peer, &headers, &body, false)
-        .await
-        .map(Json)
+) -> Result<Response, ApiError> {
+    certificate(&s, &peer, &headers, &body, false).await
 }
 
 #[derive(Deserialize)]

@@ -89,6 +89,14 @@ impl Events {
         let Ok(body) = serde_json::to_vec(&event) else {
             return;
         };
+        if self.store.appends_events_in_memory() {
+            // Nothing to wait for: a task of its own would cost more than
+            // the append (one per issuance).
+            if let Some(Err(e)) = futures_util::FutureExt::now_or_never(self.store.append_event(&body)) {
+                tracing::warn!("event {kind} not recorded: {e}");
+            }
+            return;
+        }
         let store = self.store.clone();
         tokio::spawn(async move {
             // A short outage of a shared store should not lose the event.

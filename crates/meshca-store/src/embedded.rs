@@ -53,6 +53,9 @@ const MAX_BATCH: usize = 512;
 const CHECKPOINT_BLOB: &str = "journal/checkpointed";
 
 type InsertReply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+/// A record on its way to the writer: encoded by the caller, so that the
+/// one writer thread only checks, appends and syncs.
+type Insert = (Entry, InsertReply);
 
 /// The embedded store. Cheap to clone; all clones share one database.
 ///
@@ -77,7 +80,7 @@ pub struct EmbeddedStore {
 /// move what is left into redb and removes the journal files, so the
 /// database file alone holds everything once the store is closed.
 struct Writer {
-    tx: Option<std::sync::mpsc::SyncSender<(CertificateRecord, InsertReply)>>,
+    tx: Option<std::sync::mpsc::SyncSender<Insert>>,
     handle: Option<std::thread::JoinHandle<Files>>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
     journal: Arc<Journal>,
@@ -437,7 +440,7 @@ fn write_entries<'a>(
 fn insert_writer(
     db: &Database,
     path: &Path,
-    rx: &std::sync::mpsc::Receiver<(CertificateRecord, InsertReply)>,
+    rx: &std::sync::mpsc::Receiver<Insert>,
     journal: &Journal,
     mut files: Files,
     mut next_seq: u64,
@@ -454,28 +457,25 @@ fn insert_writer(
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         frames.clear();
-        let keys: Vec<String> = batch.iter().map(|(r, _)| r.serial.to_hex()).collect();
-        match taken_keys(db, path, journal, &keys) {
-            Err(e) => results.extend(keys.iter().map(|_| Err(e.clone()))),
+        let keys: Vec<&str> = batch.iter().map(|(e, _)| e.key.as_str()).collect();
+        let taken = taken_keys(db, path, journal, &keys);
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (entry, reply) in batch {
+            entries.push(entry);
+            replies.push(reply);
+        }
+        match taken {
+            Err(e) => results.extend(entries.iter().map(|_| Err(e.clone()))),
             Ok(taken) => {
-                for (((record, _), key), taken) in batch.iter().zip(keys).zip(taken) {
+                for (entry, taken) in entries.into_iter().zip(taken) {
                     if taken {
                         results.push(Err(StoreError::Conflict(format!(
-                            "serial {key} is already recorded"
+                            "serial {} is already recorded",
+                            entry.key
                         ))));
                         continue;
                     }
-                    let entry = match encode(&key, record) {
-                        Ok(value) => Entry {
-                            index_key: identity_key(&record.namespace, &record.name, &key),
-                            key,
-                            value,
-                        },
-                        Err(e) => {
-                            results.push(Err(e));
-                            continue;
-                        }
-                    };
                     if journal::encode_frame(&mut frames, next_seq, &entry).is_none() {
                         results.push(Err(StoreError::Corrupt {
                             key: entry.key,
@@ -516,7 +516,7 @@ fn insert_writer(
                 }
             }
         }
-        for ((_, reply), result) in batch.into_iter().zip(results) {
+        for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }
     }
@@ -529,7 +529,7 @@ fn taken_keys(
     db: &Database,
     path: &Path,
     journal: &Journal,
-    keys: &[String],
+    keys: &[&str],
 ) -> Result<Vec<bool>, StoreError> {
     let mut seen = HashSet::with_capacity(keys.len());
     let mut taken: Vec<bool> = {
@@ -538,14 +538,14 @@ fn taken_keys(
         // the other.
         let shared = journal.lock();
         keys.iter()
-            .map(|k| shared.by_key.contains_key(k) || !seen.insert(k.as_str()))
+            .map(|k| shared.by_key.contains_key(*k) || !seen.insert(*k))
             .collect()
     };
     let txn = db.begin_read().map_err(|e| unavailable(path, e))?;
     let t = txn.open_table(CERTS).map_err(|e| unavailable(path, e))?;
     for (k, taken) in keys.iter().zip(taken.iter_mut()) {
         if !*taken
-            && t.get(k.as_str())
+            && t.get(*k)
                 .map_err(|e| unavailable(path, e))?
                 .is_some()
         {
@@ -701,12 +701,18 @@ impl Store for EmbeddedStore {
 
     async fn insert_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let key = record.serial.to_hex();
+        let entry = Entry {
+            index_key: identity_key(&record.namespace, &record.name, &key),
+            value: encode(&key, record)?,
+            key,
+        };
         let inserts = self
             .writer
             .tx
             .clone()
             .ok_or_else(|| self.fail("the store is closing"))?;
-        match inserts.try_send((record.clone(), tx)) {
+        match inserts.try_send((entry, tx)) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(item)) => {
                 // The queue is bounded: a full queue waits, off the reactor.
@@ -922,6 +928,10 @@ impl Store for EmbeddedStore {
 
     async fn append_event(&self, body: &[u8]) -> Result<u64, StoreError> {
         Ok(self.events.append(body))
+    }
+
+    fn appends_events_in_memory(&self) -> bool {
+        true
     }
 
     async fn watch_events(&self, after: u64) -> Result<EventFeed, StoreError> {

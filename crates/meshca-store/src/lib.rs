@@ -158,6 +158,13 @@ pub trait Store: std::fmt::Debug + Send + Sync {
     /// Appends an event to the event log; returns its id.
     async fn append_event(&self, body: &[u8]) -> Result<u64, StoreError>;
 
+    /// True when [`Store::append_event`] completes without waiting on
+    /// anything (the log is in this process's memory), so that a caller may
+    /// run it in place instead of on a task of its own.
+    fn appends_events_in_memory(&self) -> bool {
+        false
+    }
+
     /// The events after id `after` still retained, then new ones.
     async fn watch_events(&self, after: u64) -> Result<EventFeed, StoreError>;
 
