@@ -92,7 +92,9 @@ impl Events {
         if self.store.appends_events_in_memory() {
             // Nothing to wait for: a task of its own would cost more than
             // the append (one per issuance).
-            if let Some(Err(e)) = futures_util::FutureExt::now_or_never(self.store.append_event(&body)) {
+            if let Some(Err(e)) =
+                futures_util::FutureExt::now_or_never(self.store.append_event(&body))
+            {
                 tracing::warn!("event {kind} not recorded: {e}");
             }
             return;

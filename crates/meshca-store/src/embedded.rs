@@ -544,11 +544,7 @@ fn taken_keys(
     let txn = db.begin_read().map_err(|e| unavailable(path, e))?;
     let t = txn.open_table(CERTS).map_err(|e| unavailable(path, e))?;
     for (k, taken) in keys.iter().zip(taken.iter_mut()) {
-        if !*taken
-            && t.get(*k)
-                .map_err(|e| unavailable(path, e))?
-                .is_some()
-        {
+        if !*taken && t.get(*k).map_err(|e| unavailable(path, e))?.is_some() {
             *taken = true;
         }
     }
