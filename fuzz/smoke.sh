@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SECS="${FUZZ_SECONDS:-20}"
-TARGETS=(csr certs duration identity api config sniff)
+TARGETS=(csr certs duration identity api config sniff journal)
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
 # cargo-fuzz passes sanitizer flags that rustc gates behind nightly; the one

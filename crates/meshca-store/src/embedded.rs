@@ -49,6 +49,11 @@ const CACHE_BYTES: usize = 64 << 20;
 /// Most certificate inserts committed together.
 const MAX_BATCH: usize = 512;
 
+/// Most records answered and not yet checkpointed. Past it (checkpoints
+/// keep failing: redb's disk full, say) inserts are refused with the reason,
+/// instead of memory and the journal growing without bound.
+const MAX_PENDING: usize = 65_536;
+
 /// The blob that holds the highest journal seq in redb (8 bytes, LE).
 const CHECKPOINT_BLOB: &str = "journal/checkpointed";
 
@@ -163,8 +168,9 @@ impl EmbeddedStore {
         txn.open_table(BLOBS).map_err(|e| unavailable(path, e))?;
         build_identity_index(&txn).map_err(|e| unavailable(path, e))?;
         txn.commit().map_err(|e| unavailable(path, e))?;
-        let next_seq = replay_journal(&db, path)?;
-        let (files, _) = Files::open(path).map_err(|e| unavailable(path, e))?;
+        let (files, frames) = Files::open(path).map_err(|e| unavailable(path, e))?;
+        let next_seq = replay_journal(&db, path, &frames)?;
+        drop(frames);
         let journal = Arc::new(Journal {
             shared: Mutex::new(Shared::default()),
             wake: Condvar::new(),
@@ -373,7 +379,7 @@ fn build_identity_index(txn: &redb::WriteTransaction) -> Result<(), String> {
 
 /// Moves into redb every journal frame that a checkpoint has not: what was
 /// answered before a crash. Returns the first seq the writer may use.
-fn replay_journal(db: &Database, path: &Path) -> Result<u64, StoreError> {
+fn replay_journal(db: &Database, path: &Path, frames: &[(u64, Entry)]) -> Result<u64, StoreError> {
     let checkpointed = {
         let txn = db.begin_read().map_err(|e| unavailable(path, e))?;
         let blobs = txn.open_table(BLOBS).map_err(|e| unavailable(path, e))?;
@@ -383,14 +389,12 @@ fn replay_journal(db: &Database, path: &Path) -> Result<u64, StoreError> {
             .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
             .map_or(0, u64::from_le_bytes)
     };
-    let (files, frames) = Files::open(path).map_err(|e| unavailable(path, e))?;
-    drop(files);
     let highest = frames.last().map_or(0, |(seq, _)| *seq).max(checkpointed);
     let todo: Vec<&Entry> = frames
         .iter()
         .filter(|(seq, _)| *seq > checkpointed)
-        .map(|(_, e)| e)
-        .collect();
+        .map(|(seq, e)| check_entry(path, *seq, e).map(|()| e))
+        .collect::<Result<_, _>>()?;
     if !todo.is_empty() {
         let txn = db.begin_write().map_err(|e| unavailable(path, e))?;
         let added =
@@ -405,6 +409,30 @@ fn replay_journal(db: &Database, path: &Path) -> Result<u64, StoreError> {
     // torn one, unread: the writer starts above any seq it could have, so
     // that such a frame is never read back after newer ones.
     Ok(highest + MAX_BATCH as u64 + 1)
+}
+
+/// A frame whose checksum holds but whose record does not decode, or is
+/// filed under another key, was not written by this meshca: the store is
+/// not opened (it may hold an answered issuance), and the error says where.
+fn check_entry(path: &Path, seq: u64, e: &Entry) -> Result<(), StoreError> {
+    let wrong = |reason: String| StoreError::Corrupt {
+        key: format!(
+            "{} (journal frame {seq} of {}.journal-0/-1)",
+            e.key,
+            path.display()
+        ),
+        reason: format!("{reason}; move the journal files away to open the store without them"),
+    };
+    let rec: CertificateRecord = serde_json::from_slice(&e.value)
+        .map_err(|err| wrong(format!("not a certificate record: {err}")))?;
+    let key = rec.serial.to_hex();
+    if e.key != key || e.index_key != identity_key(&rec.namespace, &rec.name, &key) {
+        return Err(wrong(format!(
+            "filed under {:?} and {:?}, not under its serial {key} and identity {}/{}",
+            e.key, e.index_key, rec.namespace, rec.name
+        )));
+    }
+    Ok(())
 }
 
 /// Inserts journal entries that redb does not hold yet (with their index
@@ -465,6 +493,16 @@ fn insert_writer(
             entries.push(entry);
             replies.push(reply);
         }
+        let backlog = journal.lock().queue.len();
+        let taken = if backlog >= MAX_PENDING {
+            let why = journal.state.borrow().last_error.clone();
+            Err(unavailable(
+                path,
+                format!("{backlog} records wait for a checkpoint that keeps failing ({why})"),
+            ))
+        } else {
+            taken
+        };
         match taken {
             Err(e) => results.extend(entries.iter().map(|_| Err(e.clone()))),
             Ok(taken) => {
@@ -989,5 +1027,52 @@ impl Store for EmbeddedStore {
 
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn journal_with(dir: &Path, entry: &Entry) -> PathBuf {
+        let path = dir.join("store.redb");
+        drop(EmbeddedStore::open(&path).unwrap());
+        let mut frames = Vec::new();
+        journal::encode_frame(&mut frames, 1, entry).unwrap();
+        std::fs::write(dir.join("store.redb.journal-0"), frames).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_frame_that_checks_but_is_no_record_of_its_key_stops_the_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = Entry {
+            key: "00ab".into(),
+            index_key: "default/web/00ab".into(),
+            value: br#"{"not": "a record"}"#.to_vec(),
+        };
+        let path = journal_with(dir.path(), &garbage);
+        let e = EmbeddedStore::open(&path).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{msg}");
+        assert!(
+            msg.contains("journal frame 1") && msg.contains("store.redb.journal-0"),
+            "{msg}"
+        );
+        assert!(msg.contains("not a certificate record"), "{msg}");
+        // Nothing was written: the journal is still there, and redb holds nothing.
+        assert!(dir.path().join("store.redb.journal-0").exists());
+        std::fs::remove_file(dir.path().join("store.redb.journal-0")).unwrap();
+        let store = EmbeddedStore::open(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(
+            rt.block_on(store.list_certificates(&CertFilter::default()))
+                .unwrap()
+                .is_empty()
+        );
     }
 }
