@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 use meshca_issuer::{Authority, BuiltinIssuer, IssueRequest, Policy};
 use meshca_pki::{KeyType, PrivateKey, build_csr, parse_csr};
 
+/// The allocator of the `meshca` binary, so that the figures compare.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn cpu_seconds() -> f64 {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap();
     let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
