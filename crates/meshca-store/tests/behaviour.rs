@@ -526,6 +526,10 @@ async fn embedded_store_survives_reopen() {
     assert!(missing.is_unavailable() && missing.to_string().contains("nope.redb"));
 }
 
+async fn count(store: &dyn Store, filter: &CertFilter) -> usize {
+    store.list_certificates(filter).await.unwrap().len()
+}
+
 /// What a crash leaves: the files as they are while the store runs, with
 /// answered inserts in the journal and not yet in redb. Opening them again
 /// puts every answered record back (with its index key), once; a clean
@@ -546,14 +550,7 @@ async fn embedded_store_replays_its_journal_after_a_crash() {
     // One scan makes the first record checkpointed; the next 300 are
     // answered and (checkpoints wait for 2,048 records or 200 ms) in the
     // journal only when the files are copied.
-    assert_eq!(
-        store
-            .list_certificates(&web_of("default"))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(count(&*store, &web_of("default")).await, 1);
     let mut tasks = Vec::new();
     for i in 0..300 {
         let store = store.clone();
@@ -618,14 +615,7 @@ async fn embedded_store_replays_its_journal_after_a_crash() {
             .await
             .unwrap();
         assert_eq!(all.len(), 301, "round {round}: each record once");
-        assert_eq!(
-            store
-                .list_certificates(&web_of("default"))
-                .await
-                .unwrap()
-                .len(),
-            151
-        );
+        assert_eq!(count(&store, &web_of("default")).await, 151);
         // A serial answered before the crash is still taken.
         assert!(
             store
