@@ -337,12 +337,30 @@ impl Server {
     }
 
     pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Server {
-        let log = dir.with_extension(format!("serve-{port}.log"));
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", "--dir", dir.to_str().unwrap(), "--listen", &listen];
         args.extend_from_slice(extra);
-        let child = meshca()
-            .args(&args)
+        let mut cmd = meshca();
+        cmd.args(&args);
+        Server::launch(dir, port, cmd)
+    }
+
+    /// `meshca serve` on `dir` run by `sh -c` after `shell` (limits, traps).
+    pub fn start_under(dir: &Path, shell: &str) -> Server {
+        let port = free_port();
+        let line = format!(
+            "{shell}; exec {} serve --dir {} --listen 127.0.0.1:{port}",
+            env!("CARGO_BIN_EXE_meshca"),
+            dir.display()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &line]);
+        Server::launch(dir, port, cmd)
+    }
+
+    fn launch(dir: &Path, port: u16, mut cmd: Command) -> Server {
+        let log = dir.with_extension(format!("serve-{port}.log"));
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -747,3 +747,51 @@ fn records_of_certificates_expired_longer_than_keep_expired_are_deleted() {
         "{audit}"
     );
 }
+
+/// The store's disk refuses to grow (as when it is full: `ulimit -f`, the
+/// signal ignored): an issuance is answered 503 with the reason, nothing of
+/// it is recorded, the server keeps serving, and issues again once the
+/// disk takes writes.
+#[test]
+fn a_store_that_cannot_write_refuses_issuance_and_keeps_serving() {
+    let tmp = scratch();
+    let d = tmp.path().join("data");
+    let mut srv = Server::start(&d, &[]);
+    let body = r#"{"name":"web"}"#;
+    assert_eq!(
+        srv.curl("POST", "/v1/issue", Some(body), &srv.admin()).0,
+        200
+    );
+    srv.kill();
+    // Opened and closed once offline: the journal is checkpointed and removed,
+    // so the next server has to make its journal anew.
+    let before = json(&ok(&["--dir", d.to_str().unwrap(), "list", "--json"]));
+    assert!(!d.join("store.redb.journal-0").exists());
+    // No file may grow past 512 KiB: the store (under 100 KiB) and the audit
+    // log still take writes, the journal's first 1 MiB of space does not.
+    let mut srv = Server::start_under(&d, "trap '' XFSZ; ulimit -f 512");
+    let (code, answer) = srv.curl("POST", "/v1/issue", Some(body), &srv.admin());
+    assert_eq!(code, 503, "{answer}");
+    assert!(answer.contains("journal could not be written"), "{answer}");
+    // Still serving: health, the bundle, the listing without the refused one.
+    assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
+    assert_eq!(srv.curl("GET", "/v1/bundle", None, &[]).0, 200);
+    assert_eq!(json(&srv.cli_ok(&["list", "--json"])), before);
+    let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    let last = audit.lines().last().unwrap();
+    assert!(
+        last.contains("\"refused\"") && last.contains("journal"),
+        "{last}"
+    );
+    srv.kill();
+    let srv = Server::start(&d, &[]);
+    assert_eq!(
+        srv.curl("POST", "/v1/issue", Some(body), &srv.admin()).0,
+        200
+    );
+    let after = json(&srv.cli_ok(&["list", "--json"]));
+    assert_eq!(
+        after.as_array().unwrap().len(),
+        before.as_array().unwrap().len() + 1
+    );
+}
