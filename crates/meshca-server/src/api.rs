@@ -103,10 +103,8 @@ fn cert_json(issued: &Issued) -> Response {
         spiffe_id: &issued.record.spiffe_id,
         private_key: issued.private_key.as_ref().map(|k| k.to_pem()),
     };
-    match serde_json::to_vec(&answer) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => ApiError::internal(format!("cannot format the answer: {e}")).into_response(),
-    }
+    // axum's Json serializes the struct as it is: no JSON tree in between.
+    Json(answer).into_response()
 }
 
 /// `POST /v1/sign` and `POST /v1/issue`.

@@ -485,14 +485,7 @@ fn insert_writer(
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         frames.clear();
-        let keys: Vec<&str> = batch.iter().map(|(e, _)| e.key.as_str()).collect();
-        let taken = taken_keys(db, path, journal, &keys);
-        let mut entries = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
-        for (entry, reply) in batch {
-            entries.push(entry);
-            replies.push(reply);
-        }
+        let (entries, replies): (Vec<Entry>, Vec<InsertReply>) = batch.into_iter().unzip();
         let backlog = journal.lock().queue.len();
         let taken = if backlog >= MAX_PENDING {
             let why = journal.state.borrow().last_error.clone();
@@ -501,7 +494,7 @@ fn insert_writer(
                 format!("{backlog} records wait for a checkpoint that keeps failing ({why})"),
             ))
         } else {
-            taken
+            taken_keys(db, path, journal, &entries)
         };
         match taken {
             Err(e) => results.extend(entries.iter().map(|_| Err(e.clone()))),
@@ -561,28 +554,29 @@ fn insert_writer(
     files
 }
 
-/// For each of `keys`, whether it is already recorded: answered and
+/// For each of `entries`, whether its key is already recorded: answered and
 /// waiting for a checkpoint, in redb, or earlier in the same list.
 fn taken_keys(
     db: &Database,
     path: &Path,
     journal: &Journal,
-    keys: &[&str],
+    entries: &[Entry],
 ) -> Result<Vec<bool>, StoreError> {
-    let mut seen = HashSet::with_capacity(keys.len());
+    let keys = entries.iter().map(|e| e.key.as_str());
+    let mut seen = HashSet::with_capacity(entries.len());
     let mut taken: Vec<bool> = {
         // Looked up before the redb snapshot is taken: a record leaves the
         // memory only once its checkpoint is committed, so it is in one or
         // the other.
         let shared = journal.lock();
-        keys.iter()
-            .map(|k| shared.by_key.contains_key(*k) || !seen.insert(*k))
+        keys.clone()
+            .map(|k| shared.by_key.contains_key(k) || !seen.insert(k))
             .collect()
     };
     let txn = db.begin_read().map_err(|e| unavailable(path, e))?;
     let t = txn.open_table(CERTS).map_err(|e| unavailable(path, e))?;
-    for (k, taken) in keys.iter().zip(taken.iter_mut()) {
-        if !*taken && t.get(*k).map_err(|e| unavailable(path, e))?.is_some() {
+    for (k, taken) in keys.zip(taken.iter_mut()) {
+        if !*taken && t.get(k).map_err(|e| unavailable(path, e))?.is_some() {
             *taken = true;
         }
     }
