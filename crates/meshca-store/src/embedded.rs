@@ -1069,4 +1069,78 @@ mod tests {
                 .is_empty()
         );
     }
+
+    /// Checkpoints that keep failing (here: a backlog put in place, with
+    /// the reason a failed checkpoint leaves) stop new inserts with that
+    /// reason; once the backlog drains, inserts are taken again.
+    #[test]
+    fn inserts_are_refused_while_too_many_records_wait_for_a_failing_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let record = |s: &str| -> CertificateRecord {
+            let now = OffsetDateTime::now_utc();
+            CertificateRecord {
+                serial: s.parse().unwrap(),
+                namespace: "default".into(),
+                name: "web".into(),
+                profile: meshca_pki::Profile::Service,
+                spiffe_id: "spiffe://cluster.local/ns/default/sa/web".into(),
+                dns_names: vec!["web".into()],
+                ip_addresses: vec![],
+                key_type: meshca_pki::KeyType::EcdsaP256,
+                hierarchy_id: "h1".into(),
+                issued_at: now,
+                not_before: now,
+                not_after: now + time::Duration::hours(1),
+                fingerprint: "00".into(),
+                status: crate::CertStatus::Active,
+                revoked_at: None,
+                revocation_reason: None,
+                certificate_pem: String::new(),
+            }
+        };
+        {
+            // The checkpointer sleeps until the writer wakes it, which a
+            // refused group never does: the backlog stays as put.
+            let mut shared = store.journal.lock();
+            for seq in 0..MAX_PENDING as u64 {
+                shared.queue.push(Arc::new(Pending {
+                    seq,
+                    entry: Entry {
+                        key: format!("{seq:x}"),
+                        index_key: String::new(),
+                        value: Vec::new(),
+                    },
+                }));
+            }
+        }
+        store.journal.state.send_modify(|s| {
+            s.failures = 1;
+            s.last_error = "No space left on device".into();
+        });
+        let e = rt
+            .block_on(store.insert_certificate(&record("01aa")))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(e.is_unavailable(), "{msg}");
+        assert!(
+            msg.contains("65536 records wait for a checkpoint") && msg.contains("No space left"),
+            "{msg}"
+        );
+        assert!(
+            !rt.block_on(store.serial_exists(&"01aa".parse().unwrap()))
+                .unwrap()
+        );
+        store.journal.lock().queue.clear();
+        rt.block_on(store.insert_certificate(&record("01aa")))
+            .unwrap();
+        assert!(
+            rt.block_on(store.serial_exists(&"01aa".parse().unwrap()))
+                .unwrap()
+        );
+    }
 }
