@@ -160,6 +160,10 @@ fn bundle_fingerprint_of(pem: &str) -> String {
     meshca_pki::bundle_fingerprint(&parse_certs(pem.as_bytes()).unwrap_or_default())
 }
 
+/// The environment variable a join token may come in; never passed on to
+/// the hook or the signal's `kill`.
+pub const TOKEN_ENV: &str = "MESHCA_TOKEN";
+
 /// Runs the agent until it is stopped (or once, with `--once`).
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     meshca_pki::Identity::new(&cfg.namespace, &cfg.name)
@@ -201,6 +205,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             h
         }
     };
+    // From here on the certificate renews itself: the token is not kept
+    // around for anyone who can read this process's memory (or its event
+    // follower's copy of the config). A certificate that expires while the
+    // server is away needs a new token, as the error then says.
+    agent.cfg.token = None;
     if agent.cfg.once {
         return Ok(());
     }
@@ -422,6 +431,7 @@ impl Agent {
         verify_chain(&chain, &self.roots, OffsetDateTime::now_utc())
             .map_err(|e| AgentError::Untrusted(e.to_string()))?;
         let info = describe(&chain[0], start).map_err(|e| AgentError::Refused(e.to_string()))?;
+        self.check_answer(&chain[0], &info, &key)?;
         let not_after = OffsetDateTime::parse(
             &info.not_after,
             &time::format_description::well_known::Rfc3339,
@@ -434,6 +444,50 @@ impl Agent {
             start,
             not_after,
         })
+    }
+
+    /// What the server answered must be what was asked for: a certificate
+    /// of the key just made, for this identity, with the service profile's
+    /// usages. A server (or a man in the middle holding a certificate of the
+    /// bundle) answering with another identity's certificate gets nothing
+    /// installed.
+    fn check_answer(
+        &self,
+        leaf: &[u8],
+        info: &meshca_pki::CertInfo,
+        key: &PrivateKey,
+    ) -> Result<(), AgentError> {
+        let refuse = |why: String| {
+            AgentError::Untrusted(format!(
+                "the server answered with a certificate that {why}; nothing was installed"
+            ))
+        };
+        let spki = meshca_pki::cert_spki(leaf).map_err(|e| refuse(e.to_string()))?;
+        if spki != key.public_key_der() {
+            return Err(refuse("is not for the key this agent just made".into()));
+        }
+        let want = format!("/ns/{}/sa/{}", self.cfg.namespace, self.cfg.name);
+        let id_ok = info.spiffe_id.as_deref().is_some_and(|id| {
+            spiffe_td(&info.uris).is_some_and(|td| id == format!("spiffe://{td}{want}"))
+        }) && info
+            .uris
+            .iter()
+            .filter(|u| u.starts_with("spiffe://"))
+            .count()
+            == 1;
+        if !id_ok {
+            return Err(refuse(format!(
+                "carries {} instead of spiffe://<trust domain>{want}",
+                info.spiffe_id.as_deref().unwrap_or("no SPIFFE ID")
+            )));
+        }
+        if info.is_ca || info.profile.as_deref() != Some("service") {
+            return Err(refuse(format!(
+                "has the usages of {} instead of the service profile (serverAuth and clientAuth, CA:FALSE)",
+                info.profile.as_deref().unwrap_or("no meshca profile")
+            )));
+        }
+        Ok(())
     }
 
     async fn bootstrap(&self) -> Result<Held, AgentError> {
@@ -570,6 +624,7 @@ impl Agent {
             match tokio::process::Command::new("sh")
                 .arg("-c")
                 .arg(cmd)
+                .env_remove(TOKEN_ENV)
                 .current_dir(&self.cfg.out)
                 .output()
                 .await
@@ -585,6 +640,7 @@ impl Agent {
         }
         if let Some((pid, sig)) = &self.cfg.signal {
             match tokio::process::Command::new("kill")
+                .env_remove(TOKEN_ENV)
                 .arg("-s")
                 .arg(sig)
                 .arg(pid.to_string())

@@ -251,6 +251,12 @@ impl TokenRequestBody {
     pub fn parse(body: &[u8]) -> Result<TokenRequest, ApiInputError> {
         let b: TokenRequestBody = from_json(body)?;
         let identity = Identity::new(&b.namespace, &b.name)?;
+        if identity.is_reserved() {
+            return Err(ApiInputError::Invalid(format!(
+                "namespace {} is reserved for meshca itself: no join token may name it (the admin's credentials are in the data directory's admin/)",
+                identity.namespace()
+            )));
+        }
         let ttl = match &b.ttl {
             Some(t) => parse_duration(t)?,
             None => DEFAULT_TOKEN_TTL,

@@ -3,8 +3,9 @@
 //! # Design
 //! One HTTPS request per call over its own connection (hyper's HTTP/1.1
 //! client on tokio-rustls): the CLI makes a handful of calls, and the agent
-//! renews once in hours. The server is verified against `ca.crt` and the
-//! URL's host; the caller is authenticated by a client certificate, a join
+//! renews once in hours. The server is verified against `ca.crt`, the
+//! URL's host, and the CA's own SPIFFE ID (`spiffe://<td>/ns/meshca-system/sa/meshca`,
+//! see [`verify`]: a DNS name alone could belong to a workload); the caller is authenticated by a client certificate, a join
 //! token, or both absent for public endpoints. Error answers come back as
 //! [`ClientError::Api`] with the server's code and message.
 //!
@@ -31,6 +32,24 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde_json::Value;
+
+pub mod verify;
+
+/// A handshake error in words: the CA identity check's own message rather
+/// than rustls's debug form of it.
+fn tls_error(e: &std::io::Error) -> String {
+    let not_the_ca = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                o.0.downcast_ref::<verify::NotTheCa>()
+                    .map(ToString::to_string)
+            }
+            _ => None,
+        });
+    not_the_ca.unwrap_or_else(|| e.to_string())
+}
 
 /// How long one call may take.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -101,9 +120,17 @@ pub struct ClientBuilder {
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     token: Option<String>,
     extra: Vec<(String, String)>,
+    trust_domain: Option<String>,
 }
 
 impl ClientBuilder {
+    /// Requires the CA to be in this trust domain (else any trust domain
+    /// whose roots are trusted).
+    pub fn trust_domain(mut self, td: &str) -> Self {
+        self.trust_domain = Some(td.to_owned());
+        self
+    }
+
     /// Trusts the CA certificates in this PEM bundle (the server's `ca.crt`).
     pub fn trust_pem(mut self, pem: &[u8]) -> Result<Self, ClientError> {
         for c in CertificateDer::pem_slice_iter(pem) {
@@ -146,10 +173,20 @@ impl ClientBuilder {
     /// The client.
     pub fn build(self) -> Result<Client, ClientError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(self.roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| ClientError::Config(format!("bad CA bundle: {e}")))?;
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::Config(e.to_string()))?
-            .with_root_certificates(self.roots);
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verify::CaVerifier {
+                inner: webpki,
+                trust_domain: self.trust_domain,
+            }));
         let config = match self.identity {
             Some((chain, key)) => builder
                 .with_client_auth_cert(chain, key)
@@ -229,6 +266,7 @@ impl Client {
             identity: None,
             token: None,
             extra: Vec::new(),
+            trust_domain: None,
         })
     }
 
@@ -307,7 +345,9 @@ impl Client {
             .connector
             .connect(self.name.clone(), tcp)
             .await
-            .map_err(|e| ClientError::Connect(format!("TLS with {}: {e}", self.addr)))?;
+            .map_err(|e| {
+                ClientError::Connect(format!("TLS with {}: {}", self.addr, tls_error(&e)))
+            })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;

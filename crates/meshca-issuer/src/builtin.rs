@@ -23,7 +23,7 @@ use crate::{Authority, IssueRequest, Issuer, IssuerError, KeySource, Policy, Sig
 const MAX_FILE: u64 = 1024 * 1024;
 
 /// The admin certificate's identity and lifetime.
-pub const ADMIN_NAMESPACE: &str = "meshca-system";
+pub const ADMIN_NAMESPACE: &str = meshca_pki::RESERVED_NAMESPACE;
 /// The admin certificate's name.
 pub const ADMIN_NAME: &str = "admin";
 const ADMIN_TTL: Duration = Duration::from_secs(8760 * 3600);

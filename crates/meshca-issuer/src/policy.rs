@@ -50,8 +50,27 @@ impl PolicyRule {
         }
     }
 
-    /// Checks the rule's own fields.
+    /// Checks the rule's own fields, and that it can match at all: a rule
+    /// that never matches would silently leave the identities its author
+    /// meant under the default policy.
     pub fn validate(&self, index: usize) -> Result<(), String> {
+        let what = self.describe(index);
+        if self.namespace == "*" {
+            if let Some(n) = &self.name {
+                return Err(format!(
+                    "{what}: `name = {n:?}` with `namespace = \"*\"` never matches (rules pick a name only within one namespace); name the namespace, or drop `name` to cover every identity"
+                ));
+            }
+        } else {
+            meshca_pki::Identity::new(&self.namespace, self.name.as_deref().unwrap_or("x"))
+                .map_err(|e| format!("{what}: never matches: {e}"))?;
+        }
+        if self.namespace == crate::ADMIN_NAMESPACE {
+            return Err(format!(
+                "{what}: namespace {} is reserved for meshca itself; no policy rule may name it",
+                crate::ADMIN_NAMESPACE
+            ));
+        }
         for ip in &self.ips {
             parse_cidr(ip).ok_or_else(|| {
                 format!(
@@ -62,8 +81,18 @@ impl PolicyRule {
         }
         for d in &self.dns {
             let bare = d.strip_prefix("*.").unwrap_or(d);
-            meshca_pki::validate_dns_name(bare)
-                .map_err(|e| format!("{}: dns entry: {e}", self.describe(index)))?;
+            if bare.contains('*') {
+                return Err(format!(
+                    "{what}: dns entry {d:?} never matches: `*` is allowed only as a whole first label (`*.example.com`)"
+                ));
+            }
+            if bare.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(format!(
+                    "{what}: dns entry {d:?} never matches: names are compared in lower case; write {:?}",
+                    d.to_ascii_lowercase()
+                ));
+            }
+            meshca_pki::validate_dns_name(bare).map_err(|e| format!("{what}: dns entry: {e}"))?;
         }
         Ok(())
     }
@@ -101,6 +130,24 @@ fn dns_allowed(name: &str, patterns: &[String]) -> bool {
         Some(suffix) => name.len() > suffix.len() + 1 && name.ends_with(&format!(".{suffix}")),
         None => p.eq_ignore_ascii_case(name),
     })
+}
+
+/// Names no policy rule can give a workload: `localhost` (clients connect
+/// to it trusting it is themselves), and names of the identity form
+/// `<name>.<ns>.svc[...]` that are not the workload's own (they would make
+/// it another identity to anyone matching DNS names).
+fn never_for_a_workload(name: &str, id: &meshca_pki::Identity) -> Option<&'static str> {
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Some("localhost names mean the caller's own host");
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.len() >= 3
+        && labels[2] == "svc"
+        && (labels[0] != id.name() || labels[1] != id.namespace())
+    {
+        return Some("names of the form <name>.<namespace>.svc belong to that meshca identity");
+    }
+    None
 }
 
 /// Checks a workload's request against `rules`. The error names the rule.
@@ -144,8 +191,17 @@ pub fn check_workload(rules: &[PolicyRule], req: &IssueRequest) -> Result<(), Is
             ),
         };
     let refuse = |why: String| Err(IssuerError::Policy(format!("{why} for {id}, by {what}")));
+    if id.is_reserved() {
+        return Err(IssuerError::Policy(format!(
+            "namespace {} is reserved for meshca itself: no workload or join token may obtain {id}",
+            meshca_pki::RESERVED_NAMESPACE
+        )));
+    }
     for d in req.extra_dns() {
         let d = d.to_ascii_lowercase();
+        if let Some(why) = never_for_a_workload(&d, id) {
+            return refuse(format!("DNS name {d:?} is not allowed: {why}"));
+        }
         if !dns_allowed(&d, dns) {
             return refuse(format!("DNS name {d:?} is not allowed"));
         }
@@ -170,13 +226,28 @@ pub fn check_workload(rules: &[PolicyRule], req: &IssueRequest) -> Result<(), Is
             req.requested_profile()
         ));
     }
-    if let (Some(max), Some(ttl)) = (max_ttl, req.requested_ttl()) {
-        if ttl > max.get() {
-            return refuse(format!(
-                "ttl {} is longer than the {} allowed",
-                meshca_pki::format_duration(ttl),
-                max
-            ));
+    // Without a rule's max_ttl a workload or a token gets at most its
+    // profile's default lifetime: a one-use join token must not buy a
+    // certificate that outlives everything by asking for `87600h`.
+    if let Some(ttl) = req.requested_ttl() {
+        let default = req.requested_profile().default_ttl();
+        match max_ttl {
+            Some(max) if ttl > max.get() => {
+                return refuse(format!(
+                    "ttl {} is longer than the {} allowed (the rule's max_ttl)",
+                    meshca_pki::format_duration(ttl),
+                    max
+                ));
+            }
+            None if ttl > default => {
+                return refuse(format!(
+                    "ttl {} is longer than the profile {}'s default of {} (set max_ttl in a policy rule to allow more)",
+                    meshca_pki::format_duration(ttl),
+                    req.requested_profile(),
+                    meshca_pki::format_duration(default)
+                ));
+            }
+            _ => {}
         }
     }
     if let Some(max) = max_ttl {

@@ -166,6 +166,11 @@ impl From<TrustDomain> for String {
     }
 }
 
+/// The namespace of meshca's own identities (the CA server, the admin). No
+/// join token, workload renewal or policy rule may name it: a workload that
+/// held a name in it could pose as the CA.
+pub const RESERVED_NAMESPACE: &str = "meshca-system";
+
 /// A workload identity: a service `name` in a `namespace`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Identity {
@@ -184,6 +189,11 @@ impl Identity {
         })
     }
 
+    /// Whether it is one of meshca's own identities ([`RESERVED_NAMESPACE`]).
+    pub fn is_reserved(&self) -> bool {
+        self.namespace == RESERVED_NAMESPACE
+    }
+
     /// The service name.
     pub fn name(&self) -> &str {
         &self.name
@@ -199,15 +209,14 @@ impl Identity {
         format!("spiffe://{td}/ns/{}/sa/{}", self.namespace, self.name)
     }
 
-    /// `<name>`, `<name>.<ns>`, `<name>.<ns>.svc`, `<name>.<ns>.svc.<td>`.
+    /// `<name>.<ns>.svc` and `<name>.<ns>.svc.<td>`.
     pub fn dns_names(&self, td: &TrustDomain) -> Vec<String> {
         let (n, ns) = (&self.name, &self.namespace);
-        vec![
-            n.clone(),
-            format!("{n}.{ns}"),
-            format!("{n}.{ns}.svc"),
-            format!("{n}.{ns}.svc.{td}"),
-        ]
+        // Not the bare `<name>` nor `<name>.<ns>`: a workload named
+        // `localhost`, or `db` in two namespaces, or `google` in namespace
+        // `com`, would carry a name that means another host or another
+        // identity. `<name>.<ns>.svc[.<td>]` names exactly one identity.
+        vec![format!("{n}.{ns}.svc"), format!("{n}.{ns}.svc.{td}")]
     }
 
     /// The CommonName, `<name>.<ns>.svc.<td>`, or `None` when it would be longer
@@ -279,12 +288,7 @@ mod tests {
         assert_eq!(id.spiffe_id(&td), "spiffe://cluster.local/ns/shop/sa/web");
         assert_eq!(
             id.dns_names(&td),
-            [
-                "web",
-                "web.shop",
-                "web.shop.svc",
-                "web.shop.svc.cluster.local"
-            ]
+            ["web.shop.svc", "web.shop.svc.cluster.local"]
         );
         assert_eq!(id.common_name(&td).unwrap(), "web.shop.svc.cluster.local");
         let long = Identity::new("n".repeat(50).as_str(), "web").unwrap();

@@ -59,8 +59,8 @@ pub use csr::{MAX_CSR_BYTES, VerifiedCsr, build_csr, csr_der, parse_csr};
 pub use duration::{GoDuration, format_duration, humanize, parse_duration};
 pub use error::PkiError;
 pub use identity::{
-    DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, Identity, SanSet, TrustDomain, parse_ip,
-    validate_dns_name, validate_label,
+    DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, Identity, RESERVED_NAMESPACE, SanSet, TrustDomain,
+    parse_ip, validate_dns_name, validate_label,
 };
 pub use inspect::{
     CertFacts, CertInfo, MAX_CERT_FILE_BYTES, bundle_fingerprint, cert_facts, cert_spki, describe,

@@ -394,14 +394,18 @@ async fn revoke_one(
             "allowed",
             Some(reason.as_str()),
         );
-        s.peers.mark_revoked(serial);
-        s.events.publish(
-            "revoked",
-            Some((&record.namespace, &record.name)),
-            Some(serial.to_hex()),
-        );
-        s.invalidate_crl();
     }
+    // Also when it was revoked already: a retry after a lost reply, or after
+    // a publish that failed, must still reach every replica (the event is
+    // idempotent; a replica that misses it anyway re-reads the record within
+    // PEER_CACHE_TTL).
+    s.peers.mark_revoked(serial);
+    s.events.publish(
+        "revoked",
+        Some((&record.namespace, &record.name)),
+        Some(serial.to_hex()),
+    );
+    s.invalidate_crl();
     if let Err(e) = upstream {
         tracing::warn!(
             "serial {}: revoked in meshca, not upstream: {e}",

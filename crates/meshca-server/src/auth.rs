@@ -60,49 +60,7 @@ pub async fn authenticate(
     headers: &HeaderMap,
 ) -> Result<Caller, ApiError> {
     if let Some(id) = peer.identity() {
-        // The TLS layer verified the chain and validity; the store says
-        // whether this CA issued it and whether it was revoked since.
-        let serial: Serial = id
-            .serial
-            .parse()
-            .map_err(|_| ApiError::unauthenticated("unreadable client certificate serial"))?;
-        // Callers keep their certificate for many requests: what the store
-        // said about it is remembered, and revocations (from this replica or,
-        // through the event log, any other) mark it at once.
-        let (namespace, name) = match state.peers.lookup(&serial) {
-            Some(PeerState::Revoked) => {
-                return Err(ApiError::unauthenticated(format!(
-                    "client certificate {serial} is revoked"
-                )));
-            }
-            Some(PeerState::Good { namespace, name }) => (namespace, name),
-            None => {
-                let record = match state.store.get_certificate(&serial).await {
-                    Ok(r) => r,
-                    Err(e) if e.is_not_found() => {
-                        return Err(ApiError::unauthenticated(format!(
-                            "client certificate {serial} was not issued by this CA"
-                        )));
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if record.status == CertStatus::Revoked {
-                    state.peers.mark_revoked(&serial);
-                    return Err(ApiError::unauthenticated(format!(
-                        "client certificate {serial} is revoked"
-                    )));
-                }
-                state
-                    .peers
-                    .remember(&serial, &record.namespace, &record.name);
-                (record.namespace, record.name)
-            }
-        };
-        if namespace == ADMIN_NAMESPACE && name == ADMIN_NAME {
-            return Ok(Caller::Admin);
-        }
-        let identity = Identity::new(&namespace, &name)?;
-        return Ok(Caller::Workload(identity));
+        return authenticate_certificate(state, id).await;
     }
     if let Some(value) = headers.get(http::header::AUTHORIZATION) {
         let text = value
@@ -130,6 +88,84 @@ pub fn parse_token(token: &str) -> Option<(&str, &str)> {
     (hexish(id) && hexish(secret)).then_some((id, secret))
 }
 
+/// Who a client certificate is, once it has been matched with its record.
+///
+/// A serial alone proves nothing: with an imported root, any other CA under
+/// that root can mint a certificate with the admin's serial. So the whole
+/// presented certificate (its SHA-256) must equal the one this CA recorded
+/// when it signed it, and the SPIFFE ID in it must be the record's identity.
+/// The fingerprint match also proves that the chain ends in one of meshca's
+/// own hierarchies: the exact leaf was signed by meshca's intermediate.
+async fn authenticate_certificate(
+    state: &AppState,
+    id: &meshca_tls::PeerIdentity,
+) -> Result<Caller, ApiError> {
+    let serial: Serial = id
+        .serial
+        .parse()
+        .map_err(|_| ApiError::unauthenticated("unreadable client certificate serial"))?;
+    let not_ours = || {
+        ApiError::unauthenticated(format!(
+            "client certificate {serial} was not issued by this CA"
+        ))
+    };
+    let revoked = || ApiError::unauthenticated(format!("client certificate {serial} is revoked"));
+    // Callers keep their certificate for many requests: what the store said
+    // about it is remembered for at most PEER_CACHE_TTL, and revocations
+    // (from this replica or, through the event log, any other) mark it at
+    // once. The TTL bounds how long a revocation whose event was lost can be
+    // missed.
+    let known = match state.peers.lookup(&serial) {
+        Some(PeerState::Revoked) => return Err(revoked()),
+        Some(good @ PeerState::Good { .. }) => good,
+        None => {
+            let record = match state.store.get_certificate(&serial).await {
+                Ok(r) => r,
+                Err(e) if e.is_not_found() => return Err(not_ours()),
+                Err(e) => return Err(e.into()),
+            };
+            if record.status == CertStatus::Revoked {
+                state.peers.mark_revoked(&serial);
+                return Err(revoked());
+            }
+            let good = PeerState::Good {
+                namespace: record.namespace,
+                name: record.name,
+                fingerprint: record.fingerprint,
+                spiffe_id: record.spiffe_id,
+            };
+            state.peers.insert(&serial, good.clone());
+            good
+        }
+    };
+    let PeerState::Good {
+        namespace,
+        name,
+        fingerprint,
+        spiffe_id,
+    } = known
+    else {
+        return Err(revoked());
+    };
+    if !meshca_pki::constant_time_eq(fingerprint.as_bytes(), id.fingerprint.as_bytes()) {
+        tracing::warn!(
+            %serial,
+            "refused a client certificate whose serial matches a record of this CA but whose contents do not (another CA under the same root?)"
+        );
+        return Err(not_ours());
+    }
+    if id.spiffe_id.as_deref() != Some(spiffe_id.as_str()) {
+        return Err(ApiError::unauthenticated(format!(
+            "client certificate {serial} does not carry the identity it was issued for"
+        )));
+    }
+    if namespace == ADMIN_NAMESPACE && name == ADMIN_NAME {
+        return Ok(Caller::Admin);
+    }
+    let identity = Identity::new(&namespace, &name)?;
+    Ok(Caller::Workload(identity))
+}
+
 /// What is known about a client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerState {
@@ -139,58 +175,59 @@ pub enum PeerState {
         namespace: String,
         /// Its name.
         name: String,
+        /// SHA-256 of the certificate this CA signed.
+        fingerprint: String,
+        /// The SPIFFE ID it was issued for.
+        spiffe_id: String,
     },
     /// Revoked.
     Revoked,
 }
 
-/// The client certificates seen lately, by serial (bounded).
+/// The client certificates seen lately, by serial (bounded in size and age).
 #[derive(Debug, Default)]
 pub struct PeerCache {
-    map: std::sync::Mutex<std::collections::HashMap<Serial, PeerState>>,
+    map: std::sync::Mutex<std::collections::HashMap<Serial, (PeerState, std::time::Instant)>>,
 }
 
 /// Most certificates remembered; past that the cache starts over.
 const PEER_CACHE_MAX: usize = 100_000;
 
+/// How long a "good" answer of the store is believed without asking again:
+/// the bound on how long a revocation can be missed by a replica whose
+/// revocation event was lost (a retried revoke, a failed publish, a replica
+/// cut off from etcd past the event retention). Revoked stays revoked.
+pub const PEER_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl PeerCache {
-    /// What is known about `serial`.
+    /// What is known about `serial` (a "good" older than the TTL is forgotten).
     pub fn lookup(&self, serial: &Serial) -> Option<PeerState> {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(serial)
-            .cloned()
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(serial) {
+            Some((PeerState::Revoked, _)) => Some(PeerState::Revoked),
+            Some((good, at)) if at.elapsed() < PEER_CACHE_TTL => Some(good.clone()),
+            _ => None,
+        }
     }
 
-    fn insert(&self, serial: &Serial, state: PeerState) {
+    /// Remembers what the store said.
+    pub fn insert(&self, serial: &Serial, state: PeerState) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= PEER_CACHE_MAX {
             map.clear();
         }
         // A revocation is never overwritten by an older "good".
-        if map.get(serial) == Some(&PeerState::Revoked) {
+        if matches!(map.get(serial), Some((PeerState::Revoked, _))) {
             return;
         }
-        map.insert(serial.clone(), state);
-    }
-
-    /// Remembers a good certificate.
-    pub fn remember(&self, serial: &Serial, namespace: &str, name: &str) {
-        self.insert(
-            serial,
-            PeerState::Good {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            },
-        );
+        map.insert(serial.clone(), (state, std::time::Instant::now()));
     }
 
     /// Marks a certificate revoked.
     pub fn mark_revoked(&self, serial: &Serial) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(serial.clone(), PeerState::Revoked);
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            serial.clone(),
+            (PeerState::Revoked, std::time::Instant::now()),
+        );
     }
 }

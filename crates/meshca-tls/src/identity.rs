@@ -15,6 +15,10 @@ pub struct PeerIdentity {
     pub dns_names: Vec<String>,
     /// The certificate's serial, hex.
     pub serial: String,
+    /// The SHA-256 of the whole certificate (hex): what a CA compares with
+    /// its record, since a serial alone can be minted by any other CA under
+    /// the same root.
+    pub fingerprint: String,
 }
 
 impl PeerIdentity {
@@ -25,6 +29,7 @@ impl PeerIdentity {
             spiffe_id: info.spiffe_id,
             dns_names: info.dns_names,
             serial: info.serial,
+            fingerprint: meshca_pki::fingerprint(der),
         })
     }
 

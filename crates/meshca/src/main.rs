@@ -160,9 +160,14 @@ struct AgentArgs {
     /// The namespace.
     #[arg(long, short = 'n', default_value = meshca_pki::DEFAULT_NAMESPACE)]
     namespace: String,
-    /// Join token for the first certificate (env MESHCA_TOKEN).
+    /// Join token for the first certificate (env MESHCA_TOKEN). Prefer
+    /// --token-file or the environment: a command line is visible to every
+    /// local user in `ps`.
     #[arg(long, env = "MESHCA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the join token (mode 0600; read once at start).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// SHA-256 fingerprint of the CA root, as `meshca token create` printed it.
     #[arg(long, value_name = "FP")]
     ca_fingerprint: Option<String>,

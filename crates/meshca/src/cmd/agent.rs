@@ -35,9 +35,21 @@ pub async fn run(
             anyhow::Ok((pid, sig.to_owned()))
         })
         .transpose()?;
+    let token = match (a.token, a.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => {
+            let bytes = meshca_files::read_secret(&f, 4096).with_context(|| {
+                format!("reading the join token from --token-file {}", f.display())
+            })?;
+            let text = String::from_utf8(bytes)
+                .with_context(|| format!("--token-file {}: the token is not text", f.display()))?;
+            Some(text.trim().to_owned())
+        }
+        (None, None) => None,
+    };
     let cfg = AgentConfig {
         server,
-        token: a.token,
+        token,
         ca,
         namespace: a.namespace,
         name: a.name,

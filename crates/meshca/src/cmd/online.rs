@@ -23,10 +23,17 @@ fn read(p: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("reading the {what} {} (set it with --{what})", p.display()))
 }
 
+/// The client key: refused when group or others can read it (as everywhere
+/// meshca reads a private key).
+fn read_key(p: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    meshca_files::read_secret(p, 1 << 20)
+        .with_context(|| format!("reading the key {} (set it with --key)", p.display()))
+}
+
 fn client(t: &Target) -> anyhow::Result<Client> {
     Ok(Client::builder(&t.url)?
         .trust_pem(&read(&t.ca, "ca")?)?
-        .identity_pem(&read(&t.cert, "cert")?, &read(&t.key, "key")?)?
+        .identity_pem(&read(&t.cert, "cert")?, &read_key(&t.key)?)?
         .build()?)
 }
 
@@ -268,11 +275,20 @@ pub async fn ca(t: &Target, c: CaCommand) -> anyhow::Result<ExitCode> {
                         })
                         .transpose()
                 };
+                let read_secret = |p: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
+                    p.as_ref()
+                        .map(|p| {
+                            let bytes = meshca_files::read_secret(p, 1 << 20)?;
+                            String::from_utf8(bytes)
+                                .with_context(|| format!("{} is not PEM text", p.display()))
+                        })
+                        .transpose()
+                };
                 body["import"] = serde_json::json!({
                     "root_cert": read(&Some(root.clone()))?,
-                    "root_key": read(&import_key)?,
+                    "root_key": read_secret(&import_key)?,
                     "intermediate_cert": read(&import_intermediate)?,
-                    "intermediate_key": read(&import_intermediate_key)?,
+                    "intermediate_key": read_secret(&import_intermediate_key)?,
                 });
             }
             let v = client(t)?

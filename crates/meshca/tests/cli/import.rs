@@ -36,7 +36,7 @@ pub fn openssl_root(dir: &std::path::Path, name: &str) -> (String, String) {
     (crt, key)
 }
 
-fn openssl_intermediate(dir: &std::path::Path, root: &(String, String)) -> (String, String) {
+pub fn openssl_intermediate(dir: &std::path::Path, root: &(String, String)) -> (String, String) {
     let crt = dir.join("int.crt").to_str().unwrap().to_owned();
     let key = dir.join("int.key").to_str().unwrap().to_owned();
     let csr = dir.join("int.csr").to_str().unwrap().to_owned();

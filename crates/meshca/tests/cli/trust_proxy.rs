@@ -1,0 +1,1 @@
+//! Trust-model attacks (issue 19): trust_proxy.
