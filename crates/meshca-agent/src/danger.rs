@@ -1,7 +1,8 @@
 //! The one place where the agent talks TLS without verifying the server:
 //! fetching the public trust bundle before it knows which CA to trust. Nothing
-//! secret is sent on that connection, and what comes back is used only if a
-//! root in it matches the fingerprint the operator pinned.
+//! secret is sent on that connection, and of what comes back only the root
+//! with the fingerprint the operator pinned is kept, with the roots that
+//! root's key vouched for through the chain of custody.
 
 use std::sync::Arc;
 
@@ -67,6 +68,20 @@ impl ServerCertVerifier for PinningFetch {
 impl PinningFetch {
     /// The server's trust bundle, PEM, unverified: check it against the pin.
     pub async fn bundle(server: &str) -> Result<String, ClientError> {
+        Self::get(server, "/v1/bundle").await
+    }
+
+    /// The chain of custody between roots, PEM, unverified: every link is
+    /// checked against the pinned root's key. A server without the endpoint
+    /// (older) has no links to offer.
+    pub async fn custody(server: &str) -> Result<String, ClientError> {
+        match Self::get(server, "/v1/bundle/custody").await {
+            Err(ClientError::Protocol(m)) if m.contains("answered 404") => Ok(String::new()),
+            other => other,
+        }
+    }
+
+    async fn get(server: &str, path: &str) -> Result<String, ClientError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -75,15 +90,14 @@ impl PinningFetch {
             .with_custom_certificate_verifier(Arc::new(PinningFetch { provider }))
             .with_no_client_auth();
         let client = Client::with_config(server, config)?;
-        let (status, body) = client
-            .raw(http::Method::GET, "/v1/bundle", None, &[])
-            .await?;
+        let (status, body) = client.raw(http::Method::GET, path, None, &[]).await?;
         if !status.is_success() {
             return Err(ClientError::Protocol(format!(
-                "GET /v1/bundle answered {status}"
+                "GET {path} answered {}",
+                status.as_u16()
             )));
         }
         String::from_utf8(body.to_vec())
-            .map_err(|_| ClientError::Protocol("the bundle is not text".into()))
+            .map_err(|_| ClientError::Protocol(format!("GET {path}: the answer is not text")))
     }
 }

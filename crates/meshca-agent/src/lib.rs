@@ -146,6 +146,8 @@ fn random_unit() -> f64 {
 struct Agent {
     cfg: AgentConfig,
     bundle_pem: String,
+    /// The chain of custody last seen (written next to `ca.crt`).
+    custody_pem: String,
     roots: Vec<Vec<u8>>,
     /// The bundle in use, for the event stream (which reconnects with it,
     /// to report it and to trust a server of the new root).
@@ -168,7 +170,10 @@ pub const TOKEN_ENV: &str = "MESHCA_TOKEN";
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     meshca_pki::Identity::new(&cfg.namespace, &cfg.name)
         .map_err(|e| AgentError::Config(e.to_string()))?;
-    let bundle_pem = establish_trust(&cfg).await?;
+    let Trust {
+        bundle_pem,
+        custody_pem,
+    } = establish_trust(&cfg).await?;
     check_writable(&cfg.out)?;
     let roots =
         parse_certs(bundle_pem.as_bytes()).map_err(|e| AgentError::Untrusted(e.to_string()))?;
@@ -176,6 +181,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         cfg,
         bundle_tx: tokio::sync::watch::channel(bundle_pem.clone()).0,
         bundle_pem,
+        custody_pem,
         roots,
     };
 
@@ -332,12 +338,30 @@ fn check_writable(out: &Path) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Gets the trust bundle: from the pinned file, or fetched and checked against the fingerprint.
-async fn establish_trust(cfg: &AgentConfig) -> Result<String, AgentError> {
+/// Where the agent keeps the chain of custody it was shown, next to
+/// `ca.crt`: what lets a restarted agent re-check `ca.crt` against its pin
+/// after the pinned root has been rotated out.
+pub const CUSTODY_FILE: &str = "ca-custody.pem";
+
+/// What the agent trusts, and the custody links that justified it.
+struct Trust {
+    bundle_pem: String,
+    custody_pem: String,
+}
+
+/// Gets the trust bundle: from the pinned file, or checked against the
+/// fingerprint (see [`vouched`]): first the `ca.crt` an earlier run wrote,
+/// re-checked, else the server's, fetched without verifying the server.
+async fn establish_trust(cfg: &AgentConfig) -> Result<Trust, AgentError> {
     match &cfg.ca {
-        CaPin::File(p) => std::fs::read_to_string(p).map_err(|e| {
-            AgentError::Config(format!("cannot read the CA file {}: {e}", p.display()))
-        }),
+        CaPin::File(p) => std::fs::read_to_string(p)
+            .map(|bundle_pem| Trust {
+                bundle_pem,
+                custody_pem: String::new(),
+            })
+            .map_err(|e| {
+                AgentError::Config(format!("cannot read the CA file {}: {e}", p.display()))
+            }),
         CaPin::Fingerprint(fp) => {
             let want = normalise_fp(fp);
             if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -345,27 +369,56 @@ async fn establish_trust(cfg: &AgentConfig) -> Result<String, AgentError> {
                     "--ca-fingerprint {fp:?} is not a SHA-256 fingerprint (64 hex digits)"
                 )));
             }
-            // Already pinned and written by an earlier run?
+            // Written by an earlier run? Held to the same rules as the
+            // server's answer: a root only the pin vouches for stays.
             if let Ok(existing) = std::fs::read_to_string(cfg.out.join("ca.crt")) {
-                if bundle_has(&existing, &want) {
-                    return Ok(existing);
+                let custody =
+                    std::fs::read_to_string(cfg.out.join(CUSTODY_FILE)).unwrap_or_default();
+                match vouched(&existing, &custody, &want) {
+                    Some(t) => return Ok(t),
+                    None => tracing::warn!(
+                        "{} holds no root that --ca-fingerprint vouches for; fetching the server's bundle",
+                        cfg.out.join("ca.crt").display()
+                    ),
                 }
             }
             let bundle = danger::PinningFetch::bundle(&cfg.server)
                 .await
                 .map_err(|e| AgentError::Untrusted(e.to_string()))?;
-            if !bundle_has(&bundle, &want) {
-                return Err(AgentError::Untrusted(format!(
-                    "no root in the server's trust bundle has fingerprint {want}; check --ca-fingerprint against `meshca token create`"
-                )));
-            }
-            Ok(bundle)
+            let custody = danger::PinningFetch::custody(&cfg.server)
+                .await
+                .map_err(|e| AgentError::Untrusted(e.to_string()))?;
+            vouched(&bundle, &custody, &want).ok_or_else(|| {
+                AgentError::Untrusted(format!(
+                    "no root in the server's trust bundle has fingerprint {want}, and no chain of custody leads from that root to one that does; check --ca-fingerprint against `meshca token create` (after a root rotation without the old root's key, pin the new root)"
+                ))
+            })
         }
     }
 }
 
-fn bundle_has(bundle: &str, fp: &str) -> bool {
-    parse_certs(bundle.as_bytes()).is_ok_and(|certs| certs.iter().any(|c| fingerprint(c) == fp))
+/// Of an unverified `bundle`, the roots the pin vouches for: the root whose
+/// fingerprint is `want`, and roots its key certified through the custody
+/// links, link by link. Never the rest: a man in the middle serving the
+/// real root next to its own gets its own root nowhere. `None` when none.
+fn vouched(bundle: &str, custody: &str, want: &str) -> Option<Trust> {
+    let roots = parse_certs(bundle.as_bytes()).ok()?;
+    let links = parse_certs(custody.as_bytes()).unwrap_or_default();
+    // The pinned root itself: in the bundle, or (rotated out) among the
+    // custody chain's earlier roots. Its fingerprint authenticates it.
+    let pinned = roots
+        .iter()
+        .chain(links.iter())
+        .find(|c| fingerprint(c) == want)?
+        .clone();
+    let kept = meshca_pki::reachable_roots(&pinned, &links, &roots);
+    if kept.is_empty() {
+        return None;
+    }
+    Some(Trust {
+        bundle_pem: kept.iter().map(|d| to_pem("CERTIFICATE", d)).collect(),
+        custody_pem: links.iter().map(|d| to_pem("CERTIFICATE", d)).collect(),
+    })
 }
 
 fn api_err(e: ClientError) -> AgentError {
@@ -579,6 +632,11 @@ impl Agent {
                     self.bundle_pem.as_bytes(),
                     meshca_files::PUBLIC_MODE,
                 ),
+                (
+                    CUSTODY_FILE,
+                    self.custody_pem.as_bytes(),
+                    meshca_files::PUBLIC_MODE,
+                ),
             ],
         )
         .map_err(|e| AgentError::Files(e.to_string()))
@@ -598,15 +656,37 @@ impl Agent {
         if !status.is_success() || text == self.bundle_pem {
             return;
         }
+        // The custody links that justify the new roots to a restarted agent
+        // (over the same verified connection; none from an older server).
+        let custody = match client
+            .raw(http::Method::GET, "/v1/bundle/custody", None, &[])
+            .await
+        {
+            Ok((st, body)) if st.is_success() => {
+                String::from_utf8(body.to_vec()).unwrap_or_default()
+            }
+            _ => String::new(),
+        };
         // The new bundle came over a connection verified with the old one.
         match parse_certs(text.as_bytes()) {
             Ok(roots) => {
                 self.roots = roots;
                 self.bundle_pem = text;
-                if meshca_files::write_atomic(
-                    &self.cfg.out.join("ca.crt"),
-                    self.bundle_pem.as_bytes(),
-                    meshca_files::PUBLIC_MODE,
+                self.custody_pem = custody;
+                if meshca_files::write_set_atomic(
+                    &self.cfg.out,
+                    &[
+                        (
+                            CUSTODY_FILE,
+                            self.custody_pem.as_bytes(),
+                            meshca_files::PUBLIC_MODE,
+                        ),
+                        (
+                            "ca.crt",
+                            self.bundle_pem.as_bytes(),
+                            meshca_files::PUBLIC_MODE,
+                        ),
+                    ],
                 )
                 .is_ok()
                 {

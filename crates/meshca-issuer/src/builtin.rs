@@ -833,6 +833,7 @@ pub(crate) fn hierarchy_record(
         root_not_after: check_ca_cert(&m.root_der, "root", now)?.1,
         intermediate_not_after: m.intermediate.not_after(),
         sealed_keys,
+        custody_pem: Vec::new(),
     })
 }
 

@@ -161,6 +161,73 @@ pub struct PrepareOptions {
     pub import: Option<crate::ImportSpec>,
 }
 
+/// A hierarchy's root certificate and its key (which it must hold).
+fn root_of(
+    dir: &Path,
+    store: &Arc<dyn Store>,
+    seal: Option<&SealKey>,
+    h: &HierarchyRecord,
+) -> Result<(Vec<u8>, meshca_pki::PrivateKey), IssuerError> {
+    let hdir = DataDir::new(dir).hierarchy_dir(&h.id);
+    let root_key_pem = match (&h.sealed_keys, seal) {
+        (Some(sealed), Some(seal)) => {
+            let root = sealed
+                .root
+                .as_ref()
+                .ok_or_else(|| refuse("the sealed root key is missing"))?;
+            seal.open(root, &root_seal_label(&h.id))?
+        }
+        (Some(_), None) => {
+            return Err(IssuerError::NeedSealKey {
+                location: store.location(),
+            });
+        }
+        (None, _) => meshca_files::read_secret(&hdir.join("root.key"), 1 << 20)?,
+    };
+    let root_key = meshca_pki::PrivateKey::from_pem(&String::from_utf8_lossy(&root_key_pem))?;
+    let root_der = meshca_pki::parse_certs(h.root_pem.as_bytes())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| refuse(format!("hierarchy {} has no root certificate", h.id)))?;
+    Ok((root_der, root_key))
+}
+
+/// The new root's chain of custody: the active hierarchy's links, then the
+/// active root's key certifying the new root. Empty (with a warning) when
+/// the active root's key is not held: agents pinned to it must then be
+/// given the new root's fingerprint.
+fn custody_for(
+    dir: &Path,
+    store: &Arc<dyn Store>,
+    seal: Option<&SealKey>,
+    active: Option<&HierarchyRecord>,
+    new_root: &[u8],
+    now: OffsetDateTime,
+) -> Result<Vec<String>, IssuerError> {
+    let Some(active) = active else {
+        return Ok(Vec::new());
+    };
+    if !active.has_root_key {
+        tracing::warn!(
+            hierarchy = %active.id,
+            "the active root's key is not held: the new root is not linked to it, and agents pinned to the old root's fingerprint need the new one"
+        );
+        return Ok(Vec::new());
+    }
+    let (root_der, root_key) = root_of(dir, store, seal, active)?;
+    let mut custody = active.custody_pem.clone();
+    // The earlier root itself too: an agent holding only its fingerprint
+    // needs its key to check the link, after it left the bundle.
+    let root_pem = to_pem("CERTIFICATE", &root_der);
+    if !custody.contains(&root_pem) {
+        custody.push(root_pem);
+    }
+    let old = meshca_pki::SigningCa::new(root_der, root_key, "active root", now)?;
+    let link = meshca_pki::link_roots(&old, new_root, now)?;
+    custody.push(to_pem("CERTIFICATE", &link));
+    Ok(custody)
+}
+
 /// Stage 1: a new root and intermediate, in the bundle, not signing. The
 /// keys go where the CA's keys are: 0600 files in `dir/ca/<id>/` next to
 /// an embedded store, or sealed into the record with `seal` (shared store).
@@ -214,8 +281,17 @@ pub async fn prepare(
             None
         }
     };
+    let custody = custody_for(
+        dir,
+        store,
+        seal,
+        find(&hs, HierarchyStatus::Active),
+        &m.root_der,
+        now,
+    )?;
     let mut record = hierarchy_record(&id, &m, sealed, now)?;
     record.status = HierarchyStatus::Prepared;
+    record.custody_pem = custody;
     store.create_hierarchy(&record).await?;
     Ok(record)
 }
@@ -343,26 +419,7 @@ pub async fn renew_intermediate(
             meshca_pki::rfc3339(facts.not_after)
         )));
     }
-    let root_key_pem = match (&h.sealed_keys, seal) {
-        (Some(sealed), Some(seal)) => {
-            let root = sealed
-                .root
-                .as_ref()
-                .ok_or_else(|| refuse("the sealed root key is missing"))?;
-            seal.open(root, &root_seal_label(&h.id))?
-        }
-        (Some(_), None) => {
-            return Err(IssuerError::NeedSealKey {
-                location: store.location(),
-            });
-        }
-        (None, _) => meshca_files::read_secret(&hdir.join("root.key"), 1 << 20)?,
-    };
-    let root_key = meshca_pki::PrivateKey::from_pem(&String::from_utf8_lossy(&root_key_pem))?;
-    let root_der = meshca_pki::parse_certs(h.root_pem.as_bytes())?
-        .into_iter()
-        .next()
-        .ok_or_else(|| refuse("the active hierarchy has no root certificate"))?;
+    let (root_der, root_key) = root_of(dir, store, seal, &h)?;
     let lifetime = (facts.not_after - facts.not_before).unsigned_abs();
     let (td, id, key_type) = (trust_domain.clone(), h.id.clone(), h.key_type);
     let (new_der, new_key) = tokio::task::spawn_blocking(move || {

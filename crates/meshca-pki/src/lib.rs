@@ -41,6 +41,7 @@
 
 mod ca;
 mod csr;
+mod custody;
 mod duration;
 mod error;
 mod identity;
@@ -56,6 +57,7 @@ pub use ca::{
     generate_intermediate, generate_root, intermediate_ttl, rfc3339,
 };
 pub use csr::{MAX_CSR_BYTES, VerifiedCsr, build_csr, csr_der, parse_csr};
+pub use custody::{check_link, link_roots, reachable_roots};
 pub use duration::{GoDuration, format_duration, humanize, parse_duration};
 pub use error::PkiError;
 pub use identity::{

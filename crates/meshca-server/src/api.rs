@@ -600,6 +600,25 @@ pub async fn bundle(State(s): S) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
 
+/// The chain of custody of every hierarchy in the bundle (see
+/// `meshca_pki::custody`): public, like the bundle; an agent pinned to an
+/// earlier root checks each link itself. A handful of records (one per
+/// hierarchy, at most three), read per request.
+pub async fn custody(State(s): S) -> Result<Response, ApiError> {
+    let mut pem = String::new();
+    for h in s.store.list_hierarchies().await? {
+        if h.status == meshca_store::HierarchyStatus::Retired {
+            continue;
+        }
+        for link in &h.custody_pem {
+            if !pem.contains(link.as_str()) {
+                pem.push_str(link);
+            }
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+}
+
 pub async fn crl(State(s): S, headers: HeaderMap) -> Result<Response, ApiError> {
     let der = s.crl().await?;
     let wants_pem = headers
@@ -907,6 +926,9 @@ async fn spread_rotate(s: &Arc<AppState>, window: Duration) -> Result<(), ApiErr
     Ok(())
 }
 
+/// How often an open event stream's caller is authenticated again.
+const STREAM_REAUTH: Duration = Duration::from_secs(2);
+
 pub async fn events(
     State(s): S,
     Extension(peer): Extension<Peer>,
@@ -954,7 +976,21 @@ pub async fn events(
         let keep = e.ok().filter(|e| vis2(e));
         async move { keep.map(to_sse) }
     });
-    Ok(Sse::new(past.chain(live))
+    // The stream lives only as long as its caller's certificate: it is
+    // checked again every STREAM_REAUTH (a revocation seen by this replica
+    // marks the cache at once; one it missed is read from the store within
+    // PEER_CACHE_TTL), and the stream ends when the check fails.
+    let (st, peer2, headers2) = (s.clone(), peer.clone(), headers.clone());
+    let ended = async move {
+        loop {
+            tokio::time::sleep(STREAM_REAUTH).await;
+            if let Err(e) = authenticate(&st, &peer2, &headers2).await {
+                tracing::info!(peer = %peer2.describe(), "closing an event stream: {}", e.message);
+                break;
+            }
+        }
+    };
+    Ok(Sse::new(past.chain(live).take_until(ended))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }

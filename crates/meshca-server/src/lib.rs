@@ -350,6 +350,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/rotate", post(api::rotate_all))
         .route("/v1/bundle", get(api::bundle))
+        .route("/v1/bundle/custody", get(api::custody))
         .route("/v1/crl", get(api::crl))
         .route("/v1/tokens", post(api::create_token).get(api::list_tokens))
         .route("/v1/tokens/{id}", delete(api::delete_token))

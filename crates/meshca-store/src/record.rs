@@ -58,6 +58,11 @@ pub struct HierarchyRecord {
     /// `None` when they are 0600 files next to an embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_keys: Option<SealedKeys>,
+    /// The chain of custody to this root (PEM, oldest first): each link is
+    /// a root's key certifying the next root's key, made at `ca rotate
+    /// prepare`; an agent pinned to an earlier root follows it here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custody_pem: Vec<String>,
 }
 
 /// A renewed intermediate for [`crate::Store::replace_intermediate`].

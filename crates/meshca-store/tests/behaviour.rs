@@ -44,6 +44,7 @@ fn hierarchy(id: &str) -> HierarchyRecord {
         root_not_after: now,
         intermediate_not_after: now,
         sealed_keys: None,
+        custody_pem: Vec::new(),
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -387,4 +388,317 @@ fn rules_that_can_never_match_are_refused() {
             assert!(stderr.contains(n), "{rule}: lacks {n:?}: {stderr}");
         }
     }
+}
+
+fn roots_in(file: &Path) -> usize {
+    split_pem(&std::fs::read_to_string(file).unwrap_or_default()).len()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// An agent run with `--once` and the flags it was first started with: the
+/// restart of a pod.
+fn agent_once(srv: &Server, token: &str, fp: &str, out: &Path) -> std::process::Output {
+    let o = meshca()
+        .args([
+            "agent",
+            "web",
+            "--server",
+            &srv.url(),
+            "--token",
+            token,
+            "--ca-fingerprint",
+            fp,
+            "--out",
+            out.to_str().unwrap(),
+            "--once",
+        ])
+        .output()
+        .unwrap();
+    keep_output("agent-stderr", &o.stderr);
+    o
+}
+
+/// Property 1: a pin survives a root rotation. Agents restarted with their
+/// original flags (pinned to the old root) start after every stage, and a
+/// new agent pinned to the retired root bootstraps through the chain of
+/// custody, trusting only the new root.
+#[test]
+fn a_pin_survives_every_stage_of_a_root_rotation() {
+    let tmp = scratch();
+    let d = tmp.path().join("ca");
+    let srv = Server::start(&d, &[]);
+    let v: Value =
+        serde_json::from_str(&srv.cli_ok(&["token", "create", "web", "--uses", "5", "--json"]))
+            .unwrap();
+    let token = v["token"].as_str().unwrap().to_owned();
+    let old_fp = v["ca_fingerprint"].as_str().unwrap().to_owned();
+    let out = tmp.path().join("web");
+    let _agent = Child(
+        meshca()
+            .args([
+                "agent",
+                "web",
+                "--server",
+                &srv.url(),
+                "--token",
+                &token,
+                "--ca-fingerprint",
+                &old_fp,
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(kept_log("agent.log"))
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the first certificate", 30, || out.join("tls.key").exists());
+    let restart = |stage: &str| {
+        let o = agent_once(&srv, &token, &old_fp, &out);
+        assert!(
+            o.status.success(),
+            "after {stage}, the agent restarted with its flags refused to start: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    restart("bootstrap");
+
+    srv.cli_ok(&["ca", "rotate", "prepare"]);
+    wait_for("the new bundle", 60, || roots_in(&out.join("ca.crt")) == 2);
+    restart("prepare");
+
+    let serial = serial_hex(&out.join("tls.crt"));
+    srv.cli_ok(&["ca", "rotate", "activate", "--window", "1s"]);
+    wait_for("the renewal under the new root", 60, || {
+        serial_hex(&out.join("tls.crt")) != serial
+    });
+    restart("activate");
+
+    srv.cli_ok(&["ca", "rotate", "retire", "--force"]);
+    wait_for("the old root to leave ca.crt", 60, || {
+        roots_in(&out.join("ca.crt")) == 1
+    });
+    let new_root = std::fs::read_to_string(out.join("ca.crt")).unwrap();
+    assert!(
+        !tool(
+            "openssl",
+            &[
+                "x509",
+                "-noout",
+                "-fingerprint",
+                "-sha256",
+                "-in",
+                out.join("ca.crt").to_str().unwrap()
+            ]
+        )
+        .replace(':', "")
+        .to_lowercase()
+        .contains(&old_fp.replace(':', "").to_lowercase()),
+        "the old root is still in ca.crt"
+    );
+    restart("retire");
+
+    // A new agent, pinned to the retired root.
+    let fresh = tmp.path().join("fresh");
+    let o = agent_once(&srv, &token, &old_fp, &fresh);
+    assert!(
+        o.status.success(),
+        "a new agent pinned to the retired root did not bootstrap: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(fresh.join("ca.crt")).unwrap(),
+        new_root,
+        "it trusts exactly today's root"
+    );
+    tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            fresh.join("ca.crt").to_str().unwrap(),
+            "-untrusted",
+            fresh.join("tls.crt").to_str().unwrap(),
+            fresh.join("tls.crt").to_str().unwrap(),
+        ],
+    );
+}
+
+/// Property 1: a man in the middle serving the real root next to its own
+/// (its TLS certificate even carries the CA's SPIFFE ID, under its own
+/// root) gets nothing: the agent keeps only the pinned root, and refuses
+/// the server in the handshake, before the token is sent. A `ca.crt` on
+/// disk holding a foreign root next to the pinned one is re-checked too.
+#[test]
+fn a_pin_trusts_the_pinned_root_and_nothing_else() {
+    let tmp = scratch();
+    let d = tmp.path().join("ca");
+    let srv = Server::start(&d, &[]);
+    let v: Value =
+        serde_json::from_str(&srv.cli_ok(&["token", "create", "web", "--uses", "2", "--json"]))
+            .unwrap();
+    let token = v["token"].as_str().unwrap().to_owned();
+    let fp = v["ca_fingerprint"].as_str().unwrap().to_owned();
+    let real_root = std::fs::read_to_string(d.join("admin/ca.crt")).unwrap();
+
+    // The attacker's root, and a server certificate under it that claims
+    // to be the CA.
+    let evil = openssl_root(tmp.path(), "Evil Root");
+    let mitm = tmp.path().join("mitm");
+    std::fs::create_dir_all(mitm.join("v1")).unwrap();
+    let key = mitm.join("tls.key");
+    let csr = mitm.join("tls.csr");
+    tool(
+        "openssl",
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    let ext = mitm.join("ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,URI:spiffe://cluster.local/ns/meshca-system/sa/meshca\n",
+    )
+    .unwrap();
+    let crt = mitm.join("tls.crt");
+    tool(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            &evil.0,
+            "-CAkey",
+            &evil.1,
+            "-CAcreateserial",
+            "-out",
+            crt.to_str().unwrap(),
+            "-days",
+            "1",
+            "-extfile",
+            ext.to_str().unwrap(),
+        ],
+    );
+    let evil_root = std::fs::read_to_string(&evil.0).unwrap();
+    std::fs::write(mitm.join("v1/bundle"), format!("{real_root}{evil_root}")).unwrap();
+    let port = free_port();
+    let mut s_server = Command::new("openssl");
+    s_server
+        .current_dir(&mitm)
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "-cert",
+            crt.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _mitm = Child(s_server.spawn().unwrap());
+    wait_for_port(port);
+
+    let out = tmp.path().join("web");
+    let o = meshca()
+        .args([
+            "agent",
+            "web",
+            "--server",
+            &format!("https://localhost:{port}"),
+            "--token",
+            &token,
+            "--ca-fingerprint",
+            &fp,
+            "--out",
+            out.to_str().unwrap(),
+            "--once",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the agent took the man in the middle");
+    // Refused in the handshake (UnknownIssuer: the evil root is not
+    // trusted), not after an HTTP exchange that carried the token.
+    assert!(
+        stderr.contains("invalid peer certificate: UnknownIssuer"),
+        "{stderr}"
+    );
+    assert!(!out.join("ca.crt").exists());
+
+    // A ca.crt on disk with the foreign root next to the pinned one: the
+    // restarted agent keeps only the pinned root.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("ca.crt"), format!("{real_root}{evil_root}")).unwrap();
+    let o = agent_once(&srv, &token, &fp, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ca = std::fs::read_to_string(out.join("ca.crt")).unwrap();
+    assert_eq!(
+        ca.trim(),
+        real_root.trim(),
+        "the foreign root survived in ca.crt"
+    );
+    still_serving(&srv);
+}
+
+/// Property 5: an open event stream of a revoked certificate is closed
+/// (within STREAM_REAUTH of the revocation on this replica), and the
+/// certificate renews nothing.
+#[test]
+fn a_revoked_callers_event_stream_is_closed() {
+    let tmp = scratch();
+    let d = tmp.path().join("ca");
+    let srv = Server::start(&d, &[]);
+    let web = tmp.path().join("web");
+    srv.cli_ok(&["issue", "web", "--out", web.to_str().unwrap()]);
+    let mut stream = Child(
+        Command::new("curl")
+            .args(["-sSN", "--cacert", d.join("admin/ca.crt").to_str().unwrap()])
+            .args(cert_args(&web))
+            .arg(format!("{}/v1/events", srv.url()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        stream.0.try_wait().unwrap().is_none(),
+        "the stream ended by itself"
+    );
+    srv.cli_ok(&["revoke", &serial_hex(&web.join("tls.crt"))]);
+    let revoked_at = std::time::Instant::now();
+    wait_for("the revoked caller's stream to close", 10, || {
+        stream.0.try_wait().unwrap().is_some()
+    });
+    assert!(revoked_at.elapsed() < std::time::Duration::from_secs(5));
+    let (csr, _) = openssl_csr(tmp.path(), "web", &[]);
+    let body = format!(r#"{{"csr":{csr},"name":"web"}}"#);
+    let (code, answer) = srv.curl("POST", "/v1/sign", Some(&body), &cert_args(&web));
+    assert_eq!(code, 401, "{answer}");
+    assert!(error_of(&answer).1.contains("is revoked"), "{answer}");
+    still_serving(&srv);
 }

@@ -1,0 +1,191 @@
+//! The chain of custody between roots.
+//!
+//! An agent bootstraps by a root's fingerprint, and a pin must survive a
+//! root rotation without ever trusting whatever the server sends. So at
+//! `ca rotate prepare` the outgoing root's key certifies the new root's key:
+//! a *link*, a CA certificate whose public key is the new root's, signed by
+//! the old root. Each hierarchy carries every link from the first root to
+//! its own, so an agent pinned to any earlier root (even one retired long
+//! ago) can check, with nothing but the pin, that today's root was vouched
+//! for by the pinned root's key, link by link.
+//!
+//! What a link proves is key continuity: the holder of the pinned root's
+//! key, at the time of the rotation, chose the next root. A link never
+//! signs leaves (it is never a trust anchor); it is checked by
+//! [`reachable_roots`] only.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyUsagePurpose,
+    SubjectPublicKeyInfo,
+};
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+
+use crate::PkiError;
+use crate::ca::{BACKDATE, SigningCa};
+use crate::error::signing;
+use crate::serial::Serial;
+
+/// The link from `old` (the outgoing root, with its key) to `new_root`.
+pub fn link_roots(
+    old: &SigningCa,
+    new_root: &[u8],
+    now: OffsetDateTime,
+) -> Result<Vec<u8>, PkiError> {
+    let (_, new) = X509Certificate::from_der(new_root)
+        .map_err(|e| PkiError::MalformedCertificate(format!("new root: {e}")))?;
+    let spki = SubjectPublicKeyInfo::from_der(new.public_key().raw)
+        .map_err(|e| PkiError::MalformedCertificate(format!("new root's key: {e}")))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "meshca");
+    dn.push(
+        DnType::CommonName,
+        format!(
+            "meshca custody link to root {}",
+            &crate::fingerprint(new_root)[..16]
+        ),
+    );
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(
+        Serial::random()?.as_bytes(),
+    ));
+    params.not_before = now - BACKDATE;
+    params.not_after = old.not_after().min(
+        new.validity()
+            .not_after
+            .to_datetime()
+            .max(now + std::time::Duration::from_secs(3600)),
+    );
+    Ok(params
+        .signed_by(&spki, &old.issuer)
+        .map_err(signing)?
+        .der()
+        .to_vec())
+}
+
+/// Whether `link` is `prev`'s key vouching for `next`'s key, and `next` is
+/// a self-signed certificate of that key.
+pub fn check_link(link: &[u8], prev: &[u8], next: &[u8]) -> Result<(), PkiError> {
+    fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, PkiError> {
+        X509Certificate::from_der(der)
+            .map(|(_, c)| c)
+            .map_err(|e| PkiError::MalformedCertificate(format!("{what}: {e}")))
+    }
+    let (l, p, n) = (
+        parse(link, "custody link")?,
+        parse(prev, "earlier root")?,
+        parse(next, "later root")?,
+    );
+    l.verify_signature(Some(p.public_key())).map_err(|_| {
+        PkiError::ChainInvalid("the custody link is not signed by the earlier root".into())
+    })?;
+    if l.public_key().raw != n.public_key().raw {
+        return Err(PkiError::ChainInvalid(
+            "the custody link certifies another key than the later root's".into(),
+        ));
+    }
+    n.verify_signature(None)
+        .map_err(|_| PkiError::ChainInvalid("the later root is not self-signed".into()))?;
+    Ok(())
+}
+
+/// The certificates of `candidates` that `pinned` vouches for: itself, and
+/// every root reached from it through `links`, link by link.
+pub fn reachable_roots(pinned: &[u8], links: &[Vec<u8>], candidates: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut reached: Vec<Vec<u8>> = vec![pinned.to_vec()];
+    loop {
+        let before = reached.len();
+        for c in candidates {
+            if reached.contains(c) {
+                continue;
+            }
+            let vouched = links
+                .iter()
+                .any(|l| reached.iter().any(|r| check_link(l, r, c).is_ok()));
+            if vouched {
+                reached.push(c.clone());
+            }
+        }
+        if reached.len() == before {
+            break;
+        }
+    }
+    // Only what the caller offered, in its order (the pinned root counts
+    // only when offered too: a bundle without it is judged by its links).
+    candidates
+        .iter()
+        .filter(|c| reached.contains(c))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{KeyType, PrivateKey, TrustDomain, generate_root};
+    use std::time::Duration;
+
+    fn root(label: &str) -> (Vec<u8>, PrivateKey) {
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let der = generate_root(
+            &key,
+            &TrustDomain::default(),
+            label,
+            Duration::from_secs(86400),
+            now,
+        )
+        .unwrap();
+        (der, key)
+    }
+
+    #[test]
+    fn links_carry_a_pin_across_rotations_and_nothing_else() {
+        let now = OffsetDateTime::now_utc();
+        let (r1, k1) = root("one");
+        let (r2, k2) = root("two");
+        let (r3, _) = root("three");
+        let (evil, evil_key) = root("evil");
+        let l12 = link_roots(
+            &SigningCa::new(r1.clone(), k1, "r1", now).unwrap(),
+            &r2,
+            now,
+        )
+        .unwrap();
+        let l23 = link_roots(
+            &SigningCa::new(r2.clone(), k2, "r2", now).unwrap(),
+            &r3,
+            now,
+        )
+        .unwrap();
+        check_link(&l12, &r1, &r2).unwrap();
+        assert!(check_link(&l12, &r2, &r1).is_err());
+        assert!(check_link(&l12, &r1, &r3).is_err());
+        // Pinned to r1, after two rotations: r3 is reached through r2.
+        let links = vec![l12.clone(), l23.clone()];
+        assert_eq!(
+            reachable_roots(&r1, &links, &[r3.clone()]),
+            vec![r3.clone()]
+        );
+        // A root the attacker links from its own root is not reached, nor
+        // one it links from nowhere.
+        let evil_link = link_roots(
+            &SigningCa::new(evil.clone(), evil_key, "evil", now).unwrap(),
+            &r3,
+            now,
+        )
+        .unwrap();
+        assert!(reachable_roots(&r1, &[evil_link], &[r3.clone()]).is_empty());
+        assert_eq!(
+            reachable_roots(&r1, &links, &[r1.clone(), evil.clone(), r3.clone()]),
+            vec![r1.clone(), r3.clone()]
+        );
+        // Without the middle link, no way across.
+        assert!(reachable_roots(&r1, &[l23], &[r3]).is_empty());
+    }
+}
