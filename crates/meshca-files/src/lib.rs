@@ -234,6 +234,10 @@ pub fn restrict(path: &Path) -> Result<(), FileError> {
 /// Reads a file of at most `limit` bytes.
 pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     let f = File::open(path).map_err(|e| FileError::io(path, "read", e))?;
+    read_open(f, path, limit)
+}
+
+fn read_open(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     let mut buf = Vec::new();
     f.take(limit + 1)
         .read_to_end(&mut buf)
@@ -250,15 +254,21 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
 /// Reads a secret (a private key), refusing it when group or others have
 /// any access to it.
 pub fn read_secret(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
-    let meta = fs::metadata(path).map_err(|e| FileError::io(path, "read", e))?;
-    let mode = meta.permissions().mode();
+    let f = File::open(path).map_err(|e| FileError::io(path, "read", e))?;
+    // The mode of the file opened, not of whatever the path named a moment
+    // earlier (a key swapped in between would be read unchecked).
+    let mode = f
+        .metadata()
+        .map_err(|e| FileError::io(path, "read", e))?
+        .permissions()
+        .mode();
     if mode & 0o077 != 0 {
         return Err(FileError::InsecurePermissions {
             path: path.to_owned(),
             mode,
         });
     }
-    read_limited(path, limit)
+    read_open(f, path, limit)
 }
 
 #[cfg(test)]

@@ -92,19 +92,23 @@ pub struct Route {
     /// The identity's files (`tls.crt`, `tls.key`, `ca.crt`: what the agent
     /// keeps fresh); reloaded when they change.
     pub certs: PathBuf,
-    /// Server side: the peers let through (SPIFFE IDs, `spiffe://td/ns/x/*`
-    /// prefixes, DNS names); empty: any peer the bundle trusts.
+    /// Server side: the peers let through: exact SPIFFE IDs,
+    /// `spiffe://td/ns/x/*` for every ID below a path, exact DNS names
+    /// ([`PeerMatcher`]); empty: any peer the bundle trusts. Not with
+    /// `permissive`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<PeerMatcher>,
-    /// Server side: also accept plaintext (migration), passed through
-    /// without an identity.
+    /// Server side: also accept plaintext and TLS without a client
+    /// certificate (migration), passed through without an identity. Takes
+    /// no `allow`: those clients would get past it.
     #[serde(default)]
     pub permissive: bool,
     /// Server side: send a PROXY protocol v2 header with the client's
     /// address and verified identity to the target.
     #[serde(default)]
     pub proxy_protocol: bool,
-    /// Client side: who the server must be (SPIFFE ID, prefix or DNS name).
+    /// Client side: who the server must be: an exact SPIFFE ID,
+    /// `spiffe://td/ns/x/*`, or an exact DNS name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_id: Option<String>,
     /// Oldest TLS version (1.3 unless told).
@@ -187,6 +191,18 @@ impl Route {
                 if self.server_id.is_some() {
                     return Err(self.bad(
                         "server_id is for client routes; a server route checks clients with allow",
+                    ));
+                }
+                // In permissive mode a client without a certificate, or in
+                // plaintext, reaches the target while a certificate outside
+                // the list is refused: the list would only stop those who
+                // identify themselves.
+                if self.permissive && !self.allow.is_empty() {
+                    return Err(self.bad(
+                        "permissive (--permissive) and allow (--allow) do not go together: \
+                         permissive lets clients without a certificate, and plaintext clients, \
+                         reach the target, so the allow-list would refuse only certificates outside it; \
+                         drop permissive to enforce the list (mtls), or drop allow while migrating",
                     ));
                 }
             }
@@ -327,6 +343,31 @@ server_id = "spiffe://cluster.local/ns/data/sa/db"
             ),
             (text.replace("allow = [", "alow = ["), "alow"),
             (
+                text.replace(
+                    "proxy_protocol = true",
+                    "proxy_protocol = true\npermissive = true",
+                ),
+                "route api: permissive (--permissive) and allow (--allow) do not go together",
+            ),
+            (
+                text.replace(
+                    "spiffe://cluster.local/ns/shop/*",
+                    "spiffe://cluster.local/ns/shop*",
+                ),
+                "invalid allow rule \"spiffe://cluster.local/ns/shop*\"",
+            ),
+            (
+                text.replace("\"spiffe://cluster.local/ns/shop/*\"", "\"api*\""),
+                "invalid allow rule \"api*\"",
+            ),
+            (
+                text.replace(
+                    "server_id = \"spiffe://cluster.local/ns/data/sa/db\"",
+                    "server_id = \"spiffe://cluster.local/ns/data*\"",
+                ),
+                "route db: server_id: invalid TLS configuration: invalid server identity",
+            ),
+            (
                 "health = \"127.0.0.1:1\"\nroute = []\n".to_owned(),
                 "no route",
             ),
@@ -337,5 +378,36 @@ server_id = "spiffe://cluster.local/ns/data/sa/db"
                 .to_string();
             assert!(e.contains(needle), "{needle}: {e}");
         }
+    }
+
+    fn server_route() -> Route {
+        Route::new(
+            "api",
+            Side::Server,
+            "127.0.0.1:8443".parse().unwrap(),
+            Target::Tcp("127.0.0.1:8080".into()),
+            "/run/meshca/api".into(),
+        )
+    }
+
+    #[test]
+    fn permissive_routes_take_no_allow_list() {
+        let mut route = server_route();
+        route.permissive = true;
+        route.validate().unwrap();
+        route.allow = vec!["spiffe://cluster.local/ns/shop/*".parse().unwrap()];
+        let e = route.validate().unwrap_err().to_string();
+        for needle in [
+            "route api:",
+            "permissive",
+            "allow",
+            "without a certificate",
+            "plaintext",
+            "drop permissive to enforce the list (mtls), or drop allow",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        route.permissive = false;
+        route.validate().unwrap();
     }
 }

@@ -55,7 +55,7 @@ use meshca_tls::{
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{Notify, watch};
-use tokio_rustls::rustls::ProtocolVersion;
+use tokio_rustls::rustls::{HandshakeKind, ProtocolVersion};
 
 pub use config::{DEFAULT_IDLE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, ProxyConfig, Route, Side, Target};
 pub use error::ProxyError;
@@ -273,33 +273,51 @@ async fn serve_one(r: &Running, acceptor: &TlsAcceptor, tcp: TcpStream, from: So
         Err(TlsError::Handshake { reason, detail }) => return refuse(r, from, reason, &detail),
         Err(e) => return refuse(r, from, HandshakeFailure::Io, &e.to_string()),
     };
-    let identity = peer.identity().map(|i| {
-        i.spiffe_id
-            .clone()
-            .or_else(|| i.dns_names.first().cloned())
-            .unwrap_or_default()
-    });
+    // The verified certificate's SPIFFE ID, else its first DNS name.
+    let identity = peer
+        .identity()
+        .and_then(|i| i.spiffe_id.clone().or_else(|| i.dns_names.first().cloned()));
     if let Some(id) = &identity {
         r.metrics.peer(&r.route.name, id);
     }
-    let tls_version = match &conn {
-        meshca_tls::Conn::Tls(s) => s.get_ref().1.protocol_version().map(|v| match v {
-            ProtocolVersion::TLSv1_3 => "TLSv1.3".to_owned(),
-            ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
-            other => format!("{other:?}"),
-        }),
-        meshca_tls::Conn::Plain(_) => None,
+    let transport = match &conn {
+        meshca_tls::Conn::Plain(_) => proxy_v2::Transport::Plaintext,
+        meshca_tls::Conn::Tls(s) => {
+            let session = s.get_ref().1;
+            proxy_v2::Transport::Tls {
+                version: match session.protocol_version() {
+                    Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+                    Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+                    Some(other) => format!("{other:?}"),
+                    None => String::new(),
+                },
+                // rustls keeps the client's certificates only once the
+                // verifier (bundle and allow-list) and the signature check
+                // accepted them: present here means presented and verified.
+                // Without them the header claims no certificate at all.
+                client: session
+                    .peer_certificates()
+                    .is_some_and(|certs| !certs.is_empty())
+                    .then(|| proxy_v2::ClientCert {
+                        on_connection: session.handshake_kind() != Some(HandshakeKind::Resumed),
+                        identity: identity.clone(),
+                    }),
+            }
+        }
     };
     let header = r.route.proxy_protocol.then(|| {
         proxy_v2::Header {
             source: from,
             destination: local,
-            tls_version,
-            identity: identity.clone(),
+            transport,
         }
         .encode()
     });
-    let peer_name = identity.as_deref().unwrap_or("plaintext");
+    let peer_name = match (&identity, peer.tls) {
+        (Some(id), _) => id.as_str(),
+        (None, true) => "anonymous (tls)",
+        (None, false) => "plaintext",
+    };
     match &r.route.target {
         Target::Tcp(addr) => {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {

@@ -1,11 +1,19 @@
 //! The PROXY protocol v2 header (haproxy's `proxy-protocol.txt`): tells the
 //! target who connected, and with which verified identity.
 //!
-//! TLVs sent: `PP2_TYPE_SSL` (0x20) with the client bits "TLS, certificate
-//! on this connection" and verify = 0 (verified), carrying
-//! `PP2_SUBTYPE_SSL_VERSION` (0x21, `TLSv1.3` or `TLSv1.2`); and meshca's own
-//! 0xE0 (the first custom type): the peer's SPIFFE ID, else its first DNS
-//! name. A plaintext connection (permissive mode) gets neither.
+//! Every field says only what is true of the connection:
+//! - a plaintext connection (permissive mode) gets no `PP2_TYPE_SSL` and no
+//!   identity;
+//! - a TLS connection gets `PP2_TYPE_SSL` (0x20) with `PP2_CLIENT_SSL` and
+//!   `PP2_SUBTYPE_SSL_VERSION` (0x21, `TLSv1.3` or `TLSv1.2`); without a
+//!   client certificate that is all, and the verify field is non-zero (1);
+//! - with a client certificate, which the handshake verified (it refuses one
+//!   that does not verify), also `PP2_CLIENT_CERT_SESS`, `PP2_CLIENT_CERT_CONN`
+//!   unless the session was resumed, verify = 0, and meshca's own TLV 0xE0
+//!   (the first custom type) with the certificate's SPIFFE ID, else its first
+//!   DNS name.
+//!
+//! No `PP2_SUBTYPE_SSL_CN` is sent: meshca names peers by SPIFFE ID.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,6 +25,44 @@ pub const TYPE_SSL: u8 = 0x20;
 pub const SUBTYPE_SSL_VERSION: u8 = 0x21;
 /// meshca's TLV with the verified identity.
 pub const TYPE_MESHCA_IDENTITY: u8 = 0xE0;
+/// `PP2_CLIENT_SSL`: the client connected over TLS.
+pub const CLIENT_SSL: u8 = 0x01;
+/// `PP2_CLIENT_CERT_CONN`: it presented a certificate on this connection.
+pub const CLIENT_CERT_CONN: u8 = 0x02;
+/// `PP2_CLIENT_CERT_SESS`: it presented one on the TLS session (this
+/// connection's handshake, or the one it resumed).
+pub const CLIENT_CERT_SESS: u8 = 0x04;
+/// The verify field when no client certificate was verified (the
+/// specification asks for anything but zero).
+pub const VERIFY_NONE: u32 = 1;
+/// Longest identity claimed: a SPIFFE ID's limit (DNS names are shorter).
+/// A longer one is not sent, so every length in the header fits its field.
+pub const MAX_IDENTITY: usize = 2048;
+
+/// How the client reached the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Plaintext (permissive mode): no TLS, no identity.
+    Plaintext,
+    /// TLS.
+    Tls {
+        /// The protocol version, `TLSv1.3` or `TLSv1.2`.
+        version: String,
+        /// The client certificate, when one was presented; the handshake
+        /// verified it (against the bundle and the allow-list).
+        client: Option<ClientCert>,
+    },
+}
+
+/// A client certificate the handshake verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// Presented in this connection's handshake (false: in the one of the
+    /// session it resumed).
+    pub on_connection: bool,
+    /// Its SPIFFE ID, else its first DNS name; `None` when it has neither.
+    pub identity: Option<String>,
+}
 
 /// What the header says about a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,15 +71,14 @@ pub struct Header {
     pub source: SocketAddr,
     /// The address it connected to.
     pub destination: SocketAddr,
-    /// The TLS version, when the connection was TLS.
-    pub tls_version: Option<String>,
-    /// The verified identity, when there was one.
-    pub identity: Option<String>,
+    /// Plaintext or TLS, and the client certificate.
+    pub transport: Transport,
 }
 
 fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
     out.push(kind);
-    // Values here are short (an identity is at most a few hundred bytes).
+    // Values here are short: a TLS version, an identity of at most
+    // MAX_IDENTITY bytes.
     out.extend_from_slice(&u16::try_from(value.len()).unwrap_or(u16::MAX).to_be_bytes());
     out.extend_from_slice(&value[..value.len().min(usize::from(u16::MAX))]);
 }
@@ -63,14 +108,30 @@ impl Header {
         };
         body.extend_from_slice(&self.source.port().to_be_bytes());
         body.extend_from_slice(&self.destination.port().to_be_bytes());
-        if let Some(version) = &self.tls_version {
-            let mut ssl = vec![0x01 | 0x02 | 0x04];
-            ssl.extend_from_slice(&0u32.to_be_bytes());
+        if let Transport::Tls { version, client } = &self.transport {
+            let (bits, verify) = match client {
+                None => (CLIENT_SSL, VERIFY_NONE),
+                Some(cert) => {
+                    let conn = if cert.on_connection {
+                        CLIENT_CERT_CONN
+                    } else {
+                        0
+                    };
+                    (CLIENT_SSL | CLIENT_CERT_SESS | conn, 0)
+                }
+            };
+            let mut ssl = vec![bits];
+            ssl.extend_from_slice(&verify.to_be_bytes());
             tlv(&mut ssl, SUBTYPE_SSL_VERSION, version.as_bytes());
             tlv(&mut body, TYPE_SSL, &ssl);
-        }
-        if let Some(id) = &self.identity {
-            tlv(&mut body, TYPE_MESHCA_IDENTITY, id.as_bytes());
+            // Only a verified certificate's name is ever claimed.
+            if let Some(id) = client
+                .as_ref()
+                .and_then(|c| c.identity.as_deref())
+                .filter(|id| id.len() <= MAX_IDENTITY)
+            {
+                tlv(&mut body, TYPE_MESHCA_IDENTITY, id.as_bytes());
+            }
         }
         let mut out = SIGNATURE.to_vec();
         out.push(0x21);
@@ -120,27 +181,28 @@ impl Header {
             }
             f => return Err(format!("family {f:#x} with {} address bytes", body.len())),
         };
-        let mut header = Header {
-            source,
-            destination,
-            tls_version: None,
-            identity: None,
-        };
+        // (client bits, verify, version) of the SSL TLV, and the identity.
+        let mut ssl: Option<(u8, u32, String)> = None;
+        let mut identity = None;
         while !rest.is_empty() {
             let (kind, value, next) = read_tlv(rest)?;
             match kind {
                 TYPE_SSL => {
-                    let mut sub = value.get(5..).ok_or("short SSL TLV")?;
+                    let fixed = value.get(..5).ok_or("short SSL TLV")?;
+                    let verify = u32::from_be_bytes([fixed[1], fixed[2], fixed[3], fixed[4]]);
+                    let mut version = String::new();
+                    let mut sub = &value[5..];
                     while !sub.is_empty() {
                         let (k, v, n) = read_tlv(sub)?;
                         if k == SUBTYPE_SSL_VERSION {
-                            header.tls_version = Some(String::from_utf8_lossy(v).into_owned());
+                            version = String::from_utf8_lossy(v).into_owned();
                         }
                         sub = n;
                     }
+                    ssl = Some((fixed[0], verify, version));
                 }
                 TYPE_MESHCA_IDENTITY => {
-                    header.identity = Some(
+                    identity = Some(
                         String::from_utf8(value.to_vec()).map_err(|_| "identity is not UTF-8")?,
                     );
                 }
@@ -148,7 +210,32 @@ impl Header {
             }
             rest = next;
         }
-        Ok((header, 16 + len))
+        let transport = match ssl {
+            Some((bits, verify, version)) if bits & CLIENT_SSL != 0 => {
+                // A certificate counts only when the header says it was
+                // presented and verified.
+                let verified = bits & (CLIENT_CERT_CONN | CLIENT_CERT_SESS) != 0 && verify == 0;
+                Transport::Tls {
+                    version,
+                    client: verified.then(|| ClientCert {
+                        on_connection: bits & CLIENT_CERT_CONN != 0,
+                        identity: identity.take(),
+                    }),
+                }
+            }
+            _ => Transport::Plaintext,
+        };
+        if identity.is_some() {
+            return Err("an identity without a verified client certificate".into());
+        }
+        Ok((
+            Header {
+                source,
+                destination,
+                transport,
+            },
+            16 + len,
+        ))
     }
 }
 
@@ -164,20 +251,117 @@ fn read_tlv(b: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
 mod tests {
     use super::*;
 
+    fn header(transport: Transport) -> Header {
+        Header {
+            source: "10.1.2.3:40000".parse().unwrap(),
+            destination: "10.0.0.1:8443".parse().unwrap(),
+            transport,
+        }
+    }
+
+    fn tls(client: Option<ClientCert>) -> Transport {
+        Transport::Tls {
+            version: "TLSv1.3".into(),
+            client,
+        }
+    }
+
+    fn verified(identity: Option<&str>) -> Option<ClientCert> {
+        Some(ClientCert {
+            on_connection: true,
+            identity: identity.map(str::to_owned),
+        })
+    }
+
+    /// The top-level TLVs after the IPv4 addresses, as (type, value).
+    fn tlvs(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let len = usize::from(u16::from_be_bytes([bytes[14], bytes[15]]));
+        assert_eq!(bytes.len(), 16 + len);
+        let mut rest = &bytes[16 + 12..];
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            let (kind, value, next) = read_tlv(rest).unwrap();
+            out.push((kind, value.to_vec()));
+            rest = next;
+        }
+        out
+    }
+
+    /// The SSL TLV's client bits and verify field.
+    fn ssl_fields(tlvs: &[(u8, Vec<u8>)]) -> Option<(u8, u32)> {
+        tlvs.iter()
+            .find(|(k, _)| *k == TYPE_SSL)
+            .map(|(_, v)| (v[0], u32::from_be_bytes([v[1], v[2], v[3], v[4]])))
+    }
+
+    #[test]
+    fn tls_with_a_verified_certificate_says_so_and_names_it() {
+        let bytes = header(tls(verified(Some("spiffe://cluster.local/ns/shop/sa/web")))).encode();
+        let t = tlvs(&bytes);
+        assert_eq!(ssl_fields(&t), Some((0x07, 0)));
+        let ssl = &t.iter().find(|(k, _)| *k == TYPE_SSL).unwrap().1;
+        assert_eq!(&ssl[5..], b"\x21\x00\x07TLSv1.3");
+        assert!(t.contains(&(
+            TYPE_MESHCA_IDENTITY,
+            b"spiffe://cluster.local/ns/shop/sa/web".to_vec()
+        )));
+        // A verified certificate without a SPIFFE ID or DNS name: verified,
+        // and no name claimed.
+        let t = tlvs(&header(tls(verified(None))).encode());
+        assert_eq!(ssl_fields(&t), Some((0x07, 0)));
+        assert!(t.iter().all(|(k, _)| *k != TYPE_MESHCA_IDENTITY), "{t:?}");
+    }
+
+    #[test]
+    fn tls_without_a_certificate_claims_none() {
+        let t = tlvs(&header(tls(None)).encode());
+        // PP2_CLIENT_SSL alone, and a verify field that is not "verified".
+        assert_eq!(ssl_fields(&t), Some((CLIENT_SSL, VERIFY_NONE)));
+        assert_ne!(VERIFY_NONE, 0);
+        assert_eq!(t.len(), 1, "nothing but the SSL TLV: {t:?}");
+    }
+
+    #[test]
+    fn plaintext_gets_no_tls_and_no_identity() {
+        let bytes = header(Transport::Plaintext).encode();
+        assert!(tlvs(&bytes).is_empty());
+        assert_eq!(bytes.len(), 16 + 12, "addresses only");
+    }
+
+    #[test]
+    fn a_resumed_session_has_its_certificate_on_the_session_only() {
+        let cert = ClientCert {
+            on_connection: false,
+            identity: Some("web.shop.svc".into()),
+        };
+        let t = tlvs(&header(tls(Some(cert))).encode());
+        assert_eq!(ssl_fields(&t), Some((CLIENT_SSL | CLIENT_CERT_SESS, 0)));
+    }
+
+    #[test]
+    fn an_identity_longer_than_a_spiffe_id_is_not_claimed() {
+        let long = format!("spiffe://td/{}", "a".repeat(MAX_IDENTITY));
+        let bytes = header(tls(verified(Some(&long)))).encode();
+        let t = tlvs(&bytes);
+        assert_eq!(ssl_fields(&t), Some((0x07, 0)));
+        assert!(t.iter().all(|(k, _)| *k != TYPE_MESHCA_IDENTITY));
+    }
+
     #[test]
     fn headers_round_trip() {
         let cases = [
-            Header {
-                source: "10.1.2.3:40000".parse().unwrap(),
-                destination: "10.0.0.1:8443".parse().unwrap(),
-                tls_version: Some("TLSv1.3".into()),
-                identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
-            },
+            header(tls(verified(Some("spiffe://cluster.local/ns/shop/sa/web")))),
+            header(tls(verified(None))),
+            header(tls(Some(ClientCert {
+                on_connection: false,
+                identity: Some("web".into()),
+            }))),
+            header(tls(None)),
+            header(Transport::Plaintext),
             Header {
                 source: "[::1]:1".parse().unwrap(),
                 destination: "127.0.0.1:2".parse().unwrap(),
-                tls_version: None,
-                identity: None,
+                transport: Transport::Plaintext,
             },
         ];
         for h in cases {
@@ -200,7 +384,7 @@ mod tests {
             assert_eq!(back, want);
         }
         // The fixed part is haproxy's.
-        let h = cases_first();
+        let h = header(tls(verified(Some("web")))).encode();
         assert_eq!(&h[..12], b"\r\n\r\n\0\r\nQUIT\n");
         assert_eq!(h[12], 0x21);
         assert_eq!(h[13], 0x11);
@@ -209,13 +393,13 @@ mod tests {
         }
     }
 
-    fn cases_first() -> Vec<u8> {
-        Header {
-            source: "10.1.2.3:40000".parse().unwrap(),
-            destination: "10.0.0.1:8443".parse().unwrap(),
-            tls_version: Some("TLSv1.3".into()),
-            identity: Some("web".into()),
-        }
-        .encode()
+    #[test]
+    fn decoding_refuses_an_identity_without_a_verified_certificate() {
+        let mut bytes = header(tls(verified(Some("web")))).encode();
+        // Say "no certificate verified" in the SSL TLV's verify field.
+        let at = 16 + 12 + 3 + 1;
+        bytes[at..at + 4].copy_from_slice(&1u32.to_be_bytes());
+        let e = Header::decode(&bytes).unwrap_err();
+        assert!(e.contains("without a verified client certificate"), "{e}");
     }
 }

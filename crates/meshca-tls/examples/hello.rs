@@ -26,7 +26,7 @@ struct Args {
     redirect: Option<SocketAddr>,
     #[arg(
         long,
-        help = "allowed peer: SPIFFE ID or DNS name, a trailing * is a prefix"
+        help = "allowed peer (mtls): an exact SPIFFE ID, spiffe://td/ns/x/* for every ID below a path, or an exact DNS name"
     )]
     allow: Vec<PeerMatcher>,
     #[arg(long, default_value = "1.3", help = "oldest TLS version: 1.3 or 1.2")]

@@ -46,7 +46,10 @@ async fn main() {
         .unwrap()
         .map(|c| c.unwrap())
         .collect();
-    let key = PrivateKeyDer::from_pem_file(a.certs.join("tls.key")).unwrap();
+    // Read as meshca-tls reads it: refused when group or others can read it.
+    let key_pem = meshca_files::read_secret(&a.certs.join("tls.key"), 1 << 20)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

@@ -46,6 +46,9 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(set.chain.clone(), set.key())
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    // A resumed session skips the verifier: a server whose certificate
+    // expired since the first handshake would still be accepted.
+    config.resumption = rustls::client::Resumption::disabled();
     if matches!(expected, ServerIdentity::Spiffe(_)) {
         // There is no host name to announce for a SPIFFE identity.
         config.enable_sni = false;

@@ -81,15 +81,35 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(buf)
 }
 
+/// Reads the private key, refusing it when group or others have any access
+/// to it (meshca-files' rule, the one the agent and the CA follow): a key
+/// others could copy must be treated as exposed, not served with.
+fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+    use meshca_files::FileError;
+    meshca_files::read_secret(path, MAX_FILE).map_err(|e| match e {
+        FileError::InsecurePermissions { path, mode } => TlsError::InsecureKey { path, mode },
+        FileError::TooLarge { path, limit } => TlsError::Unparsable {
+            path,
+            reason: format!("larger than {limit} bytes"),
+        },
+        FileError::Io { path, reason, .. } => TlsError::Unreadable { path, reason },
+        other => TlsError::Unreadable {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    })
+}
+
 /// The raw bytes of the three files, read at one moment. Comparing them is
 /// how a change is noticed, whatever way the files were replaced.
 pub(crate) fn read_raw(paths: &CertPaths) -> Result<[Vec<u8>; 3], TlsError> {
-    Ok([read(&paths.cert)?, read(&paths.key)?, read(&paths.ca)?])
+    Ok([read(&paths.cert)?, read_key(&paths.key)?, read(&paths.ca)?])
 }
 
 impl CertSet {
-    /// Reads and checks a set: each file parses, the key is the
-    /// certificate's, the certificate is valid now and chains to the bundle.
+    /// Reads and checks a set: the key file is readable by its owner only,
+    /// each file parses, the key is the certificate's, the certificate is
+    /// valid now and chains to the bundle.
     pub fn load(paths: &CertPaths) -> Result<Self, TlsError> {
         let raw = read_raw(paths)?;
         Self::from_bytes(paths, &raw, OffsetDateTime::now_utc())
@@ -155,5 +175,135 @@ impl CertSet {
     /// The private key (for building rustls configs).
     pub fn key(&self) -> PrivateKeyDer<'static> {
         self.key.clone_key()
+    }
+}
+
+/// A small PKI for the unit tests: a root that signs leaves directly.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod test_pki {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use meshca_pki::{
+        DEFAULT_ROOT_TTL, Identity, KeyType, LeafPublicKey, LeafSpec, PrivateKey, Profile, SanSet,
+        Serial, SigningCa, TrustDomain, generate_root, to_pem,
+    };
+    use time::OffsetDateTime;
+
+    pub(crate) struct Pki {
+        root_der: Vec<u8>,
+        root: SigningCa,
+        td: TrustDomain,
+    }
+
+    impl Pki {
+        pub(crate) fn new() -> Pki {
+            let now = OffsetDateTime::now_utc() - Duration::from_secs(60);
+            let td = TrustDomain::default();
+            let rk = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+            let root_der = generate_root(&rk, &td, "test", DEFAULT_ROOT_TTL, now).unwrap();
+            let root = SigningCa::new(root_der.clone(), rk, "root", now).unwrap();
+            Pki { root_der, root, td }
+        }
+
+        /// Writes a set for `default/<name>` into `dir`, the key (first)
+        /// with `key_mode`; returns the leaf's serial.
+        pub(crate) fn write(&self, dir: &Path, name: &str, key_mode: u32) -> String {
+            let id = Identity::new("default", name).unwrap();
+            let spec = LeafSpec {
+                sans: SanSet::build(&id, &self.td, &[], &[]).unwrap(),
+                identity: id,
+                trust_domain: self.td.clone(),
+                profile: Profile::Service,
+                ttl: Duration::from_secs(3600),
+                serial: Serial::random().unwrap(),
+            };
+            let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+            let leaf = self
+                .root
+                .sign_leaf(
+                    &LeafPublicKey::of(&key).unwrap(),
+                    &spec,
+                    OffsetDateTime::now_utc(),
+                )
+                .unwrap();
+            std::fs::create_dir_all(dir).unwrap();
+            replace(&dir.join("tls.key"), key.to_pem().as_bytes(), key_mode);
+            replace(
+                &dir.join("tls.crt"),
+                to_pem("CERTIFICATE", &leaf.der).as_bytes(),
+                0o644,
+            );
+            replace(
+                &dir.join("ca.crt"),
+                to_pem("CERTIFICATE", &self.root_der).as_bytes(),
+                0o644,
+            );
+            leaf.serial.to_hex()
+        }
+    }
+
+    /// Replaces `path` by a file with `mode` from the moment it appears.
+    pub(crate) fn replace(path: &Path, bytes: &[u8], mode: u32) {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_key_others_can_read_is_refused_naming_the_file_mode_and_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = test_pki::Pki::new();
+        pki.write(dir.path(), "web", 0o644);
+        let paths = CertPaths::in_dir(dir.path());
+        let e = CertSet::load(&paths).unwrap_err();
+        assert!(matches!(e, TlsError::InsecureKey { .. }), "{e}");
+        assert!(e.is_credentials());
+        let key = paths.key.display().to_string();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&key)
+                && text.contains("(mode 0644)")
+                && text.contains(&format!("`chmod 600 {key}`")),
+            "{text}"
+        );
+        let chmod = |mode: u32| {
+            std::fs::set_permissions(&paths.key, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // Any access for group or others: read, write or execute.
+        for mode in [0o640, 0o620, 0o610, 0o604, 0o602, 0o601, 0o660, 0o666] {
+            chmod(mode);
+            let e = CertSet::load(&paths).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("(mode {mode:04o})")),
+                "{mode:o}: {e}"
+            );
+        }
+        // The owner alone: the same files load.
+        for mode in [0o600, 0o400] {
+            chmod(mode);
+            CertSet::load(&paths).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_missing_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        test_pki::Pki::new().write(dir.path(), "web", 0o600);
+        std::fs::remove_file(dir.path().join("tls.key")).unwrap();
+        let e = CertSet::load(&CertPaths::in_dir(dir.path())).unwrap_err();
+        assert!(matches!(e, TlsError::Unreadable { .. }), "{e}");
+        assert!(e.to_string().contains("tls.key"), "{e}");
     }
 }

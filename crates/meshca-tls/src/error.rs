@@ -14,6 +14,14 @@ pub enum TlsError {
         /// The OS error.
         reason: String,
     },
+    /// The private key file can be read by group or others: whoever else
+    /// could read it may hold the key, so it is not used.
+    InsecureKey {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A credential file does not parse.
     Unparsable {
         /// The file.
@@ -141,6 +149,7 @@ impl TlsError {
         matches!(
             self,
             TlsError::Unreadable { .. }
+                | TlsError::InsecureKey { .. }
                 | TlsError::Unparsable { .. }
                 | TlsError::KeyMismatch { .. }
                 | TlsError::Expired { .. }
@@ -155,6 +164,14 @@ impl fmt::Display for TlsError {
             TlsError::Unreadable { path, reason } => {
                 write!(f, "cannot read {}: {reason}", path.display())
             }
+            TlsError::InsecureKey { path, mode } => write!(
+                f,
+                "{} holds a private key that group or others can read (mode {:04o}): \
+                 run `chmod 600 {}` (and treat the key as exposed if someone else could read it)",
+                path.display(),
+                mode & 0o7777,
+                path.display()
+            ),
             TlsError::Unparsable { path, reason } => {
                 write!(f, "{} does not parse: {reason}", path.display())
             }

@@ -25,8 +25,16 @@ impl PeerIdentity {
     /// Reads the identity of a DER certificate.
     pub fn from_der(der: &[u8]) -> Option<Self> {
         let info = meshca_pki::describe(der, time::OffsetDateTime::now_utc()).ok()?;
+        // An X.509 SVID names one SPIFFE ID. With several, which one the
+        // peer is cannot be told (the first was taken, and matched against
+        // the allow-list), so it is known by none of them.
+        let spiffe_ids = info
+            .uris
+            .iter()
+            .filter(|u| u.starts_with("spiffe://"))
+            .count();
         Some(PeerIdentity {
-            spiffe_id: info.spiffe_id,
+            spiffe_id: info.spiffe_id.filter(|_| spiffe_ids == 1),
             dns_names: info.dns_names,
             serial: info.serial,
             fingerprint: meshca_pki::fingerprint(der),
@@ -104,5 +112,53 @@ impl Peer {
             Ok(id) => id.to_string(),
             Err(_) => "anonymous".to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate with these URI SANs and the DNS name
+    /// `web.shop.svc`: names as some other CA in a bundle might write them.
+    fn cert_with_uris(uris: &[&str]) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| rcgen::SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName("web.shop.svc".try_into().unwrap()));
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_certificate_with_two_spiffe_ids_is_known_by_neither() {
+        let shop = [PeerMatcher::new("spiffe://td/ns/shop/*").unwrap()];
+        let one = PeerIdentity::from_der(&cert_with_uris(&["spiffe://td/ns/shop/sa/web"])).unwrap();
+        assert_eq!(one.spiffe_id.as_deref(), Some("spiffe://td/ns/shop/sa/web"));
+        assert!(one.allowed_by(&shop));
+        // Another kind of URI beside the SPIFFE ID changes nothing.
+        let other = PeerIdentity::from_der(&cert_with_uris(&[
+            "https://example.com/web",
+            "spiffe://td/ns/shop/sa/web",
+        ]))
+        .unwrap();
+        assert_eq!(
+            other.spiffe_id.as_deref(),
+            Some("spiffe://td/ns/shop/sa/web")
+        );
+        let two = PeerIdentity::from_der(&cert_with_uris(&[
+            "spiffe://td/ns/shop/sa/web",
+            "spiffe://td/ns/bank/sa/teller",
+        ]))
+        .unwrap();
+        assert_eq!(two.spiffe_id, None);
+        assert!(!two.allowed_by(&shop));
+        // Its DNS name still names it.
+        assert!(two.allowed_by(&[PeerMatcher::new("web.shop.svc").unwrap()]));
     }
 }

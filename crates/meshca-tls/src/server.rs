@@ -79,6 +79,12 @@ pub fn server_config(set: &CertSet, config: &TlsConfig) -> Result<ServerConfig, 
         None => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
     };
+    // Sessions are resumed (a full handshake costs the CPU that floods and
+    // reconnecting clients compete for), but a resumed session is not
+    // verified again: rustls hands back the client certificate of the
+    // first handshake. `accept` checks that certificate's validity again
+    // for every resumed session. A reloaded set builds a new config, and
+    // with it new session storage: sessions of the old trust end with it.
     Ok(server)
 }
 
@@ -261,9 +267,21 @@ impl TlsAcceptor {
                 reason: HandshakeFailure::of(&e),
                 detail: e.to_string(),
             })?;
-        let identity = tls
-            .get_ref()
-            .1
+        let conn = tls.get_ref().1;
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            if let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) {
+                let now = time::OffsetDateTime::now_utc();
+                let valid = meshca_pki::cert_facts(leaf)
+                    .is_ok_and(|f| f.not_before <= now && now < f.not_after);
+                if !valid {
+                    return Err(TlsError::Handshake {
+                        reason: HandshakeFailure::Expired,
+                        detail: "the client certificate of this resumed session is no longer valid (checked when the session began); the client must connect again with a valid certificate".into(),
+                    });
+                }
+            }
+        }
+        let identity = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|c| PeerIdentity::from_der(c))

@@ -81,16 +81,27 @@ impl ClientCertVerifier for AllowListVerifier {
 pub enum ServerIdentity {
     /// A DNS name among the server certificate's SANs (normal hostname check).
     Dns(String),
-    /// A SPIFFE ID (or a prefix rule, `spiffe://td/ns/shop/*`).
+    /// A SPIFFE ID, exact or every ID below a path (`spiffe://td/ns/shop/*`),
+    /// with the rules of an allow rule ([`PeerMatcher`]).
     Spiffe(PeerMatcher),
 }
 
 impl ServerIdentity {
-    /// `spiffe://...` is a SPIFFE ID (a trailing `*` makes it a prefix);
-    /// anything else is a DNS name.
+    /// `spiffe://...` is a SPIFFE ID, exact or ending in `/*` (validated as
+    /// an allow rule is); anything else is a DNS name (or an IP address),
+    /// matched exactly. Wildcards and raw prefixes are refused.
     pub fn parse(s: &str) -> Result<Self, crate::TlsError> {
-        if s.starts_with("spiffe://") {
-            Ok(ServerIdentity::Spiffe(PeerMatcher::new(s)?))
+        // Anything that looks like a URI goes through the SPIFFE rules, so
+        // that `SPIFFE://...` or `https://...` is refused with the forms
+        // allowed rather than as a strange DNS name.
+        let uri_like = s.contains("://")
+            || s.get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case("spiffe:"));
+        if uri_like {
+            Ok(ServerIdentity::Spiffe(PeerMatcher::parse(
+                s,
+                "server identity",
+            )?))
         } else {
             meshca_pki::validate_dns_name(s)
                 .map(ServerIdentity::Dns)
@@ -189,5 +200,45 @@ impl ServerCertVerifier for IdentityServerVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_identities_follow_the_allow_rules() {
+        assert!(matches!(
+            ServerIdentity::parse("spiffe://cluster.local/ns/data/sa/db").unwrap(),
+            ServerIdentity::Spiffe(_)
+        ));
+        let ServerIdentity::Spiffe(ns) =
+            ServerIdentity::parse("spiffe://cluster.local/ns/data/*").unwrap()
+        else {
+            panic!("not a SPIFFE rule");
+        };
+        assert!(ns.matches(Some("spiffe://cluster.local/ns/data/sa/db"), &[]));
+        assert!(!ns.matches(Some("spiffe://cluster.local/ns/database/sa/db"), &[]));
+        assert_eq!(
+            ServerIdentity::parse("db.data.svc").unwrap(),
+            ServerIdentity::Dns("db.data.svc".into())
+        );
+        for (bad, why) in [
+            ("spiffe://cluster.local/ns/data*", "whole path segment, /*"),
+            ("spiffe://cluster.local/ns/../sa/db", "\"..\""),
+            ("SPIFFE://cluster.local/ns/data/sa/db", "spiffe://"),
+            ("https://db.data.svc", "only spiffe://"),
+            ("*.data.svc", "wildcards"),
+            ("db*", "wildcards"),
+        ] {
+            let e = ServerIdentity::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = ServerIdentity::parse("spiffe://cluster.local/ns/data*")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid server identity"), "{e}");
     }
 }

@@ -244,3 +244,120 @@ async fn slow_clients_are_cut_off_without_hurting_others() {
         "the slow client was cut off after {waited:?}"
     );
 }
+
+/// One `GET /` over a new TLS connection made with `config`; returns the
+/// answer and whether the session was resumed. Reading the answer also
+/// takes in whatever session tickets the server sent.
+async fn get_with(
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> Result<(String, bool), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    // The request may not get out when the server has refused us already:
+    // its alert is read all the same.
+    let _ = tls
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tls.read_to_end(&mut buf).await;
+    // A server that closes without close_notify still sent the whole answer.
+    if buf.is_empty() {
+        read.map_err(|e| e.to_string())?;
+    }
+    Ok((String::from_utf8_lossy(&buf).into_owned(), resumed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_certificate_cannot_resume_its_session() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "default", "web");
+    // Valid for 5 seconds.
+    pki.write(
+        &dir.join("brief"),
+        "default",
+        "cli",
+        Profile::Client,
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(5),
+    );
+    let addr = start(&config(TlsMode::Mtls, &dir.join("server"))).await;
+    let set =
+        meshca_tls::CertSet::load(&meshca_tls::CertPaths::in_dir(&dir.join("brief"))).unwrap();
+    let expected = meshca_tls::ServerIdentity::parse("localhost").unwrap();
+    let mut client = meshca_tls::client_config(&set, &expected, TlsVersion::V1_3).unwrap();
+    // A client that would resume if the server let it (rustls' default).
+    client.resumption = rustls::client::Resumption::default();
+    let client = std::sync::Arc::new(client);
+
+    let (answer, resumed) = get_with(&client, addr, "localhost").await.unwrap();
+    assert!(
+        answer.contains("spiffe://cluster.local/ns/default/sa/cli"),
+        "{answer}"
+    );
+    assert!(!resumed);
+    // The next connection resumes the session, and is served.
+    let (answer, resumed) = get_with(&client, addr, "localhost").await.unwrap();
+    assert!(
+        resumed,
+        "the session was not resumed: this test would prove nothing"
+    );
+    assert!(answer.contains("sa/cli"), "{answer}");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // Expired now. Resuming again: the handshake completes (the session is
+    // the client's to offer), but the server checks the session's client
+    // certificate and closes before answering anything.
+    let e = get_with(&client, addr, "localhost").await.unwrap_err();
+    // (get_with fails only when nothing at all was answered: the close
+    // comes as a reset, or as a close without close_notify.)
+    assert!(
+        e.contains("reset by peer") || e.contains("close_notify"),
+        "a resumed session of an expired certificate: {e}"
+    );
+    // A full handshake is refused with the alert that says so.
+    let mut fresh = meshca_tls::client_config(&set, &expected, TlsVersion::V1_3).unwrap();
+    fresh.resumption = rustls::client::Resumption::disabled();
+    let e = get_with(&std::sync::Arc::new(fresh), addr, "localhost")
+        .await
+        .unwrap_err();
+    assert!(e.contains("CertificateExpired"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_verifies_every_server_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir.join("server"), "default", "web");
+    pki.service(&dir.join("client"), "default", "cli");
+    // A tls-mode server hands out session tickets.
+    let addr = start(&config(TlsMode::Tls, &dir.join("server"))).await;
+    let expected = meshca_tls::ServerIdentity::parse("localhost").unwrap();
+    let connector =
+        meshca_tls::TlsConnector::new(&dir.join("client"), expected, TlsVersion::V1_3).unwrap();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector.connect(tcp).await.unwrap();
+        assert_ne!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "the connector resumed a session, so it did not verify the server"
+        );
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tls.read_to_end(&mut buf).await;
+        assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    }
+}

@@ -47,7 +47,7 @@ impl Pki {
         std::fs::create_dir_all(dir).unwrap();
         let (crt, key, serial) = self.leaf(ns, name, profile, issued, ttl);
         std::fs::write(dir.join("tls.crt"), crt).unwrap();
-        std::fs::write(dir.join("tls.key"), key).unwrap();
+        write_key(&dir.join("tls.key"), key.as_bytes());
         std::fs::write(dir.join("ca.crt"), self.bundle()).unwrap();
         serial
     }
@@ -94,6 +94,28 @@ impl Pki {
     pub fn bundle(&self) -> String {
         to_pem("CERTIFICATE", &self.root_der)
     }
+}
+
+/// Writes a private key as meshca-tls requires it: readable by its owner
+/// only (0600, set exactly whatever the umask or an older file's mode).
+pub fn write_key(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap();
+    chmod(path, 0o600);
+}
+
+/// Writes one file of a credential set, `name` telling which: `tls.key`
+/// gets 0600.
+pub fn write_named(path: &Path, name: &str, bytes: &[u8]) {
+    if name == "tls.key" {
+        write_key(path, bytes);
+    } else {
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// Starts `hello`'s router with `config` on 127.0.0.1; returns its address.

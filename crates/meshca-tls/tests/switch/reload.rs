@@ -151,7 +151,7 @@ async fn swap_in_place() {
     swap_under_load(&server, &dir.join("client"), async || {
         // Truncate and rewrite each file: a reader can see them half done.
         for (name, bytes) in &new {
-            std::fs::write(server.join(name), bytes).unwrap();
+            write_named(&server.join(name), name, bytes);
         }
         Some(next)
     })
@@ -170,7 +170,7 @@ async fn swap_by_rename() {
     swap_under_load(&server, &dir.join("client"), async || {
         for (name, bytes) in &new {
             let tmp = server.join(format!(".{name}.new"));
-            std::fs::write(&tmp, bytes).unwrap();
+            write_named(&tmp, name, bytes);
             std::fs::rename(&tmp, server.join(name)).unwrap();
         }
         Some(next)
@@ -184,7 +184,7 @@ fn kube_layout(dir: &Path, version: &str, source: &Path) {
     let versioned = dir.join(format!("..{version}"));
     std::fs::create_dir_all(&versioned).unwrap();
     for (name, bytes) in files(source) {
-        std::fs::write(versioned.join(&name), bytes).unwrap();
+        write_named(&versioned.join(&name), &name, &bytes);
     }
     let tmp_link = dir.join("..data_tmp");
     std::os::unix::fs::symlink(format!("..{version}"), &tmp_link).unwrap();
@@ -261,6 +261,48 @@ async fn broken_set_is_ignored_then_a_good_one_is_taken() {
             break;
         }
         assert!(Instant::now() < deadline, "the repaired set was not taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_others_can_read_is_not_served_until_it_is_private() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    let first = pki.service(&dir.join("server"), "default", "web");
+    pki.service(&dir.join("client"), "default", "cli");
+    let next = pki.service(&dir.join("next"), "default", "web");
+    let server = dir.join("server");
+    let addr = start(&TlsConfig {
+        mode: TlsMode::Mtls,
+        certs: Some(server.clone()),
+        ..Default::default()
+    })
+    .await;
+    let expected = ServerIdentity::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let connector = TlsConnector::new(&dir.join("client"), expected, TlsVersion::V1_3).unwrap();
+    assert_eq!(request(&connector, addr).await.unwrap(), first);
+    // The new set arrives by rename, its key readable by everyone (as `cp`
+    // under umask 022 leaves it).
+    for (name, bytes) in files(&dir.join("next")) {
+        let tmp = server.join(format!(".{name}.new"));
+        std::fs::write(&tmp, bytes).unwrap();
+        chmod(&tmp, 0o644);
+        std::fs::rename(&tmp, server.join(name)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Still the old set, and still serving.
+    for _ in 0..3 {
+        assert_eq!(request(&connector, addr).await.unwrap(), first);
+    }
+    // Made private: taken within the usual second or two.
+    chmod(&server.join("tls.key"), 0o600);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if request(&connector, addr).await.unwrap() == next {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the private key was not taken");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

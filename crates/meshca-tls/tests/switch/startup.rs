@@ -88,3 +88,59 @@ async fn config_mistakes_are_reported() {
             .contains("certificate directory")
     );
 }
+
+#[tokio::test]
+async fn a_key_others_can_read_stops_start_up_naming_the_file_mode_and_fix() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    let d = dir.join("set");
+    pki.service(&d, "default", "web");
+    let key = d.join("tls.key");
+    chmod(&key, 0o644);
+    let e = start_err(&d);
+    let k = p(&key);
+    assert!(
+        e.starts_with(&k) && e.contains("(mode 0644)") && e.contains(&format!("`chmod 600 {k}`")),
+        "{e}"
+    );
+    // The client side reads its key the same way.
+    let e = meshca_tls::TlsConnector::new(
+        &d,
+        meshca_tls::ServerIdentity::parse("localhost").unwrap(),
+        meshca_tls::TlsVersion::V1_3,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("(mode 0644)"), "{e}");
+    // Group-readable, as a Kubernetes fsGroup makes a mounted secret: refused too.
+    chmod(&key, 0o640);
+    assert!(start_err(&d).contains("(mode 0640)"));
+    // The same files, private again: they load.
+    chmod(&key, 0o600);
+    TlsAcceptor::new(&TlsConfig {
+        mode: TlsMode::Mtls,
+        certs: Some(d.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+}
+
+#[tokio::test]
+async fn permissive_mode_with_an_allow_list_is_refused() {
+    let (_t, dir) = tmp();
+    let pki = Pki::new();
+    pki.service(&dir, "default", "web");
+    let cfg = TlsConfig {
+        mode: TlsMode::Permissive,
+        certs: Some(dir.clone()),
+        allow: vec![meshca_tls::PeerMatcher::new("spiffe://cluster.local/ns/shop/*").unwrap()],
+        ..Default::default()
+    };
+    let e = TlsAcceptor::new(&cfg).unwrap_err();
+    assert!(!e.is_credentials(), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("cannot be enforced in permissive mode")
+            && e.contains("use mode mtls to enforce the list, or drop the list"),
+        "{e}"
+    );
+}
