@@ -128,12 +128,17 @@ fi
 VROUNDS="${VAULT_ROUNDS:-3}"
 VSECS="${VAULT_SECONDS:-10}"
 VCONN="${VAULT_CONNECTIONS:-1}"
-bao write pki/roles/meshca allow_any_name=true allowed_uri_sans="spiffe://cluster.local/*" \
-  use_csr_sans=false use_csr_common_name=false key_type=any max_ttl=72h >/dev/null
+# One role per set of usages (meshca refuses a role that would sign more).
+common=(allow_any_name=true 'allowed_uri_sans=spiffe://cluster.local/*' use_csr_sans=false
+        use_csr_common_name=false key_usage=DigitalSignature key_type=any max_ttl=72h)
+bao write pki/roles/meshca "${common[@]}" server_flag=true client_flag=true >/dev/null
+bao write pki/roles/meshca-server "${common[@]}" server_flag=true client_flag=false >/dev/null
+bao write pki/roles/meshca-client "${common[@]}" server_flag=false client_flag=true >/dev/null
 printf 'root' > "$work/vault-token"; chmod 600 "$work/vault-token"
 VP=$(free_port)
 $M serve --dir "$work/meshca-vault" --listen "127.0.0.1:$VP" --issuer vault --vault-addr "$BAO_ADDR" \
-  --vault-role meshca --vault-token-file "$work/vault-token" 2>"$work/meshca-vault.log" &
+  --vault-role meshca --vault-profile-role server=meshca-server,client=meshca-client \
+  --vault-token-file "$work/vault-token" 2>"$work/meshca-vault.log" &
 pids+=($!)
 wait_port "$VP"; sleep 0.5
 VA="$work/meshca-vault/admin"

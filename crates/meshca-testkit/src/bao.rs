@@ -227,7 +227,11 @@ impl Bao {
     }
 
     /// Mounts a PKI engine at `mount`, generates a root in it and creates
-    /// `role` with the settings meshca requires plus `role_args`.
+    /// the roles meshca needs ([`Bao::write_role`]): `role` for the service
+    /// profile (server and client authentication) with `role_args` added,
+    /// `ROLE-server` for the server and webhook profiles and `ROLE-client`
+    /// for the client and bootstrap profiles ([`Bao::profile_role_flags`]
+    /// tells `meshca serve`).
     pub fn setup_pki(&self, mount: &str, role: &str, role_args: &[&str]) {
         self.setup_pki_in(None, mount, role, role_args);
     }
@@ -254,19 +258,74 @@ impl Bao {
             "issuer_name=first",
             "ttl=8760h",
         ]);
-        let mut args = vec![
-            "write".to_owned(),
-            format!("{mount}/roles/{role}"),
-            "allow_any_name=true".into(),
-            "allowed_uri_sans=spiffe://cluster.local/*".into(),
-            "use_csr_sans=false".into(),
-            "use_csr_common_name=false".into(),
-            "key_type=any".into(),
-            "max_ttl=72h".into(),
+        let mut service = vec!["server_flag=true", "client_flag=true"];
+        service.extend_from_slice(role_args);
+        self.write_role_in(namespace, mount, role, &service);
+        self.write_role_in(
+            namespace,
+            mount,
+            &format!("{role}-server"),
+            &["server_flag=true", "client_flag=false"],
+        );
+        self.write_role_in(
+            namespace,
+            mount,
+            &format!("{role}-client"),
+            &["server_flag=false", "client_flag=true"],
+        );
+    }
+
+    /// Creates (or replaces) `role` in `mount` with the settings meshca
+    /// requires (names are meshca's, key usage digitalSignature only, an
+    /// explicit CA:FALSE, no code signing or e-mail usages) plus `args`
+    /// (`server_flag=...`, `client_flag=...`; not one of these settings
+    /// again: the `bao` CLI turns a repeated key into a list).
+    pub fn write_role(&self, mount: &str, role: &str, args: &[&str]) {
+        self.write_role_in(None, mount, role, args);
+    }
+
+    /// [`Bao::write_role`] inside `namespace` when one is given.
+    pub fn write_role_in(&self, namespace: Option<&str>, mount: &str, role: &str, args: &[&str]) {
+        let path = format!("{mount}/roles/{role}");
+        let mut all = vec![
+            "write",
+            path.as_str(),
+            "allow_any_name=true",
+            "allowed_uri_sans=spiffe://cluster.local/*",
+            "use_csr_sans=false",
+            "use_csr_common_name=false",
+            "key_type=any",
+            "max_ttl=72h",
+            "key_usage=DigitalSignature",
+            "basic_constraints_valid_for_non_ca=true",
+            "code_signing_flag=false",
+            "email_protection_flag=false",
         ];
-        args.extend(role_args.iter().map(|a| (*a).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run(&args);
+        all.extend_from_slice(args);
+        self.run_in(namespace, &all);
+    }
+
+    /// The `meshca serve` flags that give each profile the role
+    /// [`Bao::setup_pki`] made for its usages (`role` serves `service`).
+    pub fn profile_role_flags(role: &str) -> Vec<String> {
+        let mut flags = Vec::new();
+        for (profile, suffix) in [
+            ("server", "server"),
+            ("webhook", "server"),
+            ("client", "client"),
+            ("bootstrap", "client"),
+        ] {
+            flags.push("--vault-profile-role".to_owned());
+            flags.push(format!("{profile}={role}-{suffix}"));
+        }
+        flags
+    }
+
+    /// The serials (Vault's colon-separated hex) that `bao list` finds at
+    /// `path` (`pki/certs`, `pki/certs/revoked`); none when it is empty.
+    pub fn list_serials(&self, path: &str) -> Vec<String> {
+        let out = self.try_run(&["list", "-format=json", path]);
+        serde_json::from_slice::<Vec<String>>(&out.stdout).unwrap_or_default()
     }
 
     /// Writes `token` to `path` with mode 0600.

@@ -65,6 +65,11 @@ impl VaultClient {
             .connect_timeout(settings.timeout.get().min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // No redirect is followed: reqwest would send X-Vault-Token
+            // (a header it does not know to be secret) and, on a 307 or
+            // 308, an AppRole login's body with its secret id again, to
+            // wherever the redirect points. A 3xx is an error (`exchange`).
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy();
         if let Some(ca) = &settings.ca_file {
             let pem = meshca_files::read_limited(ca, 1024 * 1024)?;
@@ -320,6 +325,18 @@ impl VaultClient {
         }
         let mut resp = req.send().await.map_err(|e| self.unreachable(&e))?;
         let status = resp.status();
+        if status.is_redirection() {
+            let location = resp.headers().get(reqwest::header::LOCATION).map_or_else(
+                || "nowhere (no Location header)".to_owned(),
+                |l| truncate(&String::from_utf8_lossy(l.as_bytes())),
+            );
+            return Err(VaultError::Redirected {
+                addr: self.addr.clone(),
+                path: path.to_owned(),
+                status: status.as_u16(),
+                location,
+            });
+        }
         let mut bytes = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(&e))? {
             bytes.extend_from_slice(&chunk);
@@ -478,5 +495,176 @@ mod tests {
         let renewed = token_from_auth("p", &answer, Some(&forever)).unwrap();
         assert_eq!(renewed.ttl, Some(Duration::from_secs(60)));
         assert!(token_from_auth("p", &serde_json::json!({}), None).is_err());
+    }
+
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    /// An HTTP/1.1 server on a real loopback socket: it records every
+    /// request (head and body) and answers each with `answer(request)`.
+    struct Http {
+        addr: SocketAddr,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Http {
+        fn start(answer: impl Fn(&str) -> String + Send + 'static) -> Http {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let log = seen.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { continue };
+                    let Some(request) = read_request(&mut stream) else {
+                        continue;
+                    };
+                    let reply = answer(&request);
+                    log.lock().unwrap().push(request);
+                    let _ = stream.write_all(reply.as_bytes());
+                }
+            });
+            Http { addr, seen }
+        }
+
+        fn url(&self) -> String {
+            format!("http://{}", self.addr)
+        }
+
+        fn seen(&self) -> Vec<String> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    fn read_request(stream: &mut TcpStream) -> Option<String> {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + length {
+                    let n = stream.read(&mut chunk).ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return Some(String::from_utf8_lossy(&buf).into_owned());
+            }
+            let n = stream.read(&mut chunk).ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn reply(status: &str, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn secret_file(dir: &std::path::Path, name: &str, secret: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        f.write_all(secret.as_bytes()).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed_and_carry_no_secret_elsewhere() {
+        // Elsewhere: a host that would gladly take the token, and answers
+        // as Vault would, so that a followed redirect logs in.
+        let elsewhere = Http::start(|request| {
+            let body = if request.contains("/login") {
+                r#"{"auth":{"client_token":"s.elsewhere","lease_duration":0,"renewable":false}}"#
+            } else {
+                r#"{"data":{"ttl":0,"renewable":false}}"#
+            };
+            reply("200 OK", "Content-Type: application/json\r\n", body)
+        });
+        let to = elsewhere.url();
+        // "Vault": every answer a 307 to the same path elsewhere.
+        let vault = Http::start(move |request| {
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            reply(
+                "307 Temporary Redirect",
+                &format!("Location: {to}{path}\r\n"),
+                "",
+            )
+        });
+        let dir = tempfile::tempdir().unwrap();
+
+        let mut settings = VaultSettings::new(&vault.url(), "meshca");
+        settings.token_file = Some(secret_file(dir.path(), "token", "s.the-vault-token"));
+        let client = VaultClient::new(&settings).unwrap();
+        let result = client.login().await;
+        assert!(
+            elsewhere.seen().is_empty(),
+            "the redirect was followed: {:?}",
+            elsewhere.seen()
+        );
+        let e = result.unwrap_err();
+        assert!(
+            matches!(&e, VaultError::Redirected { status: 307, .. }),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        for needle in [
+            format!("{}/v1/auth/token/lookup-self", elsewhere.url()),
+            "HTTP 307".to_owned(),
+            "does not follow redirects".to_owned(),
+            "--vault-addr".to_owned(),
+        ] {
+            assert!(text.contains(&needle), "{needle}: {text}");
+        }
+        assert!(!text.contains("the-vault-token"), "{text}");
+        // The one request went to the configured address only.
+        let asked = vault.seen();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert!(
+            asked[0]
+                .to_ascii_lowercase()
+                .contains("x-vault-token: s.the-vault-token")
+        );
+
+        // AppRole: the login (a POST, which a 307 would repeat with its
+        // body) does not send the secret id anywhere else either.
+        let mut settings = VaultSettings::new(&vault.url(), "meshca");
+        settings.approle_role_id = Some("role-id".into());
+        settings.approle_secret_id_file =
+            Some(secret_file(dir.path(), "secret-id", "the-secret-id"));
+        let client = VaultClient::new(&settings).unwrap();
+        let result = client.login().await;
+        assert!(
+            elsewhere.seen().is_empty(),
+            "the redirect was followed: {:?}",
+            elsewhere.seen()
+        );
+        let e = result.unwrap_err();
+        assert!(matches!(&e, VaultError::Redirected { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains(&format!("{}/v1/auth/approle/login", elsewhere.url())),
+            "{e}"
+        );
+        assert!(vault.seen().iter().any(|r| r.contains("the-secret-id")));
+        // Unhealthy as a setting, so /readyz and `ca status` say so.
+        assert_eq!(e.unhealthy().map(|u| u.label()), Some("misconfigured"));
     }
 }

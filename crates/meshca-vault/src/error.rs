@@ -56,6 +56,36 @@ pub enum VaultError {
         /// What is wrong and how to fix it.
         rule: String,
     },
+    /// Vault answered with a redirect, which meshca does not follow: it
+    /// would carry the token (or an AppRole login's secret id) elsewhere.
+    Redirected {
+        /// Vault's address, as configured.
+        addr: String,
+        /// The path called.
+        path: String,
+        /// The HTTP status (301, 302, 307, ...).
+        status: u16,
+        /// Where it pointed (its `Location`).
+        location: String,
+    },
+    /// A certificate Vault signed failed one of meshca's checks; it was not
+    /// handed out (and is revoked in Vault when `revoked`).
+    Unsafe {
+        /// The role that signed it.
+        role: String,
+        /// The PKI mount.
+        mount: String,
+        /// Its serial, as Vault writes it (colon-separated hex).
+        serial: String,
+        /// The check it failed: `key`, `names`, `basic_constraints`,
+        /// `key_usage`, `ext_key_usage`, `not_after`, `chain`.
+        check: &'static str,
+        /// What the certificate has, and what to change (naming the role
+        /// setting).
+        reason: String,
+        /// Whether Vault took its revocation.
+        revoked: bool,
+    },
     /// Vault answered with something meshca does not understand.
     BadAnswer {
         /// The path called.
@@ -89,6 +119,8 @@ impl VaultError {
             VaultError::NotFound { .. }
             | VaultError::Role { .. }
             | VaultError::Config { .. }
+            | VaultError::Redirected { .. }
+            | VaultError::Unsafe { .. }
             | VaultError::File(_) => Some(Unhealthy::Misconfigured(self.to_string())),
             VaultError::BadAnswer { .. } => Some(Unhealthy::BadAnswer(self.to_string())),
             VaultError::Refused { .. } => None,
@@ -136,6 +168,36 @@ impl fmt::Display for VaultError {
             VaultError::Refused { path, reason } => write!(f, "Vault refused {path}: {reason}"),
             VaultError::Role { role, rule } => {
                 write!(f, "the Vault role {role:?} cannot be used: {rule}")
+            }
+            VaultError::Redirected {
+                addr,
+                path,
+                status,
+                location,
+            } => write!(
+                f,
+                "Vault at {addr} answered {path} with HTTP {status}, a redirect to {location}; meshca does not follow redirects from Vault (they would carry its token or AppRole secret id to wherever they point): set --vault-addr (addr in [issuer.vault]) to an address that answers itself, such as the active node or a load balancer in front of the cluster"
+            ),
+            VaultError::Unsafe {
+                role,
+                mount,
+                serial,
+                check,
+                reason,
+                revoked,
+            } => {
+                write!(
+                    f,
+                    "the Vault role {role:?} signed certificate {serial}, which failed meshca's {check} check: {reason}. "
+                )?;
+                if *revoked {
+                    f.write_str("meshca did not hand it out and revoked it in Vault")
+                } else {
+                    write!(
+                        f,
+                        "meshca did not hand it out, but revoking it in Vault failed: revoke it there (bao write {mount}/revoke serial_number={serial})"
+                    )
+                }
             }
             VaultError::BadAnswer { path, reason } => {
                 write!(f, "Vault answered {path} with an unexpected body: {reason}")

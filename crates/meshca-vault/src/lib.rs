@@ -12,10 +12,28 @@
 //!   meshca sends the common name, DNS, IP and URI SANs it decided, and the
 //!   role must not copy names from the CSR (`use_csr_sans=false`,
 //!   `use_csr_common_name=false`). [`VaultIssuer::connect`] reads every role
-//!   in use and refuses to start when a role would, naming the setting; each
-//!   answer is checked again (its key is the caller's, its names are exactly
-//!   the ones asked for) and a certificate that fails is revoked in Vault and
-//!   never handed out.
+//!   in use and refuses to start when a role would, naming the setting.
+//! - The usages are meshca's decision too, but Vault's `sign` and `issue`
+//!   take them from the role only (the request cannot narrow them; only
+//!   `sign-verbatim` can, and it copies the CSR's names). So each set of
+//!   usages needs its role: the default role serves the `service` profile
+//!   (serverAuth and clientAuth), and `server`/`webhook` and
+//!   `client`/`bootstrap` need roles of their own (`profile_roles`) unless
+//!   the default role matches them. Before Vault is asked, the role's
+//!   settings are held against the profile (`check::RoleUsages`: flags,
+//!   `ext_key_usage`, `ext_key_usage_oids`, `key_usage`); a role that would
+//!   add a usage is refused by setting, without a certificate being made.
+//!   [`VaultIssuer::connect`] does so for the profiles meshca itself issues
+//!   (service, its server certificate, the admin's client certificate) and
+//!   every profile given its own role.
+//! - Each answer is checked again before it is handed out (the role may have
+//!   changed since it was read; Vault's answer is what gets handed out): its
+//!   key is the caller's, its names are exactly the ones asked for, it is not
+//!   a CA, its key usage and extended key usages are the profile's and
+//!   nothing more, it ends no later than asked (a few minutes of clock skew
+//!   allowed), and it chains to the mount's issuers. A certificate that fails
+//!   is revoked in Vault and never handed out; the error names the check and
+//!   the role setting to fix.
 //! - TTLs are held to the role's `max_ttl` by meshca, with an error naming
 //!   it, because Vault would silently cut them.
 //! - The trust bundle and chain come from Vault (the chains of the mount's
@@ -23,9 +41,12 @@
 //!   new issuer and moves [`Issuer::bundle_changes`], so the server announces
 //!   `bundle-changed`; it also renews the token at two thirds of its life (or
 //!   logs in again with AppRole) and keeps the health that `/readyz` shows.
+//! - The HTTP client follows no redirects: a redirect would carry the token
+//!   (or an AppRole login's secret id) to wherever it points. A 3xx is an
+//!   error naming its `Location` and the address setting.
 //! - Errors are typed ([`VaultError`]): unreachable, sealed (from
 //!   `sys/seal-status`, not from prose), denied, missing, refused (Vault's
-//!   reason quoted), unexpected answer.
+//!   reason quoted), redirected, unsafe certificate, unexpected answer.
 //!
 //! # Example
 //! ```no_run
@@ -33,6 +54,8 @@
 //! use meshca_vault::{VaultIssuer, VaultSettings};
 //! let mut settings = VaultSettings::new("https://vault:8200", "meshca");
 //! settings.token_file = Some("/run/secrets/vault-token".into());
+//! settings.profile_roles.insert(meshca_pki::Profile::Server, "meshca-server".into());
+//! settings.profile_roles.insert(meshca_pki::Profile::Client, "meshca-client".into());
 //! let td = meshca_pki::TrustDomain::new("cluster.local").unwrap();
 //! let issuer = VaultIssuer::connect(settings, td).await?;
 //! println!("{}", meshca_issuer::Issuer::describe(&*issuer));
@@ -40,6 +63,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod check;
 mod client;
 mod error;
 mod settings;
@@ -60,6 +84,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use check::{Failed, RoleUsages, check_chain, check_leaf, check_not_after};
 use client::{VaultClient, bad};
 pub use error::VaultError;
 pub use settings::{
@@ -71,14 +96,41 @@ pub use settings::{
 /// (Vault backdates notBefore by 30 s; clocks and the call take a little).
 const CUT_SLACK: Duration = Duration::from_secs(120);
 
+/// The profiles meshca issues itself whatever the workloads ask for: the
+/// default for workloads, its own server certificate, the admin's
+/// certificate. Their roles are checked when meshca connects.
+const OWN_PROFILES: [Profile; 3] = [Profile::Service, Profile::Server, Profile::Client];
+
 /// What meshca needs to know of a role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RoleInfo {
     max_ttl: Option<Duration>,
-    server_flag: bool,
-    client_flag: bool,
+    /// The usages its certificates get.
+    usages: RoleUsages,
     key_type: String,
     key_bits: u64,
+}
+
+/// A certificate (or an answer) from Vault that meshca will not hand out,
+/// with the serial to revoke when one was read from the certificate. (The
+/// error is boxed to keep the `Err` small.)
+#[derive(Debug)]
+struct Refused {
+    serial: Option<Serial>,
+    error: Box<VaultError>,
+}
+
+impl Refused {
+    fn bad(error: VaultError) -> Self {
+        Refused {
+            serial: None,
+            error: Box::new(error),
+        }
+    }
+
+    fn is_chain(&self) -> bool {
+        matches!(*self.error, VaultError::Unsafe { check: "chain", .. })
+    }
 }
 
 /// What Vault's issuers say: the issuing CA and the trust bundle.
@@ -106,8 +158,11 @@ pub struct VaultIssuer {
 
 impl VaultIssuer {
     /// Logs in, checks every role in use and reads the issuers; refuses
-    /// (naming the setting) when a role would let Vault decide names. Then
-    /// keeps all of it fresh in the background for as long as the issuer lives.
+    /// (naming the setting) when a role would let Vault decide names, or
+    /// when the role of a profile meshca issues itself (service, server,
+    /// client) or of a profile given its own role would sign other usages
+    /// than the profile's. Then keeps all of it fresh in the background for
+    /// as long as the issuer lives.
     pub async fn connect(
         settings: VaultSettings,
         trust_domain: TrustDomain,
@@ -121,14 +176,18 @@ impl VaultIssuer {
                 read_role(&client, &settings.mount, role, &trust_domain).await?,
             );
         }
-        let default = &roles[settings.role.as_str()];
-        // The default role serves the `service` profile: it must allow both.
-        if !(default.server_flag && default.client_flag) {
-            return Err(VaultError::Role {
-                role: settings.role.clone(),
-                rule: "it must set server_flag=true and client_flag=true (meshca's service profile authenticates both ends); give other profiles their own role with profile_roles".into(),
-            });
-        }
+        // The roles of the profiles meshca issues itself, and of every
+        // profile given its own role, must sign exactly their usages: found
+        // now, before Vault has signed anything, rather than at the first
+        // issuance.
+        let mut profiles = OWN_PROFILES.to_vec();
+        profiles.extend(
+            settings
+                .profile_roles
+                .keys()
+                .filter(|p| !OWN_PROFILES.contains(p)),
+        );
+        check_roles_fit(&settings, &roles, &profiles)?;
         let issuers = read_issuers(&client, &settings.mount).await?;
         let describe = format!(
             "vault {} mount {} role {}",
@@ -166,6 +225,11 @@ impl VaultIssuer {
         if let Ok(mut r) = self.roles.write() {
             *r = roles;
         }
+        self.reload_issuers().await
+    }
+
+    /// Reads the mount's issuers again; notices a changed bundle.
+    async fn reload_issuers(&self) -> Result<(), VaultError> {
         let fresh = read_issuers(&self.client, &self.settings.mount).await?;
         let changed = self
             .issuers
@@ -180,6 +244,20 @@ impl VaultIssuer {
             self.bundle_tx.send_modify(|n| *n += 1);
         }
         Ok(())
+    }
+
+    /// Reads one role again (and keeps what it says), so that a role fixed
+    /// since the last check is used at once rather than after the next one.
+    async fn reread_role(&self, role: &str) -> Result<RoleInfo, VaultError> {
+        let fresh = read_role(&self.client, &self.settings.mount, role, &self.trust_domain).await;
+        if fresh.is_err() {
+            self.note(&fresh);
+        }
+        let fresh = fresh?;
+        if let Ok(mut r) = self.roles.write() {
+            r.insert(role.to_owned(), fresh.clone());
+        }
+        Ok(fresh)
     }
 
     /// Notes what a call said about Vault's health.
@@ -217,28 +295,22 @@ impl VaultIssuer {
             })
     }
 
-    /// The request body Vault gets: meshca's names, meshca's lifetime.
+    /// The request body Vault gets: meshca's names, meshca's lifetime. The
+    /// usages cannot be asked for (Vault takes them from the role), so the
+    /// role is held against the profile first: a role that would sign other
+    /// usages is refused here, before a certificate exists.
     fn request_body(
         &self,
         role: &str,
         info: &RoleInfo,
         spec: &LeafSpec,
+        key_type: KeyType,
     ) -> Result<Value, VaultError> {
-        let profile = spec.profile;
-        if (profile.server_auth() && !info.server_flag)
-            || (profile.client_auth() && !info.client_flag)
-        {
+        let misfits = info.usages.misfits(spec.profile, Some(key_type));
+        if !misfits.is_empty() {
             return Err(VaultError::Role {
                 role: role.to_owned(),
-                rule: format!(
-                    "the {} profile needs {}; set them on the role or give the profile its own role (profile_roles)",
-                    profile_name(profile),
-                    match (profile.server_auth(), profile.client_auth()) {
-                        (true, true) => "server_flag=true and client_flag=true",
-                        (true, false) => "server_flag=true",
-                        _ => "client_flag=true",
-                    }
-                ),
+                rule: misfits.join("; "),
             });
         }
         if let Some(max) = info.max_ttl
@@ -267,48 +339,81 @@ impl VaultIssuer {
         Ok(body)
     }
 
-    /// Checks Vault's answer and turns it into a [`Signed`].
+    /// Checks Vault's answer against everything meshca decided and turns it
+    /// into a [`Signed`]; a certificate that fails is refused with the
+    /// check it failed (the caller revokes it).
     fn accept(
         &self,
         path: &str,
         answer: &Value,
         spec: &LeafSpec,
         key: &KeySource,
-    ) -> Result<Signed, VaultError> {
+    ) -> Result<Signed, Refused> {
         let data = &answer["data"];
         let leaf_pem = data["certificate"]
             .as_str()
-            .ok_or_else(|| bad(path, "no data.certificate"))?;
+            .ok_or_else(|| Refused::bad(bad(path, "no data.certificate")))?;
         let der = parse_certs(leaf_pem.as_bytes())
             .ok()
             .and_then(|mut c| (!c.is_empty()).then(|| c.swap_remove(0)))
-            .ok_or_else(|| bad(path, "data.certificate is not a PEM certificate"))?;
+            .ok_or_else(|| Refused::bad(bad(path, "data.certificate is not a PEM certificate")))?;
+        let facts = cert_facts(&der).map_err(|e| Refused::bad(bad(path, &e.to_string())))?;
+        let role = self.settings.role_for(spec.profile).to_owned();
+        // From here on there is a certificate: a failure names its check
+        // and the certificate is revoked.
+        let refuse = |f: Failed| Refused {
+            serial: Some(facts.serial.clone()),
+            error: Box::new(VaultError::Unsafe {
+                role: role.clone(),
+                mount: self.settings.mount.clone(),
+                serial: colon_hex(&facts.serial),
+                check: f.check,
+                reason: format!("{}; {}", f.found, f.fix),
+                revoked: false,
+            }),
+        };
         let private_key = match key {
             KeySource::Csr(csr) => {
                 if !csr.public_key().is_in(&der).unwrap_or(false) {
-                    return Err(bad(path, "the certificate does not certify the CSR's key"));
+                    return Err(refuse(Failed {
+                        check: "key",
+                        found: "it does not certify the CSR's key".into(),
+                        fix: "a PKI role cannot cause this: check that --vault-addr is Vault"
+                            .into(),
+                    }));
                 }
                 None
             }
             KeySource::Generate(_) => {
-                let pem = data["private_key"]
-                    .as_str()
-                    .ok_or_else(|| bad(path, "no data.private_key"))?;
-                let key = PrivateKey::from_pem(pem)
-                    .map_err(|e| bad(path, &format!("data.private_key: {e}")))?;
-                let public = LeafPublicKey::of(&key)
-                    .map_err(|e| bad(path, &format!("data.private_key: {e}")))?;
+                let pem = data["private_key"].as_str().ok_or_else(|| {
+                    refuse(Failed {
+                        check: "key",
+                        found: "no data.private_key came with it".into(),
+                        fix: "check that --vault-addr is Vault".into(),
+                    })
+                })?;
+                let parsed =
+                    PrivateKey::from_pem(pem).and_then(|k| LeafPublicKey::of(&k).map(|p| (k, p)));
+                let (key, public) = parsed.map_err(|e| {
+                    refuse(Failed {
+                        check: "key",
+                        found: format!("data.private_key: {e}"),
+                        fix: "check that --vault-addr is Vault".into(),
+                    })
+                })?;
                 if !public.is_in(&der).unwrap_or(false) {
-                    return Err(bad(
-                        path,
-                        "the certificate does not certify the key sent with it",
-                    ));
+                    return Err(refuse(Failed {
+                        check: "key",
+                        found: "it does not certify the key sent with it".into(),
+                        fix: "a PKI role cannot cause this: check that --vault-addr is Vault"
+                            .into(),
+                    }));
                 }
                 Some(key)
             }
         };
         let now = OffsetDateTime::now_utc();
-        let info = describe(&der, now).map_err(|e| bad(path, &e.to_string()))?;
+        let info = describe(&der, now).map_err(|e| Refused::bad(bad(path, &e.to_string())))?;
         let asked_dns: HashSet<&str> = spec.sans.dns.iter().map(String::as_str).collect();
         let got_dns: HashSet<&str> = info.dns_names.iter().map(String::as_str).collect();
         let asked_ips: HashSet<IpAddr> = spec.sans.ips.iter().copied().collect();
@@ -322,10 +427,10 @@ impl VaultIssuer {
             || asked_ips != got_ips
             || got_ips.len() != info.ip_addresses.len()
         {
-            return Err(VaultError::Role {
-                role: self.settings.role_for(spec.profile).to_owned(),
-                rule: format!(
-                    "Vault's certificate names {:?} {:?} {:?} where meshca asked for {:?} {:?} {:?}; the role must not add names (use_csr_sans=false, use_csr_common_name=false, no default SANs)",
+            return Err(refuse(Failed {
+                check: "names",
+                found: format!(
+                    "it names {:?} {:?} {:?} where meshca asked for {:?} {:?} {:?}",
                     info.uris,
                     info.dns_names,
                     info.ip_addresses,
@@ -333,24 +438,34 @@ impl VaultIssuer {
                     spec.sans.dns,
                     spec.sans.ips
                 ),
-            });
+                fix: "the role must not add names (use_csr_sans=false, use_csr_common_name=false, no default SANs)".into(),
+            }));
         }
-        let facts = cert_facts(&der).map_err(|e| bad(path, &e.to_string()))?;
+        check_leaf(&der, spec.profile).map_err(refuse)?;
+        check_not_after(facts.not_after, now, spec.ttl).map_err(refuse)?;
         let mut chain = Vec::new();
         let chain_pems: Vec<&str> = match data["ca_chain"].as_array() {
             Some(list) => list.iter().filter_map(Value::as_str).collect(),
             None => data["issuing_ca"].as_str().into_iter().collect(),
         };
         for pem in chain_pems {
-            for c in
-                parse_certs(pem.as_bytes()).map_err(|e| bad(path, &format!("ca_chain: {e}")))?
-            {
+            let certs = parse_certs(pem.as_bytes())
+                .map_err(|e| Refused::bad(bad(path, &format!("ca_chain: {e}"))))?;
+            for c in certs {
                 // Roots belong in the trust bundle, not in the served chain.
                 if !cert_facts(&c).map(|f| f.self_signed).unwrap_or(false) {
                     chain.push(c);
                 }
             }
         }
+        let (bundle, hierarchy_id) = self
+            .issuers
+            .read()
+            .map(|i| (i.bundle.clone(), i.default_id.clone()))
+            .unwrap_or_default();
+        // At notBefore when Vault's clock is ahead of meshca's: the chain
+        // is what is checked here, not the clocks.
+        check_chain(&der, &chain, &bundle, now.max(facts.not_before)).map_err(refuse)?;
         let asked_until = now + spec.ttl;
         let clipped = facts.not_after + CUT_SLACK < asked_until;
         if clipped {
@@ -360,11 +475,6 @@ impl VaultIssuer {
                 "Vault issued a certificate shorter than asked"
             );
         }
-        let hierarchy_id = self
-            .issuers
-            .read()
-            .map(|i| i.default_id.clone())
-            .unwrap_or_default();
         Ok(Signed {
             leaf: IssuedLeaf {
                 der,
@@ -405,10 +515,21 @@ impl Issuer for VaultIssuer {
             });
         }
         let role = self.settings.role_for(spec.profile).to_owned();
+        let key_type = match key {
+            KeySource::Csr(csr) => csr.key_type(),
+            KeySource::Generate(kt) => *kt,
+        };
         let info = self.role_info(&role).map_err(|e| self.fail(e))?;
-        let mut body = self
-            .request_body(&role, &info, spec)
-            .map_err(|e| self.fail(e))?;
+        let mut body = match self.request_body(&role, &info, spec, key_type) {
+            Ok(body) => body,
+            // The role may have been fixed since it was read: read it again
+            // before refusing, so that the fix counts at once.
+            Err(_) => {
+                let fresh = self.reread_role(&role).await.map_err(|e| self.fail(e))?;
+                self.request_body(&role, &fresh, spec, key_type)
+                    .map_err(|e| self.fail(e))?
+            }
+        };
         let mount = &self.settings.mount;
         let path = match key {
             KeySource::Csr(csr) => {
@@ -426,27 +547,48 @@ impl Issuer for VaultIssuer {
         let answer = self.client.call(Method::POST, &path, Some(&body)).await;
         self.note(&answer);
         let answer = answer.map_err(|e| self.fail(e))?;
-        match self.accept(&path, &answer, spec, key) {
-            Ok(signed) => Ok(signed),
-            Err(e) => {
-                // Whatever Vault signed that meshca will not hand out is
-                // revoked, so that it cannot turn up anywhere.
-                if let Some(serial) = answer["data"]["serial_number"]
-                    .as_str()
-                    .and_then(parse_colon_hex)
-                    && let Err(r) = self.revoke_in_vault(&serial).await
-                {
-                    tracing::warn!(
-                        "revoking refused certificate {} in Vault: {r}",
-                        serial.to_hex()
-                    );
+        let mut accepted = self.accept(&path, &answer, spec, key);
+        if matches!(&accepted, Err(refused) if refused.is_chain()) {
+            // An issuer made the mount's default since the last refresh
+            // signs before meshca has read it: read the issuers again once
+            // before refusing.
+            match self.reload_issuers().await {
+                Ok(()) => accepted = self.accept(&path, &answer, spec, key),
+                Err(e) => {
+                    tracing::warn!(issuer = %self.describe, "reading Vault's issuers again: {e}")
                 }
-                tracing::error!(issuer = %self.describe, "refused Vault's answer: {e}");
+            }
+        }
+        match accepted {
+            Ok(signed) => Ok(signed),
+            Err(Refused { serial, mut error }) => {
+                // Whatever Vault signed that meshca will not hand out is
+                // revoked, so that it cannot turn up anywhere. The serial is
+                // the certificate's own; Vault's field when it did not parse.
+                let serial = serial.or_else(|| {
+                    answer["data"]["serial_number"]
+                        .as_str()
+                        .and_then(parse_colon_hex)
+                });
+                if let Some(serial) = serial {
+                    match self.revoke_in_vault(&serial).await {
+                        Ok(()) => {
+                            if let VaultError::Unsafe { revoked, .. } = &mut *error {
+                                *revoked = true;
+                            }
+                        }
+                        Err(r) => tracing::warn!(
+                            "revoking refused certificate {} in Vault: {r}",
+                            serial.to_hex()
+                        ),
+                    }
+                }
+                tracing::error!(issuer = %self.describe, "refused Vault's answer: {error}");
                 self.note(&Err::<(), _>(VaultError::BadAnswer {
                     path: path.clone(),
-                    reason: e.to_string(),
+                    reason: error.to_string(),
                 }));
-                Err(self.fail(e))
+                Err(self.fail(*error))
             }
         }
     }
@@ -596,11 +738,47 @@ async fn read_role(
         .ok_or_else(|| bad(&path, "no numeric data.max_ttl"))?;
     Ok(RoleInfo {
         max_ttl: (max_ttl > 0).then(|| Duration::from_secs(max_ttl)),
-        server_flag: flag("server_flag")?,
-        client_flag: flag("client_flag")?,
+        usages: RoleUsages::from_role(d, flag("server_flag")?, flag("client_flag")?),
         key_type: d["key_type"].as_str().unwrap_or("any").to_owned(),
         key_bits: d["key_bits"].as_u64().unwrap_or(0),
     })
+}
+
+/// Checks that the role of each of `profiles` signs exactly its usages
+/// (for any key the role takes). Refuses with every problem of the first
+/// role that has one, each naming its setting.
+fn check_roles_fit(
+    settings: &VaultSettings,
+    roles: &BTreeMap<String, RoleInfo>,
+    profiles: &[Profile],
+) -> Result<(), VaultError> {
+    let mut problems: Vec<(&str, Vec<String>)> = Vec::new();
+    for &profile in profiles {
+        let role = settings.role_for(profile);
+        let Some(info) = roles.get(role) else {
+            continue;
+        };
+        let at = match problems.iter().position(|(r, _)| *r == role) {
+            Some(at) => at,
+            None => {
+                problems.push((role, Vec::new()));
+                problems.len() - 1
+            }
+        };
+        for m in info.usages.misfits(profile, None) {
+            // The key_usage problem is the same for every profile.
+            if !problems[at].1.contains(&m) {
+                problems[at].1.push(m);
+            }
+        }
+    }
+    match problems.into_iter().find(|(_, p)| !p.is_empty()) {
+        Some((role, p)) => Err(VaultError::Role {
+            role: role.to_owned(),
+            rule: p.join("; "),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Reads the mount's issuers: the default one signs, and every issuer's
@@ -675,13 +853,6 @@ fn vault_key_type(kt: KeyType) -> (&'static str, u32) {
         KeyType::Rsa3072 => ("rsa", 3072),
         KeyType::Rsa4096 => ("rsa", 4096),
     }
-}
-
-fn profile_name(p: Profile) -> String {
-    serde_json::to_value(p)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 /// Vault writes serials as colon-separated hex bytes.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use meshca_pki::GoDuration;
+use meshca_pki::{GoDuration, Profile};
 use meshca_vault::VaultSettings;
 use serde::{Deserialize, Serialize};
 
@@ -18,9 +18,23 @@ pub struct IssuerArgs {
     /// Vault's address (http:// or https://).
     #[arg(long, global = true, env = "MESHCA_VAULT_ADDR", value_name = "URL")]
     pub vault_addr: Option<String>,
-    /// The PKI role that signs.
+    /// The PKI role that signs (for the service profile, and every profile
+    /// without a role of its own).
     #[arg(long, global = true, env = "MESHCA_VAULT_ROLE", value_name = "ROLE")]
     pub vault_role: Option<String>,
+    /// The role of one profile, `PROFILE=ROLE` (repeatable, e.g.
+    /// `server=meshca-server`): Vault takes a certificate's usages from the
+    /// role, so profiles whose usages differ from the default role's need
+    /// their own. Adds to `[issuer.vault.profile_roles]`.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHCA_VAULT_PROFILE_ROLE",
+        value_name = "PROFILE=ROLE",
+        value_delimiter = ',',
+        value_parser = parse_profile_role
+    )]
+    pub vault_profile_role: Vec<(Profile, String)>,
     /// The PKI mount [default: pki].
     #[arg(long, global = true, env = "MESHCA_VAULT_MOUNT", value_name = "PATH")]
     pub vault_mount: Option<String>,
@@ -98,6 +112,7 @@ impl IssuerArgs {
     fn any_vault_flag(&self) -> bool {
         self.vault_addr.is_some()
             || self.vault_role.is_some()
+            || !self.vault_profile_role.is_empty()
             || self.vault_mount.is_some()
             || self.vault_token_file.is_some()
             || self.vault_approle_role_id.is_some()
@@ -140,6 +155,10 @@ impl IssuerArgs {
         if let Some(m) = &self.vault_mount {
             s.mount = m.clone();
         }
+        // Profile by profile, flags win over the file.
+        for (profile, role) in &self.vault_profile_role {
+            s.profile_roles.insert(*profile, role.clone());
+        }
         // A login given by flags replaces the file's whole login.
         if self.vault_token_file.is_some()
             || self.vault_approle_role_id.is_some()
@@ -175,6 +194,22 @@ impl IssuerArgs {
         s.validate()?;
         Ok(IssuerChoice::Vault(Box::new(s)))
     }
+}
+
+/// `PROFILE=ROLE`, for --vault-profile-role.
+fn parse_profile_role(s: &str) -> Result<(Profile, String), String> {
+    let (profile, role) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PROFILE=ROLE (e.g. server=meshca-server)"))?;
+    let profile = profile
+        .trim()
+        .parse::<Profile>()
+        .map_err(|e| e.to_string())?;
+    let role = role.trim();
+    if role.is_empty() {
+        return Err(format!("{s:?} names no role"));
+    }
+    Ok((profile, role.to_owned()))
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -232,6 +267,19 @@ mod tests {
         };
         assert_eq!(s.role, "other");
         assert_eq!(s.token_file, None, "a login by flags replaces the file's");
+
+        let per_profile = IssuerArgs {
+            vault_profile_role: vec![parse_profile_role("server=meshca-server").unwrap()],
+            ..Default::default()
+        };
+        let IssuerChoice::Vault(s) = per_profile.choose(Some(&file)).unwrap() else {
+            panic!("the file says vault")
+        };
+        assert_eq!(s.role_for(Profile::Server), "meshca-server");
+        assert_eq!(s.role_for(Profile::Client), "meshca");
+        assert!(parse_profile_role("server").is_err());
+        assert!(parse_profile_role("admin=x").is_err());
+        assert!(parse_profile_role("client=").is_err());
 
         let stray = IssuerArgs {
             vault_addr: Some("http://v".into()),

@@ -11,7 +11,9 @@ use serde_json::Value;
 
 use crate::common::*;
 
-/// `serve` flags for the Vault issuer with a token file.
+/// `serve` flags for the Vault issuer with a token file: the role
+/// `meshca` for the service profile, and the roles `Bao::setup_pki` made
+/// for the profiles with one usage.
 fn vault_flags(bao: &Bao, token_file: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
         "--issuer",
@@ -28,6 +30,7 @@ fn vault_flags(bao: &Bao, token_file: &Path, extra: &[&str]) -> Vec<String> {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    v.extend(Bao::profile_role_flags("meshca"));
     v.extend(extra.iter().map(|s| (*s).to_owned()));
     v
 }
@@ -390,6 +393,7 @@ fn profile_roles_from_the_config_file_pick_the_role() {
         "use_csr_common_name=false",
         "server_flag=false",
         "client_flag=true",
+        "key_usage=DigitalSignature",
         "key_type=any",
         "max_ttl=1h",
     ]);
@@ -399,10 +403,13 @@ fn profile_roles_from_the_config_file_pick_the_role() {
     drop(start(&d, &vault_flags(&bao, &token, &[])));
     let config = d.join("meshca.toml");
     let written = std::fs::read_to_string(&config).unwrap();
+    // The start wrote the profile roles of the flags; the client's changes.
+    let given = "client = \"meshca-client\"";
+    assert!(written.contains(given), "{written}");
     let with_role = |role: &str| {
         std::fs::write(
             &config,
-            format!("{written}\n[issuer.vault.profile_roles]\nclient = \"{role}\"\n"),
+            written.replace(given, &format!("client = \"{role}\"")),
         )
         .unwrap();
     };
@@ -650,10 +657,10 @@ fn approle_login_token_renewal_and_expiry() {
     std::fs::write(
         &policy,
         r#"
-path "pki/sign/meshca" { capabilities = ["update"] }
-path "pki/issue/meshca" { capabilities = ["update"] }
+path "pki/sign/meshca*" { capabilities = ["update"] }
+path "pki/issue/meshca*" { capabilities = ["update"] }
 path "pki/revoke" { capabilities = ["update"] }
-path "pki/roles/meshca" { capabilities = ["read"] }
+path "pki/roles/meshca*" { capabilities = ["read"] }
 path "pki/issuer/*" { capabilities = ["read"] }
 path "pki/issuers" { capabilities = ["list"] }
 "#,
@@ -680,23 +687,25 @@ path "pki/issuers" { capabilities = ["list"] }
     let secret_file = tmp.path().join("secret-id");
     Bao::write_secret(&secret_file, secret_id.trim());
     let d = tmp.path().join("approle");
-    let srv = Server::start(
-        &d,
-        &[
-            "--issuer",
-            "vault",
-            "--vault-addr",
-            &bao.addr,
-            "--vault-role",
-            "meshca",
-            "--vault-approle-role-id",
-            role_id.trim(),
-            "--vault-approle-secret-id-file",
-            secret_file.to_str().unwrap(),
-            "--vault-refresh",
-            "1s",
-        ],
-    );
+    let mut flags: Vec<String> = [
+        "--issuer",
+        "vault",
+        "--vault-addr",
+        &bao.addr,
+        "--vault-role",
+        "meshca",
+        "--vault-approle-role-id",
+        role_id.trim(),
+        "--vault-approle-secret-id-file",
+        secret_file.to_str().unwrap(),
+        "--vault-refresh",
+        "1s",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    flags.extend(Bao::profile_role_flags("meshca"));
+    let srv = start(&d, &flags);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut n = 0;
     while Instant::now() < deadline {
