@@ -1101,6 +1101,7 @@ mod tests {
                 revoked_at: None,
                 revocation_reason: None,
                 certificate_pem: String::new(),
+                renewed_from: None,
             }
         };
         {

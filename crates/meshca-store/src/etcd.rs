@@ -4,11 +4,12 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `P` `certs/<serial hex>` | certificate record (JSON) |
+//! | `P` `certs/<serial hex>` | certificate record (JSON), authenticated |
 //! | `P` `ids/<namespace>/<name>/<serial hex>` | empty: the identity index |
-//! | `P` `hierarchies/<id>` | hierarchy record (JSON; CA keys sealed) |
-//! | `P` `tokens/<id>` | join token record (JSON; secret hashed) |
-//! | `P` `blobs/<name>` | named CA state (the shared `meshca.toml`, ...) |
+//! | `P` `hierarchies/<id>` | hierarchy record (JSON; CA keys sealed), authenticated |
+//! | `P` `tokens/<id>` | join token record (JSON; secret hashed), authenticated |
+//! | `P` `blobs/<name>` | named CA state (the shared `meshca.toml`, the CRL, agent reports), authenticated |
+//! | `P` `integrity` | the marker that the records under `P` are authenticated, authenticated |
 //! | `P` `events/<random>` | the events of one transaction (JSON array), on a lease: the retention |
 //! | `P` `leader` | the leading replica's name, on its lease |
 //!
@@ -17,18 +18,55 @@
 //! once and a status changes once, whichever replicas race. Inserts are
 //! "create if absent" transactions. An event's id is the etcd revision that
 //! wrote it, which grows across the whole cluster.
+//!
+//! # Authenticated records
+//! Write access to etcd is not the CA's authority. Each value marked
+//! "authenticated" above is stored in a MAC envelope (see `mac.rs`:
+//! HMAC-SHA256 over the key and the value, under a key derived from the seal
+//! key), so nobody without the seal key can add a token, a certificate
+//! record that names another identity, a hierarchy or a policy, nor move a
+//! record to another key. A value that fails its check is refused and
+//! logged (`ERROR`, with its key): a read of that record ([`Store::get_certificate`],
+//! [`Store::get_blob`], a token use, a revocation, a status change) fails
+//! with [`StoreError::Tampered`]; a listing skips it and goes on, so that one
+//! forged record does not stop the CA (skipping is what its deletion would
+//! have done, which write access can do anyway).
+//!
+//! The index keys (`ids/`) are not authenticated: they only say where to
+//! look, and every record they lead to is checked and matched against the
+//! identity asked for. Events and the leader key are not either: a forged
+//! event makes replicas read the (authenticated) hierarchies again or mark
+//! a certificate revoked in their caches, a forged leader key stops the
+//! scheduled work; neither grants anything.
+//!
+//! Not prevented: writing back an older value meshca wrote at the same key
+//! (the MAC does not cover when). See SECURITY.md.
+//!
+//! # Upgrading a store written before records were authenticated
+//! [`EtcdStore::open`] checks the marker `P` `integrity` first. It is
+//! written when a store is opened empty; a store that holds records without
+//! a MAC and no marker is refused ([`StoreError::Unauthenticated`]) until
+//! [`EtcdStore::authenticate_records`] (`meshca store authenticate`) has run
+//! once. That run records in the marker the etcd revision it started at and
+//! authenticates only records without a MAC last written before it; a
+//! record written later never is, however often it runs again. A marker that
+//! does not check with the seal key given is [`StoreError::SealKeyMismatch`];
+//! a marker removed from a store whose records are authenticated is written
+//! again (and authenticates nothing), with an `ERROR` in the log.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use meshca_etcd::{Client, Compare, EtcdConfig, EtcdError, KeyValue, Op, Txn};
-use meshca_pki::Serial;
+use meshca_pki::{SealKey, Serial};
+use serde::Deserialize;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
 use crate::decide::{self, Decision};
+use crate::mac::{self, RecordKey, Refusal};
 use crate::record::{Expiry, IDENTITY_INDEX_MARKER, identity_key, identity_prefix};
 use crate::{
     CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
@@ -58,6 +96,10 @@ const BATCHES_IN_FLIGHT: usize = 1;
 /// An event id is the etcd revision that wrote it, shifted, plus its place
 /// in that transaction (several events share a revision when grouped).
 const EVENT_SLOT_BITS: u32 = 12;
+/// The kinds of record whose values are authenticated (each `P` `<kind>/`).
+const AUTHENTICATED: [&str; 4] = ["certs", "hierarchies", "tokens", "blobs"];
+/// What the integrity marker says to whoever reads it with etcdctl.
+const MARKER_ABOUT: &str = "the records under this prefix are authenticated by meshca: HMAC-SHA256 over each key and value, under a key derived from the seal key";
 
 /// Where the etcd store is.
 #[derive(Debug, Clone)]
@@ -113,6 +155,20 @@ impl EtcdStoreConfig {
     }
 }
 
+/// What [`EtcdStore::authenticate_records`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthenticateReport {
+    /// The records it authenticated (their keys): they had no MAC and were
+    /// last written before the upgrade first started.
+    pub authenticated: Vec<String>,
+    /// How many records were authenticated already.
+    pub already: usize,
+    /// The records it left refused (their keys): a MAC that does not check,
+    /// or no MAC on a record written after the upgrade first started (or
+    /// changed while it ran). Delete them or restore them from a backup.
+    pub refused: Vec<String>,
+}
+
 /// The etcd store. Cheap to clone.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -120,6 +176,8 @@ pub struct EtcdStore {
     prefix: String,
     location: String,
     lease_ttl: Duration,
+    /// Authenticates the records (derived from the seal key).
+    mac: Arc<RecordKey>,
     event_lease: Arc<Mutex<Option<(i64, Instant)>>>,
     writes: tokio::sync::mpsc::Sender<Write>,
 }
@@ -150,6 +208,48 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// The integrity marker (`P` `integrity`), itself authenticated: the
+/// records under the prefix are authenticated, with the key its MAC checks
+/// with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Marker {
+    /// The envelope's version.
+    version: u32,
+    /// Records without a MAC last written before this etcd revision may be
+    /// authenticated by [`EtcdStore::authenticate_records`]; 0: none may.
+    legacy_before: i64,
+    /// For people reading it with etcdctl.
+    #[serde(default)]
+    about: String,
+}
+
+impl Marker {
+    fn new(legacy_before: i64) -> Self {
+        Marker {
+            version: 1,
+            legacy_before,
+            about: MARKER_ABOUT.to_owned(),
+        }
+    }
+}
+
+/// The authenticated kinds of record as they are, at the open of a store
+/// without its marker.
+#[derive(Debug, Default)]
+struct Census {
+    /// Values in a MAC envelope.
+    enveloped: usize,
+    /// Of those, how many check with this store's key.
+    valid: usize,
+    /// Values without an envelope.
+    bare: usize,
+    /// The etcd revision of the first read: every record then present was
+    /// last written at or before it.
+    revision: i64,
+    /// The hierarchy records without an envelope.
+    bare_hierarchies: Vec<KeyValue>,
+}
+
 fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Corrupt {
         key: key.to_owned(),
@@ -157,22 +257,64 @@ fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
     })
 }
 
-fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
-    serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(&kv.key).into_owned(),
-        reason: e.to_string(),
-    })
+fn lossy(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// Logs a refused record, with its key.
+fn log_refusal(key: &[u8], why: Refusal) {
+    tracing::error!(
+        key = %lossy(key),
+        "refused a store record that fails its integrity check: {}; someone with write access to the store may have forged, altered or moved it",
+        why.reason()
+    );
+}
+
+/// A record that fails its check: logged, and the error naming it.
+fn refuse(key: &[u8], why: Refusal) -> StoreError {
+    log_refusal(key, why);
+    StoreError::Tampered {
+        key: lossy(key),
+        reason: why.reason().to_owned(),
+    }
+}
+
+/// A listing skips a refused record (logged by [`refuse`]) and goes on;
+/// any other error stops it.
+fn skip_refused<T>(r: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_tampered() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 impl EtcdStore {
-    /// A store on the etcd cluster of `config`. Contacts etcd once, so that
-    /// a wrong address or credentials fail here with a clear error.
-    pub async fn open(config: EtcdStoreConfig) -> Result<Self, StoreError> {
+    /// A store on the etcd cluster of `config`, its records authenticated
+    /// with a key derived from `seal`. Contacts etcd, so that a wrong
+    /// address or credentials fail here with a clear error, and checks the
+    /// store's integrity marker (see the module docs): another seal key is
+    /// [`StoreError::SealKeyMismatch`], a store written before records were
+    /// authenticated is [`StoreError::Unauthenticated`].
+    pub async fn open(config: EtcdStoreConfig, seal: &SealKey) -> Result<Self, StoreError> {
+        let store = Self::connect(config, seal)?;
+        store.check().await?;
+        store.check_integrity().await?;
+        store.build_identity_index().await?;
+        Ok(store)
+    }
+
+    /// The client and the group-commit task, nothing checked yet.
+    fn connect(config: EtcdStoreConfig, seal: &SealKey) -> Result<Self, StoreError> {
         let location = format!(
             "etcd://{}{}",
             config.etcd.endpoints.join(","),
             config.prefix
         );
+        let mac = RecordKey::from_seal_key(seal).ok_or_else(|| StoreError::Unavailable {
+            location: location.clone(),
+            reason: "the key that authenticates records cannot be derived from the seal key".into(),
+        })?;
         let client = Client::new(config.etcd).map_err(|e| StoreError::Unavailable {
             location: location.clone(),
             reason: e.to_string(),
@@ -184,17 +326,282 @@ impl EtcdStore {
             location.clone(),
             rx,
         ));
-        let store = EtcdStore {
+        Ok(EtcdStore {
             client,
             prefix: config.prefix,
             location,
             lease_ttl: config.lease_ttl,
+            mac: Arc::new(mac),
             event_lease: Arc::new(Mutex::new(None)),
             writes,
-        };
+        })
+    }
+
+    /// The one-time upgrade of a store written by a meshca that did not
+    /// authenticate its records (`meshca store authenticate`): run it once,
+    /// with every replica stopped and upgraded, when the store holds only
+    /// what it should. It writes the integrity marker with the revision it
+    /// started at, then authenticates each record without a MAC last written
+    /// before that revision (a compare-and-swap on its `mod_revision`).
+    /// Run again (after an interruption), it takes up where it stopped and
+    /// authenticates nothing written since the first run started. Before
+    /// anything is written, the seal key must open the CA keys sealed in the
+    /// hierarchy records ([`StoreError::SealKeyMismatch`] if it opens none).
+    /// On a store whose records are authenticated but whose marker was
+    /// removed, it writes the marker again and authenticates nothing.
+    pub async fn authenticate_records(
+        config: EtcdStoreConfig,
+        seal: &SealKey,
+    ) -> Result<AuthenticateReport, StoreError> {
+        let store = Self::connect(config, seal)?;
         store.check().await?;
-        store.build_identity_index().await?;
-        Ok(store)
+        let found = store
+            .client
+            .get(&store.integrity_key())
+            .await
+            .map_err(|e| store.fail(e))?;
+        let marker = match found {
+            Some(kv) => store.read_marker(&kv)?,
+            None => {
+                let census = store.census().await?;
+                if census.enveloped > 0 {
+                    if census.valid == 0 {
+                        return Err(store.mismatch());
+                    }
+                    store.log_missing_marker();
+                    store.write_marker(0).await?
+                } else {
+                    store.check_seal_key(seal, &census.bare_hierarchies)?;
+                    store
+                        .write_marker(census.revision.saturating_add(1))
+                        .await?
+                }
+            }
+        };
+        let mut report = AuthenticateReport::default();
+        for kind in AUTHENTICATED {
+            let kvs = store
+                .client
+                .get_prefix(&store.dir(kind))
+                .await
+                .map_err(|e| store.fail(e))?;
+            let mut eligible = Vec::new();
+            for kv in kvs {
+                if mac::is_enveloped(&kv.value) {
+                    match store.mac.open(&kv.key, &kv.value) {
+                        Ok(_) => report.already += 1,
+                        Err(why) => {
+                            log_refusal(&kv.key, why);
+                            report.refused.push(lossy(&kv.key));
+                        }
+                    }
+                } else if kv.mod_revision < marker.legacy_before {
+                    eligible.push(kv);
+                } else {
+                    log_refusal(&kv.key, Refusal::NoMac);
+                    report.refused.push(lossy(&kv.key));
+                }
+            }
+            let put = |kv: &KeyValue, txn: Txn| {
+                txn.when(Compare::mod_revision_is(&kv.key, kv.mod_revision))
+                    .then(Op::put(&kv.key, &store.mac.seal(&kv.key, &kv.value), None))
+            };
+            for batch in eligible.chunks(OPS_PER_TXN) {
+                let txn = batch.iter().fold(Txn::new(), |txn, kv| put(kv, txn));
+                let r = store.client.txn(&txn).await.map_err(|e| store.fail(e))?;
+                if r.succeeded {
+                    report
+                        .authenticated
+                        .extend(batch.iter().map(|kv| lossy(&kv.key)));
+                    continue;
+                }
+                // One of them changed meanwhile: one by one, so that only
+                // what changed stays refused.
+                for kv in batch {
+                    let r = store
+                        .client
+                        .txn(&put(kv, Txn::new()))
+                        .await
+                        .map_err(|e| store.fail(e))?;
+                    if r.succeeded {
+                        report.authenticated.push(lossy(&kv.key));
+                    } else {
+                        log_refusal(&kv.key, Refusal::NoMac);
+                        report.refused.push(lossy(&kv.key));
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn integrity_key(&self) -> Vec<u8> {
+        format!("{}integrity", self.prefix).into_bytes()
+    }
+
+    fn mismatch(&self) -> StoreError {
+        StoreError::SealKeyMismatch {
+            location: self.location.clone(),
+        }
+    }
+
+    fn log_missing_marker(&self) {
+        tracing::error!(
+            key = %lossy(&self.integrity_key()),
+            "the store's integrity marker is missing although its records are authenticated: someone with write access to the store removed it; writing it again (it authenticates no record: records without a valid MAC stay refused)"
+        );
+    }
+
+    /// What the integrity marker `kv` says, when it checks with this key.
+    fn read_marker(&self, kv: &KeyValue) -> Result<Marker, StoreError> {
+        let value = self
+            .mac
+            .open(&kv.key, &kv.value)
+            .map_err(|_| self.mismatch())?;
+        serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+            key: lossy(&kv.key),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the integrity marker unless there is one; answers the marker
+    /// in force (another replica's, when it wrote first).
+    async fn write_marker(&self, legacy_before: i64) -> Result<Marker, StoreError> {
+        let key = self.integrity_key();
+        let marker = Marker::new(legacy_before);
+        let value = self.mac.seal(&key, &encode(&lossy(&key), &marker)?);
+        let txn = Txn::new()
+            .when(Compare::absent(&key))
+            .then(Op::put(&key, &value, None))
+            .otherwise(Op::get(&key));
+        let r = self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
+        if r.succeeded {
+            return Ok(marker);
+        }
+        match r.ranges.into_iter().flatten().next() {
+            Some(kv) => self.read_marker(&kv),
+            None => Err(StoreError::Conflict(format!(
+                "{} kept changing while it was written",
+                lossy(&key)
+            ))),
+        }
+    }
+
+    /// At open: the marker must check with this key; a store without one
+    /// gets it when it is empty (or its records are authenticated) and is
+    /// refused when it holds records written before authentication.
+    async fn check_integrity(&self) -> Result<(), StoreError> {
+        let found = self
+            .client
+            .get(&self.integrity_key())
+            .await
+            .map_err(|e| self.fail(e))?;
+        if let Some(kv) = found {
+            return self.read_marker(&kv).map(|_| ());
+        }
+        let census = self.census().await?;
+        if census.enveloped == 0 && census.bare > 0 {
+            return Err(StoreError::Unauthenticated {
+                location: self.location.clone(),
+                records: census.bare,
+            });
+        }
+        if census.enveloped > 0 {
+            if census.valid == 0 {
+                return Err(self.mismatch());
+            }
+            self.log_missing_marker();
+        }
+        self.write_marker(0).await.map(|_| ())
+    }
+
+    /// Counts the authenticated kinds of record, with and without a MAC
+    /// (the identity index's marker aside: it grants nothing).
+    async fn census(&self) -> Result<Census, StoreError> {
+        let index_marker = self.key("blobs", IDENTITY_INDEX_MARKER);
+        let mut c = Census::default();
+        for kind in AUTHENTICATED {
+            let (kvs, revision) = self
+                .client
+                .get_prefix_at(&self.dir(kind))
+                .await
+                .map_err(|e| self.fail(e))?;
+            if c.revision == 0 {
+                c.revision = revision;
+            }
+            for kv in kvs {
+                if kv.key == index_marker {
+                    continue;
+                }
+                if mac::is_enveloped(&kv.value) {
+                    c.enveloped += 1;
+                    if self.mac.open(&kv.key, &kv.value).is_ok() {
+                        c.valid += 1;
+                    }
+                } else {
+                    c.bare += 1;
+                    if kind == "hierarchies" {
+                        c.bare_hierarchies.push(kv);
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Before a store is authenticated: `seal` must open the intermediate
+    /// keys sealed in its hierarchy records, or the records would be
+    /// authenticated with a key the replicas do not hold. Opening none is
+    /// [`StoreError::SealKeyMismatch`]; opening some but not all names the
+    /// first record that does not open.
+    fn check_seal_key(&self, seal: &SealKey, hierarchies: &[KeyValue]) -> Result<(), StoreError> {
+        let mut opened = 0usize;
+        let mut failed = None;
+        for kv in hierarchies {
+            let Ok(h) = serde_json::from_slice::<HierarchyRecord>(&kv.value) else {
+                continue;
+            };
+            let Some(sealed) = &h.sealed_keys else {
+                continue;
+            };
+            // The label meshca-issuer seals an intermediate key under
+            // (`intermediate_seal_label` in crates/meshca-issuer/src/builtin.rs).
+            let what = format!("the intermediate key of hierarchy {}", h.id);
+            if seal.open(&sealed.intermediate, &what).is_ok() {
+                opened += 1;
+            } else if failed.is_none() {
+                failed = Some(lossy(&kv.key));
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(_) if opened == 0 => Err(self.mismatch()),
+            Some(key) => Err(StoreError::Tampered {
+                key,
+                reason: "its sealed intermediate key does not open with this seal key".into(),
+            }),
+        }
+    }
+
+    /// The value of `kv` when its MAC checks; else the record is refused
+    /// (logged, [`StoreError::Tampered`]).
+    fn open_value<'a>(&self, kv: &'a KeyValue) -> Result<&'a [u8], StoreError> {
+        self.mac
+            .open(&kv.key, &kv.value)
+            .map_err(|why| refuse(&kv.key, why))
+    }
+
+    /// The record `kv` holds, when its MAC checks.
+    fn decode<T: DeserializeOwned>(&self, kv: &KeyValue) -> Result<T, StoreError> {
+        serde_json::from_slice(self.open_value(kv)?).map_err(|e| StoreError::Corrupt {
+            key: lossy(&kv.key),
+            reason: e.to_string(),
+        })
+    }
+
+    /// `value` as it is stored at `key`: in its MAC envelope.
+    fn sealed(&self, key: &[u8], value: &[u8]) -> Vec<u8> {
+        self.mac.seal(key, value)
     }
 
     /// Indexes every certificate record by identity, once: a store made
@@ -218,7 +625,9 @@ impl EtcdStore {
             .map_err(|e| self.fail(e))?;
         let mut keys = Vec::with_capacity(kvs.len());
         for kv in &kvs {
-            keys.push(self.index_key_of(kv, &decode(kv)?));
+            if let Some(rec) = skip_refused(self.decode::<Expiry>(kv))? {
+                keys.push(self.index_key_of(kv, &rec));
+            }
         }
         for batch in keys.chunks(OPS_PER_TXN) {
             let txn = batch
@@ -227,7 +636,7 @@ impl EtcdStore {
             self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
         }
         self.client
-            .put(&marker, b"1", None)
+            .put(&marker, &self.sealed(&marker, b"1"), None)
             .await
             .map_err(|e| self.fail(e))?;
         Ok(())
@@ -257,22 +666,30 @@ impl EtcdStore {
 
     async fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.client.get(key).await.map_err(|e| self.fail(e))? {
-            Some(kv) => Ok(Some(decode(&kv)?)),
+            Some(kv) => Ok(Some(self.decode(&kv)?)),
             None => Ok(None),
         }
     }
 
+    /// Every record of a kind whose MAC checks (the others are skipped,
+    /// logged).
     async fn scan<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, StoreError> {
-        self.client
+        let kvs = self
+            .client
             .get_prefix(&self.dir(kind))
             .await
-            .map_err(|e| self.fail(e))?
-            .iter()
-            .map(decode)
-            .collect()
+            .map_err(|e| self.fail(e))?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            if let Some(v) = skip_refused(self.decode(kv))? {
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     /// Read, decide, and write only if nobody wrote in between (else again).
+    /// A record that fails its check is refused, never decided on.
     async fn modify<T, R>(
         &self,
         key: &[u8],
@@ -281,20 +698,21 @@ impl EtcdStore {
     where
         T: Serialize + DeserializeOwned,
     {
-        let name = String::from_utf8_lossy(key).into_owned();
+        let name = lossy(key);
         for _ in 0..CAS_TRIES {
             let kv = self.client.get(key).await.map_err(|e| self.fail(e))?;
             let (current, revision) = match &kv {
-                Some(kv) => (Some(decode(kv)?), kv.mod_revision),
+                Some(kv) => (Some(self.decode(kv)?), kv.mod_revision),
                 None => (None, 0),
             };
             let (new, answer) = decide(current)?;
             let Some(new) = new else {
                 return Ok(answer);
             };
+            let value = self.sealed(key, &encode(&name, &new)?);
             let txn = Txn::new()
                 .when(Compare::mod_revision_is(key, revision))
-                .then(Op::put(key, &encode(&name, &new)?, None));
+                .then(Op::put(key, &value, None));
             if self
                 .client
                 .txn(&txn)
@@ -317,10 +735,10 @@ impl EtcdStore {
         record: &T,
     ) -> Result<(), StoreError> {
         let key = self.key(kind, id);
-        let txn =
-            Txn::new()
-                .when(Compare::absent(&key))
-                .then(Op::put(&key, &encode(id, record)?, None));
+        let value = self.sealed(&key, &encode(id, record)?);
+        let txn = Txn::new()
+            .when(Compare::absent(&key))
+            .then(Op::put(&key, &value, None));
         if self
             .client
             .txn(&txn)
@@ -409,10 +827,12 @@ impl Store for EtcdStore {
 
     async fn insert_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
         let serial = record.serial.to_hex();
+        let key = self.key("certs", &serial);
+        let value = self.sealed(&key, &encode(&serial, record)?);
         let (reply, answer) = tokio::sync::oneshot::channel();
         let write = Write::Create {
-            key: self.key("certs", &serial),
-            value: encode(&serial, record)?,
+            key,
+            value,
             index: Some(self.key(
                 "ids",
                 &identity_key(&record.namespace, &record.name, &serial),
@@ -431,6 +851,8 @@ impl Store for EtcdStore {
     }
 
     async fn serial_exists(&self, serial: &Serial) -> Result<bool, StoreError> {
+        // Taken is taken, authenticated or not: a forged record at a serial
+        // only makes the caller draw another.
         let key = self.key("certs", &serial.to_hex());
         Ok(self
             .client
@@ -465,7 +887,11 @@ impl Store for EtcdStore {
             if expired.len() >= limit {
                 break;
             }
-            let rec: Expiry = decode(&kv)?;
+            // A record that fails its check is left alone (its expiry is
+            // not to be believed), and logged at every sweep.
+            let Some(rec) = skip_refused(self.decode::<Expiry>(&kv))? else {
+                continue;
+            };
             if rec.not_after < expired_before {
                 let indexed = self.index_key_of(&kv, &rec);
                 expired.push((kv.key, indexed));
@@ -501,7 +927,8 @@ impl Store for EtcdStore {
                 })
                 .collect();
             // The records in transactions of many gets: one round trip per
-            // batch, not per certificate.
+            // batch, not per certificate. The index is not authenticated:
+            // each record is checked, and must be of the identity asked for.
             let mut out = Vec::new();
             for batch in keys.chunks(OPS_PER_TXN) {
                 let txn = batch
@@ -509,7 +936,9 @@ impl Store for EtcdStore {
                     .fold(Txn::new(), |txn, key| txn.then(Op::get(key)));
                 let r = self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
                 for kv in r.ranges.iter().flatten() {
-                    let rec: CertificateRecord = decode(kv)?;
+                    let Some(rec) = skip_refused(self.decode::<CertificateRecord>(kv))? else {
+                        continue;
+                    };
                     if filter.matches(&rec) {
                         out.push(rec);
                     }
@@ -539,6 +968,7 @@ impl Store for EtcdStore {
     }
 
     async fn delete_token(&self, id: &str) -> Result<(), StoreError> {
+        // No check: deleting is how a forged token is got rid of.
         match self
             .client
             .delete(&self.key("tokens", id))
@@ -629,17 +1059,21 @@ impl Store for EtcdStore {
     }
 
     async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
+        match self
             .client
             .get(&self.key("blobs", name))
             .await
             .map_err(|e| self.fail(e))?
-            .map(|kv| kv.value))
+        {
+            Some(kv) => Ok(Some(self.open_value(&kv)?.to_vec())),
+            None => Ok(None),
+        }
     }
 
     async fn put_blob(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let key = self.key("blobs", name);
         self.client
-            .put(&self.key("blobs", name), value, None)
+            .put(&key, &self.sealed(&key, value), None)
             .await
             .map(|_| ())
             .map_err(|e| self.fail(e))
@@ -652,13 +1086,20 @@ impl Store for EtcdStore {
             .get_prefix(&self.key("blobs", prefix))
             .await
             .map_err(|e| self.fail(e))?;
-        Ok(kvs
-            .into_iter()
-            .filter_map(|kv| {
-                let name = String::from_utf8(kv.key.get(dir.len()..)?.to_vec()).ok()?;
-                Some((name, kv.value))
-            })
-            .collect())
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let Some(name) = kv
+                .key
+                .get(dir.len()..)
+                .and_then(|n| String::from_utf8(n.to_vec()).ok())
+            else {
+                continue;
+            };
+            if let Some(value) = skip_refused(self.open_value(kv))? {
+                out.push((name, value.to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -979,5 +1420,454 @@ async fn run_campaign(
     // Nobody listens any more: let another replica lead at once.
     if let Some((id, _)) = lease {
         let _ = client.lease_revoke(id).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real etcd (Debian's etcd-server, one member on loopback),
+    //! writing into it directly as someone with write access would.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::{CertStatus, SealedKeys};
+    use meshca_pki::{KeyType, Profile};
+    use meshca_testkit::EtcdCluster;
+
+    /// The hash a test token's secret has (the store only compares hashes).
+    const SECRET_HASH: [u8; 32] = [7; 32];
+
+    fn seal_key(byte: u8) -> SealKey {
+        SealKey::from_file_content(hex::encode([byte; 32]).as_bytes()).unwrap()
+    }
+
+    fn config(etcd: &EtcdCluster, prefix: &str) -> EtcdStoreConfig {
+        EtcdStoreConfig::from_url(&etcd.store_url(prefix)).unwrap()
+    }
+
+    /// A plain etcd client: what someone with write access to etcd has.
+    fn raw(etcd: &EtcdCluster) -> Client {
+        Client::new(EtcdConfig::new(etcd.endpoints())).unwrap()
+    }
+
+    fn token(id: &str, name: &str) -> TokenRecord {
+        let now = OffsetDateTime::now_utc();
+        TokenRecord {
+            id: id.into(),
+            secret_sha256: hex::encode(SECRET_HASH),
+            namespace: "default".into(),
+            name: name.into(),
+            created_at: now,
+            expires_at: now + Duration::from_secs(3600),
+            uses_allowed: 1,
+            uses: 0,
+        }
+    }
+
+    fn cert(name: &str) -> CertificateRecord {
+        let now = OffsetDateTime::now_utc();
+        CertificateRecord {
+            serial: Serial::random().unwrap(),
+            namespace: "default".into(),
+            name: name.into(),
+            profile: Profile::Service,
+            spiffe_id: format!("spiffe://cluster.local/ns/default/sa/{name}"),
+            dns_names: vec![],
+            ip_addresses: vec![],
+            key_type: KeyType::EcdsaP256,
+            hierarchy_id: "h1".into(),
+            issued_at: now,
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            fingerprint: "00".into(),
+            status: CertStatus::Active,
+            revoked_at: None,
+            revocation_reason: None,
+            certificate_pem: String::new(),
+            renewed_from: None,
+        }
+    }
+
+    /// A hierarchy whose intermediate "key" is sealed with `seal` under the
+    /// label meshca-issuer uses.
+    fn hierarchy(id: &str, seal: &SealKey) -> HierarchyRecord {
+        let now = OffsetDateTime::now_utc();
+        HierarchyRecord {
+            id: id.into(),
+            status: HierarchyStatus::Active,
+            root_pem: String::new(),
+            intermediate_pem: String::new(),
+            key_type: KeyType::EcdsaP256,
+            has_root_key: false,
+            created_at: now,
+            root_not_after: now,
+            intermediate_not_after: now,
+            sealed_keys: Some(SealedKeys {
+                intermediate: seal
+                    .seal(
+                        b"not a key",
+                        &format!("the intermediate key of hierarchy {id}"),
+                    )
+                    .unwrap(),
+                root: None,
+            }),
+            custody_pem: Vec::new(),
+        }
+    }
+
+    fn json<T: Serialize>(v: &T) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forged_altered_and_moved_records_are_refused() {
+        let etcd = EtcdCluster::start(1);
+        let seal = seal_key(1);
+        let store = EtcdStore::open(config(&etcd, "/mac/"), &seal)
+            .await
+            .unwrap();
+        let client = raw(&etcd);
+        let now = OffsetDateTime::now_utc();
+        store.create_token(&token("aa", "web")).await.unwrap();
+        let c = cert("web");
+        store.insert_certificate(&c).await.unwrap();
+        store.put_blob("config", b"one").await.unwrap();
+        store.put_blob("agents/r1", b"{}").await.unwrap();
+        store
+            .create_hierarchy(&hierarchy("h1", &seal))
+            .await
+            .unwrap();
+
+        // What meshca writes is in an envelope, and still readable.
+        let real_token = client.get(b"/mac/tokens/aa").await.unwrap().unwrap();
+        assert!(mac::is_enveloped(&real_token.value));
+        assert!(lossy(&real_token.value).contains(r#""namespace":"default""#));
+
+        // A token record written by someone else: refused when used, and
+        // the error names it.
+        client
+            .put(b"/mac/tokens/bb", &json(&token("bb", "db")), None)
+            .await
+            .unwrap();
+        let e = store
+            .consume_token("bb", &SECRET_HASH, now)
+            .await
+            .unwrap_err();
+        assert!(e.is_tampered(), "{e}");
+        assert!(e.to_string().contains("/mac/tokens/bb"), "{e}");
+        // A real token altered under its own MAC (more uses): refused.
+        let more = lossy(&real_token.value).replace(r#""uses_allowed":1"#, r#""uses_allowed":9"#);
+        assert!(more.contains(r#""uses_allowed":9"#), "{more}");
+        client
+            .put(b"/mac/tokens/aa", more.as_bytes(), None)
+            .await
+            .unwrap();
+        let e = store
+            .consume_token("aa", &SECRET_HASH, now)
+            .await
+            .unwrap_err();
+        assert!(e.is_tampered(), "{e}");
+        assert!(store.refund_token("aa").await.unwrap_err().is_tampered());
+        // Listings leave both out and go on; a forged token can be deleted.
+        store.create_token(&token("cc", "db")).await.unwrap();
+        let ids: Vec<String> = store
+            .list_tokens()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, ["cc"]);
+        store.delete_token("bb").await.unwrap();
+        assert!(
+            store
+                .consume_token("cc", &SECRET_HASH, now)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+
+        // A certificate record copied to another serial's key: refused there.
+        let cert_key = format!("/mac/certs/{}", c.serial.to_hex());
+        let real_cert = client.get(cert_key.as_bytes()).await.unwrap().unwrap();
+        let other = Serial::random().unwrap();
+        client
+            .put(
+                format!("/mac/certs/{}", other.to_hex()).as_bytes(),
+                &real_cert.value,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(
+            store
+                .get_certificate(&other)
+                .await
+                .unwrap_err()
+                .is_tampered()
+        );
+        assert_eq!(store.get_certificate(&c.serial).await.unwrap().name, "web");
+        // The record re-targeted at the admin identity, its MAC kept:
+        // refused when read, left out of listings, left alone by the sweep.
+        let admin = lossy(&real_cert.value)
+            .replace(r#""namespace":"default""#, r#""namespace":"meshca-system""#);
+        assert!(admin.contains("meshca-system"));
+        client
+            .put(cert_key.as_bytes(), admin.as_bytes(), None)
+            .await
+            .unwrap();
+        let e = store.get_certificate(&c.serial).await.unwrap_err();
+        assert!(e.is_tampered() && e.to_string().contains(&cert_key), "{e}");
+        assert!(
+            store
+                .revoke_certificate(&c.serial, RevocationReason::KeyCompromise, now)
+                .await
+                .unwrap_err()
+                .is_tampered()
+        );
+        assert!(
+            store
+                .list_certificates(&CertFilter::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let web = CertFilter {
+            namespace: Some("default".into()),
+            name: Some("web".into()),
+            ..CertFilter::default()
+        };
+        assert!(store.list_certificates(&web).await.unwrap().is_empty());
+        let later = now + Duration::from_secs(400 * 86400);
+        assert_eq!(
+            store.delete_expired_certificates(later, 100).await.unwrap(),
+            0
+        );
+        assert!(store.serial_exists(&other).await.unwrap());
+
+        // A hierarchy added with another root: not listed, not changed.
+        let mut evil = hierarchy("h2", &seal);
+        evil.root_pem = "the attacker's root".into();
+        client
+            .put(b"/mac/hierarchies/h2", &json(&evil), None)
+            .await
+            .unwrap();
+        let ids: Vec<String> = store
+            .list_hierarchies()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert_eq!(ids, ["h1"]);
+        let e = store
+            .set_hierarchy_status("h2", HierarchyStatus::Active, HierarchyStatus::Retired)
+            .await
+            .unwrap_err();
+        assert!(e.is_tampered(), "{e}");
+        // The same hierarchy record moved under another prefix: refused.
+        let h1 = client.get(b"/mac/hierarchies/h1").await.unwrap().unwrap();
+        let elsewhere = EtcdStore::open(config(&etcd, "/mac2/"), &seal)
+            .await
+            .unwrap();
+        client
+            .put(b"/mac2/hierarchies/h1", &h1.value, None)
+            .await
+            .unwrap();
+        assert!(elsewhere.list_hierarchies().await.unwrap().is_empty());
+
+        // Blobs: the shared configuration replaced, an agent report added.
+        client
+            .put(
+                b"/mac/blobs/config",
+                b"[[policy]]\nnamespace = \"*\"\n",
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(store.get_blob("config").await.unwrap_err().is_tampered());
+        client
+            .put(b"/mac/blobs/agents/r2", b"{}", None)
+            .await
+            .unwrap();
+        let names: Vec<String> = store
+            .list_blobs("agents/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["agents/r1"]);
+        // What meshca writes again is read again.
+        store.put_blob("config", b"two").await.unwrap();
+        assert_eq!(
+            store.get_blob("config").await.unwrap().as_deref(),
+            Some(&b"two"[..])
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_seal_key_does_not_open_the_store_and_a_removed_marker_authenticates_nothing() {
+        let etcd = EtcdCluster::start(1);
+        let client = raw(&etcd);
+        let (right, wrong) = (seal_key(1), seal_key(2));
+        let store = EtcdStore::open(config(&etcd, "/keys/"), &right)
+            .await
+            .unwrap();
+        store.create_token(&token("aa", "web")).await.unwrap();
+        drop(store);
+        let e = EtcdStore::open(config(&etcd, "/keys/"), &wrong)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::SealKeyMismatch { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("seal key does not open") && text.contains("--seal-key-file"),
+            "{text}"
+        );
+        // Another prefix is another store.
+        EtcdStore::open(config(&etcd, "/other/"), &wrong)
+            .await
+            .unwrap();
+
+        // The marker removed: the records decide which key is right...
+        assert_eq!(client.delete(b"/keys/integrity").await.unwrap(), 1);
+        let e = EtcdStore::open(config(&etcd, "/keys/"), &wrong)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::SealKeyMismatch { .. }), "{e}");
+        // ...and with the right one it is written again, authenticating
+        // nothing: a token planted meanwhile stays refused, and the upgrade
+        // does not take it either.
+        client
+            .put(b"/keys/tokens/bb", &json(&token("bb", "web")), None)
+            .await
+            .unwrap();
+        let store = EtcdStore::open(config(&etcd, "/keys/"), &right)
+            .await
+            .unwrap();
+        assert!(client.get(b"/keys/integrity").await.unwrap().is_some());
+        let now = OffsetDateTime::now_utc();
+        let e = store
+            .consume_token("bb", &SECRET_HASH, now)
+            .await
+            .unwrap_err();
+        assert!(e.is_tampered(), "{e}");
+        let report = EtcdStore::authenticate_records(config(&etcd, "/keys/"), &right)
+            .await
+            .unwrap();
+        assert!(report.authenticated.is_empty(), "{report:?}");
+        assert_eq!(report.refused, ["/keys/tokens/bb"], "{report:?}");
+        // tokens/aa and the identity index's marker.
+        assert_eq!(report.already, 2, "{report:?}");
+        assert!(
+            store
+                .consume_token("bb", &SECRET_HASH, now)
+                .await
+                .unwrap_err()
+                .is_tampered()
+        );
+        assert!(
+            store
+                .consume_token("aa", &SECRET_HASH, now)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_written_before_authentication_is_upgraded_once() {
+        let etcd = EtcdCluster::start(1);
+        let client = raw(&etcd);
+        let seal = seal_key(3);
+        // What an older meshca left: records without a MAC.
+        let c = cert("web");
+        let old: Vec<(String, Vec<u8>)> = vec![
+            (format!("/old/certs/{}", c.serial.to_hex()), json(&c)),
+            ("/old/hierarchies/h1".into(), json(&hierarchy("h1", &seal))),
+            ("/old/tokens/aa".into(), json(&token("aa", "web"))),
+            (
+                "/old/blobs/config".into(),
+                b"trust_domain = \"x\"\n".to_vec(),
+            ),
+            ("/old/blobs/index/identity-v1".into(), b"1".to_vec()),
+        ];
+        for (key, value) in &old {
+            client.put(key.as_bytes(), value, None).await.unwrap();
+        }
+        // Refused until upgraded, saying how.
+        let e = EtcdStore::open(config(&etcd, "/old/"), &seal)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, StoreError::Unauthenticated { records: 4, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("meshca store authenticate"), "{e}");
+        // With a seal key that does not open the CA keys, the upgrade is
+        // refused before anything is written.
+        let e = EtcdStore::authenticate_records(config(&etcd, "/old/"), &seal_key(4))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::SealKeyMismatch { .. }), "{e}");
+        assert!(client.get(b"/old/integrity").await.unwrap().is_none());
+
+        let report = EtcdStore::authenticate_records(config(&etcd, "/old/"), &seal)
+            .await
+            .unwrap();
+        let mut done = report.authenticated.clone();
+        done.sort();
+        let mut expected: Vec<String> = old.iter().map(|(k, _)| k.clone()).collect();
+        expected.sort();
+        assert_eq!(done, expected, "{report:?}");
+        assert!(
+            report.refused.is_empty() && report.already == 0,
+            "{report:?}"
+        );
+
+        // The upgraded store opens and reads as before.
+        let store = EtcdStore::open(config(&etcd, "/old/"), &seal)
+            .await
+            .unwrap();
+        assert_eq!(store.list_hierarchies().await.unwrap().len(), 1);
+        assert_eq!(store.get_certificate(&c.serial).await.unwrap().name, "web");
+        assert_eq!(
+            store.get_blob("config").await.unwrap().as_deref(),
+            Some(&b"trust_domain = \"x\"\n"[..])
+        );
+        let now = OffsetDateTime::now_utc();
+        assert!(
+            store
+                .consume_token("aa", &SECRET_HASH, now)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        // A record without a MAC written after the upgrade started is
+        // refused, and running the upgrade again does not authenticate it.
+        client
+            .put(b"/old/tokens/bb", &json(&token("bb", "web")), None)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .consume_token("bb", &SECRET_HASH, now)
+                .await
+                .unwrap_err()
+                .is_tampered()
+        );
+        let again = EtcdStore::authenticate_records(config(&etcd, "/old/"), &seal)
+            .await
+            .unwrap();
+        assert!(again.authenticated.is_empty(), "{again:?}");
+        assert_eq!(again.refused, ["/old/tokens/bb"], "{again:?}");
+        assert_eq!(again.already, old.len(), "{again:?}");
+        assert!(
+            store
+                .consume_token("bb", &SECRET_HASH, now)
+                .await
+                .unwrap_err()
+                .is_tampered()
+        );
     }
 }

@@ -33,6 +33,7 @@ mod error;
 mod etcd;
 mod events;
 mod journal;
+mod mac;
 mod record;
 
 use std::pin::Pin;
@@ -43,7 +44,7 @@ use time::OffsetDateTime;
 
 pub use embedded::EmbeddedStore;
 pub use error::StoreError;
-pub use etcd::{EtcdStore, EtcdStoreConfig};
+pub use etcd::{AuthenticateReport, EtcdStore, EtcdStoreConfig};
 pub use events::RETENTION as EMBEDDED_EVENT_RETENTION;
 pub use record::{
     CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus,

@@ -215,6 +215,10 @@ pub struct CertificateRecord {
     pub revocation_reason: Option<RevocationReason>,
     /// The certificate, PEM (the leaf only).
     pub certificate_pem: String,
+    /// The certificate whose holder renewed into this one (authenticated
+    /// by it): how a root rotation knows a holder moved on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_from: Option<Serial>,
 }
 
 /// What a sweep for expired records reads of a certificate record (its

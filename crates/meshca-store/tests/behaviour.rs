@@ -28,7 +28,13 @@ fn cert(serial: &Serial, name: &str, not_after: OffsetDateTime) -> CertificateRe
         revoked_at: None,
         revocation_reason: None,
         certificate_pem: String::new(),
+        renewed_from: None,
     }
+}
+
+/// The seal key the etcd stores of these tests authenticate their records with.
+fn seal() -> meshca_pki::SealKey {
+    meshca_pki::SealKey::from_file_content("42".repeat(32).as_bytes()).unwrap()
 }
 
 fn hierarchy(id: &str) -> HierarchyRecord {
@@ -676,7 +682,7 @@ async fn etcd_store_indexes_old_records_when_opened() {
     let serial = Serial::random().unwrap();
     let later = OffsetDateTime::now_utc() + Duration::from_secs(3600);
     {
-        let store = EtcdStore::open(EtcdStoreConfig::from_url(&url).unwrap())
+        let store = EtcdStore::open(EtcdStoreConfig::from_url(&url).unwrap(), &seal())
             .await
             .unwrap();
         store
@@ -699,7 +705,7 @@ async fn etcd_store_indexes_old_records_when_opened() {
     for key in old {
         assert_eq!(client.delete(&key).await.unwrap(), 1);
     }
-    let store = EtcdStore::open(config).await.unwrap();
+    let store = EtcdStore::open(config, &seal()).await.unwrap();
     let found = store.list_certificates(&web_of("default")).await.unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].serial, serial);
@@ -709,7 +715,7 @@ async fn etcd_store_indexes_old_records_when_opened() {
 async fn etcd_store_behaves() {
     let etcd = meshca_testkit::EtcdCluster::start(1);
     let config = EtcdStoreConfig::from_url(&etcd.store_url("/behaviour/")).unwrap();
-    let store = EtcdStore::open(config).await.unwrap();
+    let store = EtcdStore::open(config, &seal()).await.unwrap();
     check_all(Arc::new(store)).await;
 }
 
@@ -734,10 +740,12 @@ async fn etcd_store_urls_are_checked() {
     // Nothing listens there: a clear error naming the place, quickly.
     let port = meshca_testkit::free_port();
     let started = std::time::Instant::now();
-    let e =
-        EtcdStore::open(EtcdStoreConfig::from_url(&format!("etcd://127.0.0.1:{port}")).unwrap())
-            .await
-            .unwrap_err();
+    let e = EtcdStore::open(
+        EtcdStoreConfig::from_url(&format!("etcd://127.0.0.1:{port}")).unwrap(),
+        &seal(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         e.is_unavailable() && e.to_string().contains(&port.to_string()),
         "{e}"
@@ -752,8 +760,8 @@ async fn etcd_leadership_moves_when_the_leader_goes() {
     let etcd = meshca_testkit::EtcdCluster::start(1);
     let mut config = EtcdStoreConfig::from_url(&etcd.store_url("/election/")).unwrap();
     config.lease_ttl = Duration::from_secs(2);
-    let a = EtcdStore::open(config.clone()).await.unwrap();
-    let b = EtcdStore::open(config).await.unwrap();
+    let a = EtcdStore::open(config.clone(), &seal()).await.unwrap();
+    let b = EtcdStore::open(config, &seal()).await.unwrap();
     let la = a.campaign("a").await.unwrap();
     let lb = b.campaign("b").await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -774,9 +782,12 @@ async fn etcd_leadership_moves_when_the_leader_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_store_skips_a_dead_member() {
     let etcd = meshca_testkit::EtcdCluster::start(3);
-    let store = EtcdStore::open(EtcdStoreConfig::from_url(&etcd.store_url("/skip/")).unwrap())
-        .await
-        .unwrap();
+    let store = EtcdStore::open(
+        EtcdStoreConfig::from_url(&etcd.store_url("/skip/")).unwrap(),
+        &seal(),
+    )
+    .await
+    .unwrap();
     let now = OffsetDateTime::now_utc();
     store
         .insert_certificate(&cert(&Serial::random().unwrap(), "before", now))

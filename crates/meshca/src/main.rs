@@ -151,6 +151,12 @@ enum StoreCommand {
         #[arg(long, value_name = "DIR|URL")]
         to: String,
     },
+    /// Authenticate, once, the records of an etcd store written by a meshca
+    /// that did not (stop and upgrade every replica first, and run it when
+    /// the store holds only what it should). Records written after it first
+    /// started, and records that fail their check, stay refused. Needs
+    /// --store etcd://... and --seal-key-file.
+    Authenticate,
 }
 
 #[derive(Debug, Args)]
@@ -482,6 +488,9 @@ fn main() -> ExitCode {
             (Command::Proxy(c), _) => cmd::proxy::run(c).await,
             (Command::Store(StoreCommand::Copy { from, to }), _) => {
                 cmd::copy::run(&from, &to, &store_args).await
+            }
+            (Command::Store(StoreCommand::Authenticate), _) => {
+                cmd::copy::authenticate(&store_args).await
             }
             (Command::Serve(a), _) => cmd::serve::run(&dir, &store_args, &issuer_args, a).await,
             (Command::Inspect(a), _) => cmd::inspect::run(explicit_dir.then_some(dir.as_path()), &store_args, a).await,

@@ -130,10 +130,27 @@ impl StoreSettings {
         Ok(c)
     }
 
-    /// Connects to etcd (fails with a clear error when it cannot).
+    /// Connects to etcd with the seal key of its file (fails with a clear
+    /// error when it cannot).
     pub async fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
-        let store = EtcdStore::open(self.etcd_config()?).await?;
+        let seal = self.seal_key(false)?;
+        self.open_with(&seal).await
+    }
+
+    /// Connects to etcd; the store's records are authenticated with a key
+    /// derived from `seal` (another seal key is refused here, clearly).
+    pub async fn open_with(&self, seal: &SealKey) -> anyhow::Result<Arc<dyn Store>> {
+        let store = EtcdStore::open(self.etcd_config()?, seal).await?;
         Ok(Arc::new(store))
+    }
+
+    /// `meshca store authenticate`: the one-time upgrade of a store written
+    /// by a meshca that did not authenticate its records.
+    pub async fn authenticate(
+        &self,
+        seal: &SealKey,
+    ) -> anyhow::Result<meshca_store::AuthenticateReport> {
+        Ok(EtcdStore::authenticate_records(self.etcd_config()?, seal).await?)
     }
 
     /// Reads the seal key; with `create`, makes a new one (0600) when the

@@ -26,8 +26,8 @@ async fn open_side(spec: &str, args: &StoreArgs, target: bool) -> anyhow::Result
         let StoreChoice::Etcd(settings) = a.choose(None)? else {
             anyhow::bail!("{spec}: not an etcd URL");
         };
-        let store = settings.open().await?;
         let seal = settings.seal_key(target)?;
+        let store = settings.open_with(&seal).await?;
         return Ok(Side {
             place: CaPlace {
                 store,
@@ -163,4 +163,36 @@ async fn copy(src: &Side, dst: &Side) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `meshca store authenticate`: the one-time upgrade of an etcd store
+/// written by a meshca that did not authenticate its records. Lists what it
+/// authenticated (stdout) and what it left refused (stderr; exit status 1).
+pub async fn authenticate(args: &StoreArgs) -> anyhow::Result<ExitCode> {
+    let StoreChoice::Etcd(settings) = args.choose(None)? else {
+        anyhow::bail!(
+            "`store authenticate` upgrades an etcd store: give --store etcd://host:2379[/prefix] and --seal-key-file FILE"
+        );
+    };
+    let seal = settings.seal_key(false)?;
+    let report = settings.authenticate(&seal).await?;
+    for key in &report.authenticated {
+        println!("authenticated {key}");
+    }
+    for key in &report.refused {
+        eprintln!(
+            "refused {key}: it fails its integrity check (delete it, or restore it from a backup)"
+        );
+    }
+    eprintln!(
+        "{} records authenticated now, {} were already, {} refused",
+        report.authenticated.len(),
+        report.already,
+        report.refused.len()
+    );
+    Ok(if report.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -54,8 +54,8 @@ pub async fn open_store(
                 data.require_ca()?;
                 anyhow::bail!("no meshca.toml in {}", dir.display());
             };
-            let store = settings.open().await?;
             let seal = settings.seal_key(false)?;
+            let store = settings.open_with(&seal).await?;
             Ok((config, store, Some(seal)))
         }
     }
@@ -93,8 +93,8 @@ pub async fn init_shared_ca(
     opts: InitOptions,
     config: &Config,
 ) -> anyhow::Result<InitReport> {
-    let store = settings.open().await?;
     let seal = settings.seal_key(true)?;
+    let store = settings.open_with(&seal).await?;
     let mut local = config.clone();
     local.store = Some(crate::store::settings_for_file(settings));
     Ok(init_shared(dir, store, &seal, opts, &local.to_toml()?).await?)
@@ -104,8 +104,8 @@ pub async fn init_shared_ca(
 /// key opens the CA's keys, then writes `dir/meshca.toml` from the store's
 /// shared configuration with this replica's `[store]` table.
 pub async fn join_shared_ca(dir: &Path, settings: &StoreSettings) -> anyhow::Result<()> {
-    let store = settings.open().await?;
     let seal = settings.seal_key(false)?;
+    let store = settings.open_with(&seal).await?;
     let Some(blob) = store.get_blob(SHARED_CONFIG_BLOB).await? else {
         anyhow::bail!(
             "the store {} holds no CA configuration (was it initialised by `meshca init --store ...`?)",

@@ -30,7 +30,15 @@ pub async fn run(
         // A shared store that holds a CA is joined; otherwise a CA is made.
         let joined = match &choice {
             StoreChoice::Etcd(settings) => {
-                let holds_ca = !settings.open().await?.list_hierarchies().await?.is_empty();
+                // The seal key is made when its file does not exist (for a
+                // new CA); a store that holds a CA refuses any key but its own.
+                let seal = settings.seal_key(true)?;
+                let holds_ca = !settings
+                    .open_with(&seal)
+                    .await?
+                    .list_hierarchies()
+                    .await?
+                    .is_empty();
                 if holds_ca {
                     super::join_shared_ca(dir, settings).await?;
                 }
