@@ -211,6 +211,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             h
         }
     };
+    // A pinned start kept only what the pin vouches for; the rest of the
+    // bundle (a root that is not linked, say one added while this agent
+    // was away) now comes over a connection verified against it.
+    if matches!(agent.cfg.ca, CaPin::Fingerprint(_)) {
+        agent.refresh_bundle().await;
+    }
     // From here on the certificate renews itself: the token is not kept
     // around for anyone who can read this process's memory (or its event
     // follower's copy of the config). A certificate that expires while the
@@ -343,6 +349,11 @@ fn check_writable(out: &Path) -> Result<(), AgentError> {
 /// after the pinned root has been rotated out.
 pub const CUSTODY_FILE: &str = "ca-custody.pem";
 
+/// Most roots taken from an unverified bundle.
+const MAX_ROOTS: usize = 16;
+/// Most certificates taken from an unverified custody chain.
+const MAX_CUSTODY: usize = 128;
+
 /// What the agent trusts, and the custody links that justified it.
 struct Trust {
     bundle_pem: String,
@@ -404,6 +415,17 @@ async fn establish_trust(cfg: &AgentConfig) -> Result<Trust, AgentError> {
 fn vouched(bundle: &str, custody: &str, want: &str) -> Option<Trust> {
     let roots = parse_certs(bundle.as_bytes()).ok()?;
     let links = parse_certs(custody.as_bytes()).unwrap_or_default();
+    // An unverified answer is bounded before any signature is checked: a
+    // real bundle holds at most three roots, and the chain grows by two
+    // certificates per rotation.
+    if roots.len() > MAX_ROOTS || links.len() > MAX_CUSTODY {
+        tracing::warn!(
+            roots = roots.len(),
+            links = links.len(),
+            "ignoring a trust bundle or custody chain larger than meshca makes"
+        );
+        return None;
+    }
     // The pinned root itself: in the bundle, or (rotated out) among the
     // custody chain's earlier roots. Its fingerprint authenticates it.
     let pinned = roots

@@ -51,6 +51,7 @@ pub struct IssueRequest {
     ips: Vec<String>,
     ttl: Option<Duration>,
     key: KeySource,
+    renewed_from: Option<meshca_pki::Serial>,
 }
 
 impl IssueRequest {
@@ -65,6 +66,7 @@ impl IssueRequest {
             ips: Vec::new(),
             ttl: None,
             key: KeySource::Generate(KeyType::EcdsaP256),
+            renewed_from: None,
         })
     }
 
@@ -89,6 +91,13 @@ impl IssueRequest {
     /// Asks for a lifetime (else the profile's default).
     pub fn ttl(mut self, ttl: Option<Duration>) -> Self {
         self.ttl = ttl;
+        self
+    }
+
+    /// Notes that the holder of `serial` renews into this certificate
+    /// (it authenticated the request): rotation safety counts holders.
+    pub fn renewing(mut self, serial: meshca_pki::Serial) -> Self {
+        self.renewed_from = Some(serial);
         self
     }
 
@@ -259,6 +268,7 @@ impl Authority {
                 revoked_at: None,
                 revocation_reason: None,
                 certificate_pem: leaf_pem,
+                renewed_from: req.renewed_from.clone(),
             };
             match self.store.insert_certificate(&record).await {
                 Ok(()) => {

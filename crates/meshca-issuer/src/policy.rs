@@ -229,8 +229,24 @@ pub fn check_workload(rules: &[PolicyRule], req: &IssueRequest) -> Result<(), Is
     // Without a rule's max_ttl a workload or a token gets at most its
     // profile's default lifetime: a one-use join token must not buy a
     // certificate that outlives everything by asking for `87600h`.
+    // Long-lived profiles (bootstrap, webhook: 87600h) are capped at the
+    // service profile's default too, unless a rule says how long.
+    let default = req
+        .requested_profile()
+        .default_ttl()
+        .min(Profile::Service.default_ttl());
+    if max_ttl.is_none()
+        && req.requested_ttl().is_none()
+        && req.requested_profile().default_ttl() > default
+    {
+        return refuse(format!(
+            "profile {}'s default lifetime of {} is longer than a workload or token gets without a rule (set max_ttl in a policy rule, or ask for a ttl of at most {})",
+            req.requested_profile(),
+            meshca_pki::format_duration(req.requested_profile().default_ttl()),
+            meshca_pki::format_duration(default)
+        ));
+    }
     if let Some(ttl) = req.requested_ttl() {
-        let default = req.requested_profile().default_ttl();
         match max_ttl {
             Some(max) if ttl > max.get() => {
                 return refuse(format!(

@@ -45,8 +45,11 @@ pub struct RotationStatus {
     pub old: Option<String>,
     /// The hierarchy replacing it.
     pub new: Option<String>,
-    /// Identities whose newest live certificate still chains to the old root.
+    /// Live certificates of the old root whose holders have not been seen
+    /// holding a newer one (holders, not identities: each pod counts).
     pub remaining_under_old: usize,
+    /// Those certificates (the first 20).
+    pub waiting_for: Vec<Stranded>,
     /// Identities with a live certificate.
     pub identities: usize,
     /// Whether the next step can be taken without `--force`.
@@ -74,9 +77,9 @@ pub async fn status(store: &Arc<dyn Store>) -> Result<RotationStatus, IssuerErro
         (None, Some(r)) => (Stage::Activated, Some(r.clone()), active.clone()),
         (None, None) => (Stage::Idle, None, None),
     };
-    let (remaining, identities) = match (&stage, &old) {
-        (Stage::Idle, _) | (_, None) => (0, 0),
-        (_, Some(old)) => remaining_under(store, old).await?,
+    let (waiting_for, remaining, identities) = match (&stage, &old) {
+        (Stage::Idle, _) | (_, None) => (Vec::new(), 0, 0),
+        (_, Some(old)) => stranded_under(store, old).await?,
     };
     let (safe, next) = match stage {
         Stage::Idle => (
@@ -90,12 +93,13 @@ pub async fn status(store: &Arc<dyn Store>) -> Result<RotationStatus, IssuerErro
         ),
         Stage::Activated if remaining == 0 => (
             true,
-            "retire: no identity's newest certificate chains to the old root".to_owned(),
+            "retire: every holder of a live certificate of the old root holds a newer one"
+                .to_owned(),
         ),
         Stage::Activated => (
             false,
             format!(
-                "retire waits for {remaining} identit(ies) still on the old root to renew (or renewed less than 5s ago)"
+                "retire waits for {remaining} live certificate(s) of the old root whose holders have not renewed (or renewed less than 5s ago): see waiting_for"
             ),
         ),
     };
@@ -104,6 +108,7 @@ pub async fn status(store: &Arc<dyn Store>) -> Result<RotationStatus, IssuerErro
         old,
         new,
         remaining_under_old: remaining,
+        waiting_for,
         identities,
         safe_to_continue: safe,
         next,
@@ -114,10 +119,36 @@ pub async fn status(store: &Arc<dyn Store>) -> Result<RotationStatus, IssuerErro
 /// the new files (agents write at once; services reload within a second).
 pub const SETTLE: Duration = Duration::from_secs(5);
 
-/// Counts identities whose newest live certificate was signed by `old`,
-/// plus those renewed within [`SETTLE`] (their holders may still serve the
-/// old one for a moment).
-async fn remaining_under(store: &Arc<dyn Store>, old: &str) -> Result<(usize, usize), IssuerError> {
+/// A live certificate of the old hierarchy whose holder has not been seen
+/// holding a newer one: retire would cut it off.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Stranded {
+    /// `namespace/name`.
+    pub identity: String,
+    /// The certificate's serial.
+    pub serial: String,
+    /// Its notAfter, RFC 3339.
+    pub not_after: String,
+    /// Whether its holder renewed (less than [`SETTLE`] ago: it may still
+    /// be serving this one).
+    pub renewed_just_now: bool,
+}
+
+/// Most stranded certificates listed (the count is complete).
+const STRANDED_LISTED: usize = 20;
+
+/// Counts holders, not identities: every live, unrevoked leaf of `old`
+/// (several pods of one identity each hold their own) is stranded unless
+/// its holder renewed, with it, into a certificate of another hierarchy
+/// (directly, or through renewals still under `old`) at least [`SETTLE`]
+/// ago. meshca's own identities (the server's certificate, the admin's)
+/// are replaced by meshca itself and do not count. Returns the stranded
+/// (the first [`STRANDED_LISTED`]), their number, and the identities with
+/// a live certificate.
+async fn stranded_under(
+    store: &Arc<dyn Store>,
+    old: &str,
+) -> Result<(Vec<Stranded>, usize, usize), IssuerError> {
     let now = OffsetDateTime::now_utc();
     let live = store
         .list_certificates(&CertFilter {
@@ -126,26 +157,63 @@ async fn remaining_under(store: &Arc<dyn Store>, old: &str) -> Result<(usize, us
             ..Default::default()
         })
         .await?;
-    let mut newest: BTreeMap<(String, String), (OffsetDateTime, bool)> = BTreeMap::new();
-    for r in live {
-        let key = (r.namespace.clone(), r.name.clone());
-        let entry = (r.issued_at, r.hierarchy_id == old);
-        match newest.get(&key) {
-            Some((at, _)) if *at >= r.issued_at => {}
-            _ => {
-                newest.insert(key, entry);
-            }
+    // What each certificate was renewed into, by serial.
+    let mut children: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, r) in live.iter().enumerate() {
+        if let Some(from) = &r.renewed_from {
+            children.entry(from.to_hex()).or_default().push(i);
         }
     }
     let settle = time::Duration::try_from(SETTLE).unwrap_or(time::Duration::ZERO);
-    let unsettled = |at: &OffsetDateTime| now - *at < settle;
-    Ok((
-        newest
-            .values()
-            .filter(|(at, o)| *o || unsettled(at))
-            .count(),
-        newest.len(),
-    ))
+    // Whether the holder of `i` has moved off `old` for good: the earliest
+    // such renewal below it, if any (bounded walk: each step is a later
+    // issuance of the same holder).
+    let moved_at = |start: usize| -> Option<OffsetDateTime> {
+        let mut stack = vec![start];
+        let mut best: Option<OffsetDateTime> = None;
+        let mut steps = 0;
+        while let Some(i) = stack.pop() {
+            steps += 1;
+            if steps > 1000 {
+                break;
+            }
+            for &c in children
+                .get(&live[i].serial.to_hex())
+                .map_or(&[][..], Vec::as_slice)
+            {
+                if live[c].hierarchy_id != old {
+                    best = Some(best.map_or(live[c].issued_at, |b| b.min(live[c].issued_at)));
+                } else {
+                    stack.push(c);
+                }
+            }
+        }
+        best
+    };
+    let mut identities = std::collections::BTreeSet::new();
+    let mut stranded = Vec::new();
+    let mut count = 0;
+    for (i, r) in live.iter().enumerate() {
+        identities.insert((r.namespace.clone(), r.name.clone()));
+        if r.hierarchy_id != old || r.namespace == meshca_pki::RESERVED_NAMESPACE {
+            continue;
+        }
+        let renewed_just_now = match moved_at(i) {
+            Some(at) if now - at >= settle => continue,
+            Some(_) => true,
+            None => false,
+        };
+        count += 1;
+        if stranded.len() < STRANDED_LISTED {
+            stranded.push(Stranded {
+                identity: format!("{}/{}", r.namespace, r.name),
+                serial: r.serial.to_hex(),
+                not_after: meshca_pki::rfc3339(r.not_after),
+                renewed_just_now,
+            });
+        }
+    }
+    Ok((stranded, count, identities.len()))
 }
 
 /// The settings of a new hierarchy.
@@ -332,10 +400,32 @@ pub async fn retire(store: &Arc<dyn Store>, force: bool) -> Result<String, Issue
         .ok_or_else(|| refuse("nothing to retire: activate a prepared hierarchy first"))?
         .id
         .clone();
-    let (remaining, _) = remaining_under(store, &old).await?;
+    let (stranded, remaining, _) = stranded_under(store, &old).await?;
     if remaining > 0 && !force {
+        let listed: Vec<String> = stranded
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} serial {} (expires {}{})",
+                    s.identity,
+                    s.serial,
+                    s.not_after,
+                    if s.renewed_just_now {
+                        ", renewed just now"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
         return Err(refuse(format!(
-            "{remaining} identit(ies) still hold a certificate of hierarchy {old} as their newest; wait for them to renew (or rotate them), or give --force"
+            "{remaining} live certificate(s) of hierarchy {old} are held by holders not seen with a newer one: {}{}; have each renewed (`meshca rotate <name>` nudges agents), revoke the ones no longer in use (`meshca revoke <serial>`), wait for them to expire, or give --force to cut them off",
+            listed.join(", "),
+            if remaining > listed.len() {
+                ", ..."
+            } else {
+                ""
+            }
         )));
     }
     store

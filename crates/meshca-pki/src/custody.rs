@@ -40,13 +40,7 @@ pub fn link_roots(
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "meshca");
-    dn.push(
-        DnType::CommonName,
-        format!(
-            "meshca custody link to root {}",
-            &crate::fingerprint(new_root)[..16]
-        ),
-    );
+    dn.push(DnType::CommonName, link_name(new_root));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
@@ -67,8 +61,16 @@ pub fn link_roots(
         .to_vec())
 }
 
-/// Whether `link` is `prev`'s key vouching for `next`'s key, and `next` is
-/// a self-signed certificate of that key.
+/// The subject CN of the link to `root`: it names the root by its
+/// SHA-256, so no other certificate the earlier root ever signed (an
+/// intermediate, a leaf under an imported root) can pass for a link.
+fn link_name(root: &[u8]) -> String {
+    format!("meshca custody link {}", &crate::fingerprint(root)[..40])
+}
+
+/// Whether `link` is `prev`'s key vouching for `next`: a CA certificate
+/// signed by `prev` (a self-signed root), naming `next` by its SHA-256,
+/// with `next`'s key; and `next` is self-signed.
 pub fn check_link(link: &[u8], prev: &[u8], next: &[u8]) -> Result<(), PkiError> {
     fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, PkiError> {
         X509Certificate::from_der(der)
@@ -80,6 +82,26 @@ pub fn check_link(link: &[u8], prev: &[u8], next: &[u8]) -> Result<(), PkiError>
         parse(prev, "earlier root")?,
         parse(next, "later root")?,
     );
+    let named = l
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .is_some_and(|cn| cn == link_name(next));
+    let ca = l
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !named || !ca || l.issuer() != p.subject() {
+        return Err(PkiError::ChainInvalid(
+            "not a custody link (a link is a CA certificate issued by the earlier root naming the later root by its SHA-256)".into(),
+        ));
+    }
+    // The signatures last: the checks above are cheap and turn away
+    // everything that is not a link at all.
+    p.verify_signature(None)
+        .map_err(|_| PkiError::ChainInvalid("the earlier root is not self-signed".into()))?;
     l.verify_signature(Some(p.public_key())).map_err(|_| {
         PkiError::ChainInvalid("the custody link is not signed by the earlier root".into())
     })?;
@@ -97,9 +119,11 @@ pub fn check_link(link: &[u8], prev: &[u8], next: &[u8]) -> Result<(), PkiError>
 /// every root reached from it through `links`, link by link.
 pub fn reachable_roots(pinned: &[u8], links: &[Vec<u8>], candidates: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut reached: Vec<Vec<u8>> = vec![pinned.to_vec()];
+    // Earlier roots of the chain travel with the links: they are reached
+    // (and then vouch further) like any candidate, but are not returned.
     loop {
         let before = reached.len();
-        for c in candidates {
+        for c in candidates.iter().chain(links.iter()) {
             if reached.contains(c) {
                 continue;
             }
@@ -151,12 +175,30 @@ mod tests {
         let (r2, k2) = root("two");
         let (r3, _) = root("three");
         let (evil, evil_key) = root("evil");
-        let l12 = link_roots(
-            &SigningCa::new(r1.clone(), k1, "r1", now).unwrap(),
-            &r2,
+        let ca1 = SigningCa::new(r1.clone(), k1, "r1", now).unwrap();
+        let l12 = link_roots(&ca1, &r2, now).unwrap();
+        // Another certificate the root signed (an intermediate) whose key
+        // the attacker holds is not a link to a root of that key.
+        let stolen = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let int = crate::generate_intermediate(
+            &stolen,
+            &ca1,
+            &TrustDomain::default(),
+            "int",
+            Duration::from_secs(3600),
             now,
         )
         .unwrap();
+        let fake = generate_root(
+            &stolen,
+            &TrustDomain::default(),
+            "fake",
+            Duration::from_secs(3600),
+            now,
+        )
+        .unwrap();
+        assert!(check_link(&int, &r1, &fake).is_err());
+        assert!(reachable_roots(&r1, &[int], std::slice::from_ref(&fake)).is_empty());
         let l23 = link_roots(
             &SigningCa::new(r2.clone(), k2, "r2", now).unwrap(),
             &r3,
@@ -166,10 +208,11 @@ mod tests {
         check_link(&l12, &r1, &r2).unwrap();
         assert!(check_link(&l12, &r2, &r1).is_err());
         assert!(check_link(&l12, &r1, &r3).is_err());
-        // Pinned to r1, after two rotations: r3 is reached through r2.
-        let links = vec![l12.clone(), l23.clone()];
+        // Pinned to r1, after two rotations: r3 is reached through r2 (the
+        // custody chain carries the earlier roots with the links).
+        let links = vec![l12.clone(), r2.clone(), l23.clone()];
         assert_eq!(
-            reachable_roots(&r1, &links, &[r3.clone()]),
+            reachable_roots(&r1, &links, std::slice::from_ref(&r3)),
             vec![r3.clone()]
         );
         // A root the attacker links from its own root is not reached, nor
@@ -180,12 +223,12 @@ mod tests {
             now,
         )
         .unwrap();
-        assert!(reachable_roots(&r1, &[evil_link], &[r3.clone()]).is_empty());
+        assert!(reachable_roots(&r1, &[evil_link], std::slice::from_ref(&r3)).is_empty());
         assert_eq!(
             reachable_roots(&r1, &links, &[r1.clone(), evil.clone(), r3.clone()]),
             vec![r1.clone(), r3.clone()]
         );
         // Without the middle link, no way across.
-        assert!(reachable_roots(&r1, &[l23], &[r3]).is_empty());
+        assert!(reachable_roots(&r1, &[r2, l23], &[r3]).is_empty());
     }
 }

@@ -356,11 +356,11 @@ mod tests {
         let s = SanSet::build(
             &id,
             &td,
-            &["web".into(), "web.example.com".into()],
+            &["web.default.svc".into(), "web.example.com".into()],
             &["10.0.0.1".into(), "10.0.0.1".into(), "::1".into()],
         )
         .unwrap();
-        assert_eq!(s.dns.len(), 5);
+        assert_eq!(s.dns.len(), 3);
         assert_eq!(s.ips.len(), 2);
         assert!(SanSet::build(&id, &td, &[], &["10.0.0.300".into()]).is_err());
         assert!(SanSet::build(&id, &td, &["a..b".into()], &[]).is_err());

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub const BUNDLE_HEADER: &str = "x-meshca-bundle";
 /// How long an agent counts as alive after it was last heard from.
 const ALIVE_FOR: Duration = Duration::from_secs(600);
-/// Most agents remembered (one per identity).
+/// Most agents remembered (one per holder: identity and certificate).
 const MAX_AGENTS: usize = 100_000;
 
 #[derive(Debug)]
@@ -23,6 +23,9 @@ struct Seen {
     bundle: String,
     at: Instant,
     streams: usize,
+    /// Its holder renewed into another certificate (known under that
+    /// one's key now): no longer counted, kept while its stream is open.
+    renewed: bool,
 }
 
 /// The agents this replica has heard from.
@@ -94,7 +97,7 @@ impl AgentRegistry {
     pub fn report(&self, identity: &str, fingerprint: &str) {
         let mut seen = self.lock();
         if seen.len() >= MAX_AGENTS && !seen.contains_key(identity) {
-            seen.retain(|_, s| s.streams > 0 || s.at.elapsed() < ALIVE_FOR);
+            seen.retain(|_, s| s.streams > 0 || (!s.renewed && s.at.elapsed() < ALIVE_FOR));
             if seen.len() >= MAX_AGENTS {
                 return;
             }
@@ -103,9 +106,32 @@ impl AgentRegistry {
             bundle: String::new(),
             at: Instant::now(),
             streams: 0,
+            renewed: false,
         });
         fingerprint.clone_into(&mut s.bundle);
         s.at = Instant::now();
+    }
+
+    /// The holder `old` renewed into `new`, holding `fingerprint`: one
+    /// holder, counted once, under its new certificate.
+    pub fn renewed(&self, old: &str, new: &str, fingerprint: &str) {
+        let bundle = {
+            let mut seen = self.lock();
+            match seen.get_mut(old) {
+                Some(s) => {
+                    s.renewed = true;
+                    Some(if fingerprint.is_empty() {
+                        s.bundle.clone()
+                    } else {
+                        fingerprint.to_owned()
+                    })
+                }
+                None => None,
+            }
+        };
+        if let Some(b) = bundle {
+            self.report(new, &b);
+        }
     }
 
     /// An event stream opened by `identity`, which holds `fingerprint`.
@@ -130,7 +156,7 @@ impl AgentRegistry {
         let seen = self.lock();
         let agents = seen
             .iter()
-            .filter(|(_, s)| s.streams > 0 || s.at.elapsed() < ALIVE_FOR)
+            .filter(|(_, s)| !s.renewed && (s.streams > 0 || s.at.elapsed() < ALIVE_FOR))
             .map(|(id, s)| SharedAgent {
                 id: id.clone(),
                 bundle: s.bundle.clone(),
@@ -237,5 +263,24 @@ mod tests {
         assert_eq!(s.lagging, vec!["default/api".to_owned()]);
         let s = r.summary_with("new", &[other], 1000 + SHARED_FRESH + 1);
         assert_eq!(s.alive, 2);
+    }
+
+    #[test]
+    fn holders_count_one_by_one_and_a_renewal_moves_one() {
+        let r = Arc::new(AgentRegistry::default());
+        // Two pods of one identity: a stuck one is not hidden by its sibling.
+        r.report("shop/web/01", "new");
+        r.report("shop/web/02", "old");
+        let s = r.summary("new");
+        assert_eq!((s.alive, s.acknowledged), (2, 1), "{s:?}");
+        assert_eq!(s.lagging, vec!["shop/web/02".to_owned()]);
+        // The stuck pod renews (from 02 into 03) holding the new bundle: one
+        // holder, acknowledged; its old entry no longer counts, even with
+        // its event stream still open.
+        let g = r.stream_opened("shop/web/02", "old");
+        r.renewed("shop/web/02", "shop/web/03", "new");
+        let s = r.summary("new");
+        assert_eq!((s.alive, s.acknowledged), (2, 2), "{s:?}");
+        drop(g);
     }
 }

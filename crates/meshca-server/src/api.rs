@@ -41,11 +41,17 @@ async fn caller(state: &AppState, peer: &Peer, headers: &HeaderMap) -> Result<Ca
     let who = authenticate(state, peer, headers).await?;
     // An agent says which bundle it holds on every call (root rotation).
     if let (Caller::Workload(id), Some(fp)) = (&who, bundle_header(headers)) {
-        state
-            .agents
-            .report(&format!("{}/{}", id.namespace(), id.name()), fp);
+        state.agents.report(&holder(id, peer), fp);
     }
     Ok(who)
+}
+
+/// An agent is known by the certificate it holds (`ns/name/serial`), not
+/// by its identity: several pods of one identity are several holders, and
+/// a root rotation waits for each.
+fn holder(id: &meshca_pki::Identity, peer: &Peer) -> String {
+    let serial = peer.identity().map_or("", |p| p.serial.as_str());
+    format!("{}/{}/{serial}", id.namespace(), id.name())
 }
 
 fn bundle_header(headers: &HeaderMap) -> Option<&str> {
@@ -185,6 +191,15 @@ async fn certificate(
 
     // Authorization: the admin may ask for anything within the global limit;
     // a workload or token only for its own identity, within the policy.
+    // meshca's own identities are made by meshca itself (the server's
+    // certificate, the admin's at init), never through the API, not even by
+    // the admin: a certificate in meshca-system could pose as the CA.
+    if req.identity().is_reserved() {
+        return Err(refuse(ApiError::forbidden(format!(
+            "namespace {} is reserved for meshca itself: no certificate for {identity_text} is issued through the API",
+            meshca_pki::RESERVED_NAMESPACE
+        ))));
+    }
     let mut token_used: Option<String> = None;
     match &who {
         Caller::Admin => {}
@@ -200,6 +215,13 @@ async fn certificate(
                 ))));
             }
             check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
+            // The holder of this certificate renews into the new one.
+            if let Some(serial) = peer
+                .identity()
+                .and_then(|p| p.serial.parse::<Serial>().ok())
+            {
+                req = req.renewing(serial);
+            }
         }
         Caller::Token { id, secret } => {
             check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
@@ -265,6 +287,15 @@ async fn certificate(
             Some(&serial),
             "allowed",
             Some(id),
+        );
+    }
+    // The holder is known by its new certificate from now on.
+    if let Caller::Workload(id) = &who {
+        let fp = bundle_header(headers).unwrap_or_default();
+        state.agents.renewed(
+            &holder(id, peer),
+            &format!("{}/{}/{serial}", id.namespace(), id.name()),
+            fp,
         );
     }
     state.metrics.issuance("issued");
@@ -600,11 +631,32 @@ pub async fn bundle(State(s): S) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
 
+/// How old the served chain of custody may be: it changes only at `ca
+/// rotate prepare`, and an agent that misses a new link retries.
+const CUSTODY_STALE: Duration = Duration::from_secs(5);
+
 /// The chain of custody of every hierarchy in the bundle (see
 /// `meshca_pki::custody`): public, like the bundle; an agent pinned to an
-/// earlier root checks each link itself. A handful of records (one per
-/// hierarchy, at most three), read per request.
+/// earlier root checks each link itself. Served from memory, read from the
+/// store at most every CUSTODY_STALE (one lock: concurrent callers wait for
+/// one read instead of each reading).
 pub async fn custody(State(s): S) -> Result<Response, ApiError> {
+    // A new hierarchy (a new link) changes the bundle: read again at once.
+    let bundle = s.authority.trust_bundle_pem().await?;
+    let mut cached = s.custody.lock().await;
+    let pem = match cached.as_ref() {
+        Some((at, b, pem)) if at.elapsed() < CUSTODY_STALE && *b == bundle => pem.clone(),
+        _ => {
+            let pem = read_custody(&s).await?;
+            *cached = Some((std::time::Instant::now(), bundle, pem.clone()));
+            pem
+        }
+    };
+    drop(cached);
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+}
+
+async fn read_custody(s: &crate::AppState) -> Result<String, ApiError> {
     let mut pem = String::new();
     for h in s.store.list_hierarchies().await? {
         if h.status == meshca_store::HierarchyStatus::Retired {
@@ -616,7 +668,7 @@ pub async fn custody(State(s): S) -> Result<Response, ApiError> {
             }
         }
     }
-    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+    Ok(pem)
 }
 
 pub async fn crl(State(s): S, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -950,10 +1002,9 @@ pub async fn events(
         .and_then(|v| v.trim().parse().ok());
     // An agent's open stream keeps it counted as alive (root rotation).
     let guard = match (&who, bundle_header(&headers)) {
-        (Caller::Workload(id), Some(fp)) => Some(Arc::new(
-            s.agents
-                .stream_opened(&format!("{}/{}", id.namespace(), id.name()), fp),
-        )),
+        (Caller::Workload(id), Some(fp)) => {
+            Some(Arc::new(s.agents.stream_opened(&holder(id, &peer), fp)))
+        }
         _ => None,
     };
     let (backlog, rx) = s.events.subscribe(last);

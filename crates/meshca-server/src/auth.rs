@@ -128,6 +128,13 @@ async fn authenticate_certificate(
                 state.peers.mark_revoked(&serial);
                 return Err(revoked());
             }
+            // TLS checked validity at the handshake; a connection kept open
+            // past notAfter must not keep the identity.
+            if record.not_after <= time::OffsetDateTime::now_utc() {
+                return Err(ApiError::unauthenticated(format!(
+                    "client certificate {serial} has expired"
+                )));
+            }
             let good = PeerState::Good {
                 namespace: record.namespace,
                 name: record.name,

@@ -92,6 +92,9 @@ pub struct AppState {
     /// How long records of expired certificates are kept.
     pub keep_expired: Duration,
     crl: tokio::sync::Mutex<Option<(Instant, u64, Vec<u8>)>>,
+    /// The chain of custody as served, and when it was read (anonymous
+    /// callers get it from memory, at most CUSTODY_STALE old).
+    pub custody: tokio::sync::Mutex<Option<(Instant, String, String)>>,
     crl_generation: AtomicU64,
     crl_number: AtomicU64,
 }
@@ -123,6 +126,7 @@ impl AppState {
             server_cert_stale: std::sync::atomic::AtomicBool::new(false),
             keep_expired: DEFAULT_KEEP_EXPIRED,
             crl: tokio::sync::Mutex::new(None),
+            custody: tokio::sync::Mutex::new(None),
             crl_generation: AtomicU64::new(0),
             crl_number: AtomicU64::new(
                 u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1),

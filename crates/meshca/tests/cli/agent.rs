@@ -446,17 +446,17 @@ fn rotate_all_renews_fifty_agents_spread_over_the_window() {
 }
 
 #[test]
-fn expired_while_away_recovers_with_the_token() {
+fn expired_while_away_needs_a_new_token() {
     let tmp = scratch();
     let data = tmp.path().join("data");
     let mut srv = Server::start(&data, &[]);
     let port = srv.port;
-    // Two uses: the first certificate, and one recovery.
     let (tok, fp) = token(&srv, "web", "2");
     let out = tmp.path().join("web");
-    let _agent = Agent(
+    let log = tmp.path().join("agent.log");
+    let mut agent = Agent(
         agent_cmd(&srv, "web", &tok, &fp, &out, &["--ttl", "4s"])
-            .stderr(kept_log("agent"))
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -465,12 +465,27 @@ fn expired_while_away_recovers_with_the_token() {
     srv.kill();
     std::thread::sleep(Duration::from_secs(6)); // the certificate expires meanwhile
     let srv = Server::start_on(&data, port, &[]);
-    wait_for("a certificate bought with the token again", 30, || {
-        serial_of(&out) != first
+    // The agent dropped its token once it held a certificate (the token
+    // had a use left): it says what to do and stops.
+    wait_for("the agent to stop", 60, || {
+        agent.0.try_wait().unwrap().is_some()
     });
+    let text = std::fs::read_to_string(&log).unwrap();
+    keep_output("agent-stderr", text.as_bytes());
+    assert!(
+        text.contains("create a new one with `meshca token create web"),
+        "{text}"
+    );
+    assert_eq!(serial_of(&out), first);
+    // Restarted with a new token, it recovers.
+    let (tok2, fp2) = token(&srv, "web", "1");
+    let o = agent_cmd(&srv, "web", &tok2, &fp2, &out, &["--once"])
+        .output()
+        .unwrap();
+    keep_output("agent-stderr", &o.stderr);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(serial_of(&out), first);
     verify(&out);
-    let tokens: Value = serde_json::from_str(&srv.cli_ok(&["token", "list", "--json"])).unwrap();
-    assert_eq!(tokens[0]["uses"], 2);
 }
 
 #[test]
@@ -578,7 +593,7 @@ fn a_full_disk_leaves_the_old_pair_intact() {
     assert!(
         names
             .iter()
-            .all(|n| ["tls.crt", "tls.key", "ca.crt"].contains(&n.as_str())),
+            .all(|n| ["tls.crt", "tls.key", "ca.crt", "ca-custody.pem"].contains(&n.as_str())),
         "{names:?}"
     );
 }

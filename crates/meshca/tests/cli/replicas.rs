@@ -775,6 +775,9 @@ fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
     };
     let (code, body) = issue_via(&b, "web");
     assert_eq!(code, 200, "{body}");
+    // Held by nobody who renews it: retire waits for it (holders, not
+    // identities) until it is revoked below.
+    let unheld = serial_of(&body);
     // An agent connected to B: A learns of it (and of the bundle it holds)
     // through the store.
     let token = json(&b.cli_ok(&["token", "create", "api", "--json"]));
@@ -845,8 +848,19 @@ fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
     assert_eq!(issued["hierarchy_id"], new_hierarchy, "{issued}");
 
     // retire on A once nothing holds the old root: B drops it as well and
-    // serves a certificate of the new root.
-    wait("every identity renewed", &|| {
+    // serves a certificate of the new root. The admin-issued certificate
+    // nobody renews keeps it back until it is revoked.
+    let status = json(&a.cli_ok(&["ca", "status", "--json"]));
+    assert!(
+        status["rotation"]["waiting_for"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["serial"] == unheld.as_str()),
+        "{status}"
+    );
+    a.cli_ok(&["revoke", &unheld]);
+    wait("every holder renewed", &|| {
         json(&a.cli_ok(&["ca", "status", "--json"]))["rotation"]["remaining_under_old"] == 0
     });
     a.cli_ok(&["ca", "rotate", "retire"]);

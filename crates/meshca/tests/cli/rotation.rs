@@ -361,7 +361,13 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
     assert_eq!(split_pem(&bundle).len(), 2);
     let r = status();
     assert_eq!(r["safe_to_continue"], false, "{r}");
-    assert_eq!(r["agents"]["lagging"][0], "default/web", "{r}");
+    // Known by the certificate it holds: one holder of default/web.
+    assert!(
+        r["agents"]["lagging"][0]
+            .as_str()
+            .is_some_and(|h| h.starts_with("default/web/")),
+        "{r}"
+    );
     refused(&["ca", "rotate", "activate"], "default/web");
 
     // abort before activation: back to the old root alone.

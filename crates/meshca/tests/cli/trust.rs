@@ -371,7 +371,7 @@ fn rules_that_can_never_match_are_refused() {
         )
         .unwrap();
         let port = free_port().to_string();
-        let out = meshca()
+        let mut child = meshca()
             .args([
                 "serve",
                 "--dir",
@@ -379,10 +379,29 @@ fn rules_that_can_never_match_are_refused() {
                 "--listen",
                 &format!("127.0.0.1:{port}"),
             ])
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{rule}: served");
+        // A server that takes the rule starts serving: stop it and fail.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{rule}: served with the rule: {stderr}"
+        );
         assert!(stderr.contains("meshca.toml"), "{rule}: {stderr}");
         for n in needles {
             assert!(stderr.contains(n), "{rule}: lacks {n:?}: {stderr}");
@@ -531,6 +550,33 @@ fn a_pin_survives_every_stage_of_a_root_rotation() {
             fresh.join("tls.crt").to_str().unwrap(),
             fresh.join("tls.crt").to_str().unwrap(),
         ],
+    );
+
+    // A second rotation: the pin is now two roots back, and the chain of
+    // custody is crossed link by link (through the retired middle root).
+    srv.cli_ok(&["ca", "rotate", "prepare"]);
+    wait_for("the third root", 60, || roots_in(&out.join("ca.crt")) == 2);
+    let serial = serial_hex(&out.join("tls.crt"));
+    srv.cli_ok(&["ca", "rotate", "activate", "--window", "1s"]);
+    wait_for("the renewal under the third root", 60, || {
+        serial_hex(&out.join("tls.crt")) != serial
+    });
+    srv.cli_ok(&["ca", "rotate", "retire", "--force"]);
+    wait_for("the second root to leave ca.crt", 60, || {
+        std::fs::read_to_string(out.join("ca.crt")).unwrap() != new_root
+            && roots_in(&out.join("ca.crt")) == 1
+    });
+    restart("a second retire");
+    let third = tmp.path().join("third");
+    let o = agent_once(&srv, &token, &old_fp, &third);
+    assert!(
+        o.status.success(),
+        "a new agent pinned two roots back did not bootstrap: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(third.join("ca.crt")).unwrap(),
+        std::fs::read_to_string(out.join("ca.crt")).unwrap()
     );
 }
 
