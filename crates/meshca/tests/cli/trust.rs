@@ -32,7 +32,7 @@ fn serial_hex(cert: &Path) -> String {
         "openssl",
         &["x509", "-in", cert.to_str().unwrap(), "-noout", "-serial"],
     );
-    s.trim().trim_start_matches("serial=").to_owned()
+    s.trim().trim_start_matches("serial=").to_lowercase()
 }
 
 /// Property 2: with an imported root, another CA of the organisation under
@@ -746,5 +746,101 @@ fn a_revoked_callers_event_stream_is_closed() {
     let (code, answer) = srv.curl("POST", "/v1/sign", Some(&body), &cert_args(&web));
     assert_eq!(code, 401, "{answer}");
     assert!(error_of(&answer).1.contains("is revoked"), "{answer}");
+    still_serving(&srv);
+}
+
+/// Property 4: rotation safety counts holders. Two pods of one identity;
+/// one gets stuck (stops, never renews). Its healthy sibling does not hide
+/// it: activation names it, and retire refuses while its certificate of
+/// the old root is live, listing identity, serial and expiry.
+#[test]
+fn rotation_waits_for_every_holder_not_every_identity() {
+    let tmp = scratch();
+    let d = tmp.path().join("ca");
+    let srv = Server::start(&d, &[]);
+    let v: Value =
+        serde_json::from_str(&srv.cli_ok(&["token", "create", "web", "--uses", "2", "--json"]))
+            .unwrap();
+    let token = v["token"].as_str().unwrap().to_owned();
+    let fp = v["ca_fingerprint"].as_str().unwrap().to_owned();
+    let pod = |name: &str| {
+        let out = tmp.path().join(name);
+        let child = Child(
+            meshca()
+                .args([
+                    "agent",
+                    "web",
+                    "--server",
+                    &srv.url(),
+                    "--token",
+                    &token,
+                    "--ca-fingerprint",
+                    &fp,
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(kept_log("agent.log"))
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("a pod's certificate", 30, || out.join("tls.key").exists());
+        (out, child)
+    };
+    let (healthy, _a) = pod("pod-a");
+    let (stuck, mut b) = pod("pod-b");
+    let stuck_serial = serial_hex(&stuck.join("tls.crt"));
+    let status = || -> Value {
+        serde_json::from_str::<Value>(&srv.cli_ok(&["ca", "status", "--json"])).unwrap()["rotation"]
+            .clone()
+    };
+    wait_for("both pods to be known", 10, || {
+        status()["agents"]["alive"] == 2
+    });
+    let _ = b.0.kill();
+    let _ = b.0.wait();
+
+    srv.cli_ok(&["ca", "rotate", "prepare"]);
+    wait_for("the healthy pod to take the new bundle", 60, || {
+        roots_in(&healthy.join("ca.crt")) == 2
+    });
+    wait_for("the healthy pod to acknowledge", 30, || {
+        status()["agents"]["acknowledged"] == 1
+    });
+    let r = status();
+    assert_eq!(r["agents"]["alive"], 2, "{r}");
+    assert_eq!(r["safe_to_continue"], false, "{r}");
+    let out = srv.cli(&["ca", "rotate", "activate"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "activated past a stuck pod");
+    assert!(
+        stderr.contains(&format!("default/web/{stuck_serial}")),
+        "{stderr}"
+    );
+
+    let serial = serial_hex(&healthy.join("tls.crt"));
+    srv.cli_ok(&["ca", "rotate", "activate", "--force", "--window", "1s"]);
+    wait_for("the healthy pod to renew", 60, || {
+        serial_hex(&healthy.join("tls.crt")) != serial
+    });
+    std::thread::sleep(std::time::Duration::from_secs(6)); // past SETTLE
+    let r = status();
+    assert_eq!(r["remaining_under_old"], 1, "{r}");
+    assert_eq!(r["waiting_for"][0]["serial"], stuck_serial.as_str(), "{r}");
+    assert_eq!(r["waiting_for"][0]["identity"], "default/web", "{r}");
+    let out = srv.cli(&["ca", "rotate", "retire"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "retired under a live certificate");
+    for want in [
+        "default/web serial",
+        stuck_serial.as_str(),
+        "expires",
+        "meshca revoke",
+    ] {
+        assert!(stderr.contains(want), "lacks {want:?}: {stderr}");
+    }
+    // The stuck pod's certificate revoked: nothing holds the old root.
+    srv.cli_ok(&["revoke", &stuck_serial]);
+    srv.cli_ok(&["ca", "rotate", "retire"]);
     still_serving(&srv);
 }
