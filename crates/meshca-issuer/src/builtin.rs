@@ -109,6 +109,9 @@ struct Loaded {
     signing: Arc<SigningCa>,
     hierarchy_id: String,
     bundle: Vec<Vec<u8>>,
+    /// The intermediates of the other hierarchies in the bundle (prepared,
+    /// retiring): they sign only their own CRLs.
+    others: Vec<(String, Arc<SigningCa>)>,
 }
 
 /// Where the hierarchies are read from again.
@@ -147,6 +150,7 @@ impl BuiltinIssuer {
                 signing: Arc::new(signing),
                 hierarchy_id: hierarchy_id.to_owned(),
                 bundle,
+                others: Vec::new(),
             })),
             source: None,
             bundle_tx: tokio::sync::watch::channel(0).0,
@@ -184,12 +188,46 @@ async fn load(
             ),
         })?;
     let hdir = data.hierarchy_dir(&active.id);
-    let key = match &active.sealed_keys {
+    let signing = signing_of(&data, store, seal, active)?;
+    let bundle = bundle_of(&hierarchies, &hdir)?;
+    let mut others = Vec::new();
+    for h in hierarchies
+        .iter()
+        .filter(|h| h.id != active.id && h.status.in_bundle())
+    {
+        // Only its CRL depends on it: a hierarchy whose key cannot be read
+        // here leaves its CRL out (said), it does not stop the issuer.
+        match signing_of(&data, store, seal, h) {
+            Ok(ca) => others.push((h.id.clone(), Arc::new(ca))),
+            Err(e) => tracing::warn!(
+                hierarchy = %h.id,
+                "no CRL for this hierarchy's certificates: its intermediate cannot be loaded: {e}"
+            ),
+        }
+    }
+    Ok(Loaded {
+        signing: Arc::new(signing),
+        hierarchy_id: active.id.clone(),
+        bundle,
+        others,
+    })
+}
+
+/// A hierarchy's intermediate with its key: sealed in the record (shared
+/// stores; opened with `seal`), or from `dir/ca/<id>/`.
+fn signing_of(
+    data: &DataDir,
+    store: &Arc<dyn Store>,
+    seal: Option<&SealKey>,
+    h: &HierarchyRecord,
+) -> Result<SigningCa, IssuerError> {
+    let hdir = data.hierarchy_dir(&h.id);
+    let key = match &h.sealed_keys {
         Some(sealed) => {
             let seal = seal.ok_or_else(|| IssuerError::NeedSealKey {
                 location: store.location(),
             })?;
-            let what = intermediate_seal_label(&active.id);
+            let what = intermediate_seal_label(&h.id);
             let pem = seal.open(&sealed.intermediate, &what)?;
             PrivateKey::from_pem(&String::from_utf8_lossy(&pem))?
         }
@@ -197,7 +235,7 @@ async fn load(
             // A renewed intermediate's key is named after the certificate
             // (written before the record switched to it); the first one is
             // `intermediate.key`.
-            let renewed = hdir.join(intermediate_key_file(active.intermediate_pem.as_bytes()));
+            let renewed = hdir.join(intermediate_key_file(h.intermediate_pem.as_bytes()));
             let key_path = if renewed.exists() {
                 renewed
             } else {
@@ -212,19 +250,13 @@ async fn load(
             })?
         }
     };
-    let int_der = first_cert(active.intermediate_pem.as_bytes(), &hdir)?;
-    let signing = SigningCa::new(
+    let int_der = first_cert(h.intermediate_pem.as_bytes(), &hdir)?;
+    Ok(SigningCa::new(
         int_der,
         key,
-        &format!("intermediate of hierarchy {}", active.id),
+        &format!("intermediate of hierarchy {}", h.id),
         OffsetDateTime::now_utc(),
-    )?;
-    let bundle = bundle_of(&hierarchies, &hdir)?;
-    Ok(Loaded {
-        signing: Arc::new(signing),
-        hierarchy_id: active.id.clone(),
-        bundle,
-    })
+    )?)
 }
 
 /// The key file of a renewed intermediate: `intermediate-<16 hex of the
@@ -353,6 +385,37 @@ impl Issuer for BuiltinIssuer {
         })
         .await
         .map_err(|e| IssuerError::Policy(format!("CRL task failed: {e}")))??)
+    }
+
+    async fn crls(
+        &self,
+        revoked: Vec<(String, meshca_pki::RevokedEntry)>,
+        crl_number: u64,
+        validity: Duration,
+    ) -> Result<Vec<Vec<u8>>, IssuerError> {
+        let loaded = self.now();
+        tokio::task::spawn_blocking(move || {
+            let now = OffsetDateTime::now_utc();
+            let of = |id: &str| -> Vec<meshca_pki::RevokedEntry> {
+                revoked
+                    .iter()
+                    .filter(|(h, _)| h == id)
+                    .map(|(_, e)| e.clone())
+                    .collect()
+            };
+            let mut out = vec![loaded.signing.sign_crl(
+                &of(&loaded.hierarchy_id),
+                crl_number,
+                now,
+                validity,
+            )?];
+            for (id, ca) in &loaded.others {
+                out.push(ca.sign_crl(&of(id), crl_number, now, validity)?);
+            }
+            Ok::<_, IssuerError>(out)
+        })
+        .await
+        .map_err(|e| IssuerError::Policy(format!("CRL task failed: {e}")))?
     }
 
     fn issuing_key_type(&self) -> Option<KeyType> {

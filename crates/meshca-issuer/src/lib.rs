@@ -133,6 +133,22 @@ pub trait Issuer: std::fmt::Debug + Send + Sync {
         validity: std::time::Duration,
     ) -> Result<Vec<u8>, IssuerError>;
 
+    /// One CRL per issuing CA in the trust bundle, each signed by that CA
+    /// and listing the revoked certificates it signed (`revoked` carries
+    /// each certificate's hierarchy id): during a rotation's overlap the
+    /// old hierarchy's certificates are still trusted, so their revocation
+    /// must be checkable against their own issuer. The issuing CA's CRL
+    /// comes first. An upstream CA (Vault) keeps one CRL of its own.
+    async fn crls(
+        &self,
+        revoked: Vec<(String, RevokedEntry)>,
+        crl_number: u64,
+        validity: std::time::Duration,
+    ) -> Result<Vec<Vec<u8>>, IssuerError> {
+        let all = revoked.into_iter().map(|(_, e)| e).collect();
+        Ok(vec![self.crl(all, crl_number, validity).await?])
+    }
+
     /// The issuing CA certificate (DER) and its notAfter, for status.
     fn issuing_ca(&self) -> (Vec<u8>, time::OffsetDateTime);
 

@@ -688,6 +688,20 @@ pub async fn crl(State(s): S, headers: HeaderMap) -> Result<Response, ApiError> 
     }
 }
 
+/// Every issuing CA's CRL, PEM, the signing one first: during a rotation's
+/// overlap the old hierarchy's certificates are checked against their own
+/// issuer's CRL (`openssl verify -crl_check -CRLfile`, GnuTLS
+/// `--load-crl`).
+pub async fn crls(State(s): S) -> Result<Response, ApiError> {
+    let pem: String = s
+        .crls()
+        .await?
+        .iter()
+        .map(|d| meshca_pki::to_pem("X509 CRL", d))
+        .collect();
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+}
+
 pub async fn create_token(
     State(s): S,
     Extension(peer): Extension<Peer>,

@@ -91,7 +91,9 @@ pub struct AppState {
     pub server_cert_stale: std::sync::atomic::AtomicBool,
     /// How long records of expired certificates are kept.
     pub keep_expired: Duration,
-    crl: tokio::sync::Mutex<Option<(Instant, u64, Vec<u8>)>>,
+    /// When made, the revocation generation and trust bundle it was made
+    /// for (a new hierarchy adds a CRL), and the CRLs.
+    crl: tokio::sync::Mutex<Option<(Instant, u64, String, Vec<Vec<u8>>)>>,
     /// The chain of custody as served, and when it was read (anonymous
     /// callers get it from memory, at most CUSTODY_STALE old).
     pub custody: tokio::sync::Mutex<Option<(Instant, String, String)>>,
@@ -157,8 +159,18 @@ impl AppState {
         self.crl_generation.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// The current CRL (DER), remade when older than half its validity.
+    /// The issuing CA's CRL (DER): the first of [`AppState::crls`].
     pub async fn crl(&self) -> Result<Vec<u8>, ApiError> {
+        self.crls()
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::unavailable("the issuer made no CRL"))
+    }
+
+    /// The CRLs of every issuing CA in the bundle (DER, the signing one
+    /// first), remade when older than half their validity.
+    pub async fn crls(&self) -> Result<Vec<Vec<u8>>, ApiError> {
         let mut cached = self.crl.lock().await;
         let generation = self.crl_generation.load(Ordering::SeqCst);
         // Before the election has run (tests, `init`) this process is alone.
@@ -168,9 +180,10 @@ impl AppState {
         } else {
             FOLLOWER_CRL_CACHE
         };
-        if let Some((made, made_gen, der)) = cached.as_ref() {
-            if made.elapsed() < max_age && *made_gen == generation {
-                return Ok(der.clone());
+        let bundle = meshca_pki::bundle_fingerprint(&self.authority.issuer().trust_bundle().await?);
+        if let Some((made, made_gen, made_for, ders)) = cached.as_ref() {
+            if made.elapsed() < max_age && *made_gen == generation && *made_for == bundle {
+                return Ok(ders.clone());
             }
         }
         let stored = self.stored_crl().await;
@@ -179,9 +192,9 @@ impl AppState {
             // The leader makes the CRL; the others serve what it stored.
             if let Some(c) = &stored {
                 let age = Duration::try_from(now - c.made_at).unwrap_or_default();
-                if age < CRL_VALIDITY / 2 {
-                    *cached = Some((Instant::now(), generation, c.der.clone()));
-                    return Ok(c.der.clone());
+                if age < CRL_VALIDITY / 2 && c.bundle == bundle {
+                    *cached = Some((Instant::now(), generation, bundle, c.ders.clone()));
+                    return Ok(c.ders.clone());
                 }
             }
         }
@@ -189,17 +202,22 @@ impl AppState {
             status: Some(CertStatus::Revoked),
             ..Default::default()
         };
-        let revoked: Vec<RevokedEntry> = self
+        let revoked: Vec<(String, RevokedEntry)> = self
             .store
             .list_certificates(&filter)
             .await?
             .into_iter()
             // An expired certificate need not stay on the list (RFC 5280 §3.3).
             .filter(|r| r.not_after > now)
-            .map(|r| RevokedEntry {
-                serial: r.serial,
-                revoked_at: r.revoked_at.unwrap_or(now),
-                reason_code: reason_code(r.revocation_reason),
+            .map(|r| {
+                (
+                    r.hierarchy_id,
+                    RevokedEntry {
+                        serial: r.serial,
+                        revoked_at: r.revoked_at.unwrap_or(now),
+                        reason_code: reason_code(r.revocation_reason),
+                    },
+                )
             })
             .collect();
         // CRL numbers only grow, whichever replica made the last one.
@@ -208,23 +226,24 @@ impl AppState {
             .fetch_add(1, Ordering::SeqCst)
             .max(stored.as_ref().map_or(0, |c| c.number + 1));
         self.crl_number.fetch_max(number + 1, Ordering::SeqCst);
-        let der = self
+        let ders = self
             .authority
             .issuer()
-            .crl(revoked, number, CRL_VALIDITY)
+            .crls(revoked, number, CRL_VALIDITY)
             .await?;
         if leading {
             let blob = StoredCrl {
                 number,
                 made_at: now,
-                der: der.clone(),
+                bundle: bundle.clone(),
+                ders: ders.clone(),
             };
             if let Err(e) = self.store.put_blob(CRL_BLOB, &blob.encode()).await {
                 tracing::warn!("the new CRL is served here but not shared: {e}");
             }
         }
-        *cached = Some((Instant::now(), generation, der.clone()));
-        Ok(der)
+        *cached = Some((Instant::now(), generation, bundle, ders.clone()));
+        Ok(ders)
     }
 
     async fn stored_crl(&self) -> Option<StoredCrl> {
@@ -257,7 +276,10 @@ const FOLLOWER_CRL_CACHE: Duration = Duration::from_secs(5);
 struct StoredCrl {
     number: u64,
     made_at: OffsetDateTime,
-    der: Vec<u8>,
+    /// The fingerprint of the trust bundle it was made for.
+    bundle: String,
+    /// One per issuing CA, the signing one first.
+    ders: Vec<Vec<u8>>,
 }
 
 impl StoredCrl {
@@ -265,7 +287,10 @@ impl StoredCrl {
         serde_json::json!({
             "number": self.number,
             "made_at": self.made_at.unix_timestamp(),
-            "der": hex::encode(&self.der),
+            // The signing CA's alone too, for replicas of before per-issuer CRLs.
+            "der": self.ders.first().map(hex::encode).unwrap_or_default(),
+            "bundle": self.bundle,
+            "ders": self.ders.iter().map(hex::encode).collect::<Vec<_>>(),
         })
         .to_string()
         .into_bytes()
@@ -273,10 +298,22 @@ impl StoredCrl {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let ders = match v.get("ders").and_then(|d| d.as_array()) {
+            Some(list) => list
+                .iter()
+                .map(|d| d.as_str().and_then(|h| hex::decode(h).ok()))
+                .collect::<Option<Vec<_>>>()?,
+            None => vec![hex::decode(v.get("der")?.as_str()?).ok()?],
+        };
         Some(StoredCrl {
             number: v.get("number")?.as_u64()?,
             made_at: OffsetDateTime::from_unix_timestamp(v.get("made_at")?.as_i64()?).ok()?,
-            der: hex::decode(v.get("der")?.as_str()?).ok()?,
+            bundle: v
+                .get("bundle")
+                .and_then(|b| b.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            ders,
         })
     }
 }
@@ -356,6 +393,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/bundle", get(api::bundle))
         .route("/v1/bundle/custody", get(api::custody))
         .route("/v1/crl", get(api::crl))
+        .route("/v1/crls", get(api::crls))
         .route("/v1/tokens", post(api::create_token).get(api::list_tokens))
         .route("/v1/tokens/{id}", delete(api::delete_token))
         .route("/v1/ca", get(api::ca_status))

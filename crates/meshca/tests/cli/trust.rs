@@ -844,3 +844,77 @@ fn rotation_waits_for_every_holder_not_every_identity() {
     srv.cli_ok(&["ca", "rotate", "retire"]);
     still_serving(&srv);
 }
+
+/// Property 5: during a rotation's overlap, a revoked certificate of the
+/// old hierarchy is checkable against its own issuer's CRL. `/v1/crls` has
+/// one CRL per issuing CA, each signed by it; openssl and GnuTLS both see
+/// the old-chain certificate revoked and the new-chain one good.
+#[test]
+fn each_issuing_ca_has_its_own_crl_during_a_rotation() {
+    let tmp = scratch();
+    let d = tmp.path().join("ca");
+    let srv = Server::start(&d, &[]);
+    let old = tmp.path().join("old");
+    srv.cli_ok(&["issue", "web", "--out", old.to_str().unwrap()]);
+    srv.cli_ok(&["ca", "rotate", "prepare"]);
+    srv.cli_ok(&["ca", "rotate", "activate", "--force", "--window", "1s"]);
+    let new = tmp.path().join("new");
+    srv.cli_ok(&["issue", "api", "--out", new.to_str().unwrap()]);
+    srv.cli_ok(&["revoke", &serial_hex(&old.join("tls.crt"))]);
+    let (code, crls) = srv.curl("GET", "/v1/crls", None, &[]);
+    assert_eq!(code, 200, "{crls}");
+    assert_eq!(crls.matches("BEGIN X509 CRL").count(), 2, "{crls}");
+    let crl_file = tmp.path().join("crls.pem");
+    std::fs::write(&crl_file, &crls).unwrap();
+    let (_, bundle) = srv.curl("GET", "/v1/bundle", None, &[]);
+    let bundle_file = tmp.path().join("bundle.pem");
+    std::fs::write(&bundle_file, &bundle).unwrap();
+    let openssl = |dir: &Path| {
+        Command::new("openssl")
+            .args(["verify", "-crl_check", "-CRLfile"])
+            .arg(&crl_file)
+            .arg("-CAfile")
+            .arg(&bundle_file)
+            .arg("-untrusted")
+            .arg(dir.join("tls.crt"))
+            .arg(dir.join("tls.crt"))
+            .output()
+            .unwrap()
+    };
+    let o = openssl(&old);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains("certificate revoked"), "{text}");
+    let o = openssl(&new);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gnutls = |dir: &Path| {
+        let o = Command::new("certtool")
+            .args(["--verify", "--load-ca-certificate"])
+            .arg(&bundle_file)
+            .arg("--load-crl")
+            .arg(&crl_file)
+            .arg("--infile")
+            .arg(dir.join("tls.crt"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let text = gnutls(&old);
+    assert!(text.contains("The certificate chain is revoked"), "{text}");
+    let text = gnutls(&new);
+    assert!(
+        text.contains("Chain verification output: Verified"),
+        "{text}"
+    );
+    // The signing CA's CRL alone is still at /v1/crl.
+    let (code, one) = srv.curl(
+        "GET",
+        "/v1/crl",
+        None,
+        &["-H".into(), "Accept: application/x-pem-file".into()],
+    );
+    assert_eq!(code, 200);
+    assert_eq!(one.matches("BEGIN X509 CRL").count(), 1, "{one}");
+    still_serving(&srv);
+}
