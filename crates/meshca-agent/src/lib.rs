@@ -21,6 +21,7 @@
 pub mod danger;
 mod health;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,11 +171,20 @@ pub const TOKEN_ENV: &str = "MESHCA_TOKEN";
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     meshca_pki::Identity::new(&cfg.namespace, &cfg.name)
         .map_err(|e| AgentError::Config(e.to_string()))?;
+    // An existing directory first: a ca.crt found there is trusted only if
+    // no one else could have put it there. A new one is made only once the
+    // server is trusted.
+    let existed = cfg.out.exists();
+    if existed {
+        check_writable(&cfg.out)?;
+    }
     let Trust {
         bundle_pem,
         custody_pem,
     } = establish_trust(&cfg).await?;
-    check_writable(&cfg.out)?;
+    if !existed {
+        check_writable(&cfg.out)?;
+    }
     let roots =
         parse_certs(bundle_pem.as_bytes()).map_err(|e| AgentError::Untrusted(e.to_string()))?;
     let mut agent = Agent {
@@ -340,7 +350,30 @@ fn check_writable(out: &Path) -> Result<(), AgentError> {
     let probe = out.join(".meshca-agent-probe");
     meshca_files::write_atomic(&probe, b"", 0o600)
         .map_err(|e| AgentError::Files(format!("{} is not writable: {e}", out.display())))?;
-    let _ = std::fs::remove_file(probe);
+    // Who this agent runs as: the owner of the file it just made.
+    let me = std::fs::metadata(&probe).map(|m| m.uid());
+    let _ = std::fs::remove_file(&probe);
+    let me = me.map_err(|e| AgentError::Files(format!("{}: {e}", out.display())))?;
+    let meta =
+        std::fs::metadata(out).map_err(|e| AgentError::Files(format!("{}: {e}", out.display())))?;
+    // Whoever else may write here could swap ca.crt (what the service
+    // trusts) or the key: such a directory is refused before anything in
+    // it is read.
+    if meta.uid() != me {
+        return Err(AgentError::Files(format!(
+            "--out {} belongs to uid {}, not to the user this agent runs as (uid {me}): that user could replace ca.crt or the key; give a directory of the agent's own",
+            out.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(AgentError::Files(format!(
+            "--out {} is writable by group or others (mode {:04o}): they could replace ca.crt or the key; run `chmod go-w {}`",
+            out.display(),
+            meta.mode() & 0o7777,
+            out.display()
+        )));
+    }
     Ok(())
 }
 

@@ -918,3 +918,88 @@ fn each_issuing_ca_has_its_own_crl_during_a_rotation() {
     assert_eq!(one.matches("BEGIN X509 CRL").count(), 1, "{one}");
     still_serving(&srv);
 }
+
+/// Property 12: an `--out` directory others can write (or that belongs to
+/// another user) is refused before anything in it is read; a token file
+/// others can read is refused; the hook does not inherit MESHCA_TOKEN.
+#[test]
+fn the_agents_secrets_and_directory_stay_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = scratch();
+    let d = tmp.path().join("ca");
+    let srv = Server::start(&d, &[]);
+    let v: Value =
+        serde_json::from_str(&srv.cli_ok(&["token", "create", "web", "--uses", "3", "--json"]))
+            .unwrap();
+    let token = v["token"].as_str().unwrap().to_owned();
+    let fp = v["ca_fingerprint"].as_str().unwrap().to_owned();
+    let agent = |out: &Path, extra: &[&str], env_token: bool| {
+        let mut c = meshca();
+        c.args([
+            "agent",
+            "web",
+            "--server",
+            &srv.url(),
+            "--ca-fingerprint",
+            &fp,
+            "--out",
+        ])
+        .arg(out)
+        .arg("--once")
+        .args(extra);
+        if env_token {
+            c.env("MESHCA_TOKEN", &token);
+        }
+        let o = c.output().unwrap();
+        keep_output("agent-stderr", &o.stderr);
+        o
+    };
+
+    let open = tmp.path().join("open");
+    std::fs::create_dir_all(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let o = agent(&open, &[], true);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a world-writable --out was used");
+    assert!(
+        stderr.contains("writable by group or others (mode 0777)"),
+        "{stderr}"
+    );
+    assert!(!open.join("tls.key").exists());
+
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::process::Command::new("chown")
+        .args(["12345", theirs.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let o = agent(&theirs, &[], true);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "another user's --out was used");
+    assert!(stderr.contains("belongs to uid 12345"), "{stderr}");
+
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = tmp.path().join("web");
+    let o = agent(&out, &["--token-file", token_file.to_str().unwrap()], false);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a token file others can read was used");
+    assert!(
+        stderr.contains("readable by others (mode 0644)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+
+    // The hook runs without the token in its environment.
+    let seen = tmp.path().join("hook.env");
+    let hook = format!("env > {}", seen.display());
+    let o = agent(&out, &["--on-rotate", &hook], true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let env = std::fs::read_to_string(&seen).unwrap();
+    assert!(
+        !env.contains("MESHCA_TOKEN"),
+        "the hook inherited the token"
+    );
+    assert!(!env.contains(&token), "the hook saw the token");
+}
