@@ -149,6 +149,8 @@ struct Agent {
     bundle_pem: String,
     /// The chain of custody last seen (written next to `ca.crt`).
     custody_pem: String,
+    /// The CRLs of the bundle's issuing CAs last fetched (`ca.crl`).
+    crl_pem: String,
     roots: Vec<Vec<u8>>,
     /// The bundle in use, for the event stream (which reconnects with it,
     /// to report it and to trust a server of the new root).
@@ -187,13 +189,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     let roots =
         parse_certs(bundle_pem.as_bytes()).map_err(|e| AgentError::Untrusted(e.to_string()))?;
+    let cfg_out = cfg.out.clone();
     let mut agent = Agent {
         cfg,
         bundle_tx: tokio::sync::watch::channel(bundle_pem.clone()).0,
         bundle_pem,
         custody_pem,
+        crl_pem: std::fs::read_to_string(cfg_out_crl(&cfg_out)).unwrap_or_default(),
         roots,
     };
+    // The CRLs next to ca.crt from the start (a server away keeps the last).
+    agent.refresh_crl().await;
 
     let mut held = match agent.on_disk() {
         Some(h) => {
@@ -254,6 +260,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut backoff = Duration::from_secs(1);
     let mut bundle_poll = tokio::time::interval(Duration::from_secs(300));
     bundle_poll.tick().await;
+    let mut crl_poll = tokio::time::interval(CRL_POLL);
+    crl_poll.tick().await;
     loop {
         let due = held.renew_at(jitter);
         let step = next_step(OffsetDateTime::now_utc(), due);
@@ -273,6 +281,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             },
             _ = bundle_poll.tick() => {
                 agent.refresh_bundle().await;
+                false
+            }
+            _ = crl_poll.tick() => {
+                agent.refresh_crl().await;
                 false
             }
         };
@@ -381,6 +393,19 @@ fn check_writable(out: &Path) -> Result<(), AgentError> {
 /// `ca.crt`: what lets a restarted agent re-check `ca.crt` against its pin
 /// after the pinned root has been rotated out.
 pub const CUSTODY_FILE: &str = "ca-custody.pem";
+
+/// The file the CRLs are kept in, next to `ca.crt` (what meshca-tls and
+/// the proxy check client certificates against).
+pub const CRL_FILE: &str = "ca.crl";
+
+/// How often the CRLs are fetched: with the CA's own CRL remade at once on
+/// a revocation and meshca-tls reloading within a second, a revoked peer
+/// is refused by the data plane within about this long.
+const CRL_POLL: Duration = Duration::from_secs(20);
+
+fn cfg_out_crl(out: &Path) -> PathBuf {
+    out.join(CRL_FILE)
+}
 
 /// Most roots taken from an unverified bundle.
 const MAX_ROOTS: usize = 16;
@@ -751,6 +776,39 @@ impl Agent {
                 }
             }
             Err(e) => tracing::warn!("ignoring an unreadable trust bundle: {e}"),
+        }
+    }
+
+    /// Fetches the CRLs (`/v1/crls`, over a connection verified against the
+    /// bundle) and writes `ca.crl` when they changed. Only CRLs that parse
+    /// are written; a server away, or an older one without the endpoint,
+    /// leaves the file as it is.
+    async fn refresh_crl(&mut self) {
+        let Ok(client) = self.client(None) else {
+            return;
+        };
+        let Ok((status, body)) = client.raw(http::Method::GET, "/v1/crls", None, &[]).await else {
+            return;
+        };
+        let Ok(text) = String::from_utf8(body.to_vec()) else {
+            return;
+        };
+        if !status.is_success()
+            || text == self.crl_pem
+            || !text.contains("-----BEGIN X509 CRL-----")
+        {
+            return;
+        }
+        match meshca_files::write_atomic(
+            &self.cfg.out.join(CRL_FILE),
+            text.as_bytes(),
+            meshca_files::PUBLIC_MODE,
+        ) {
+            Ok(()) => {
+                tracing::debug!("CRLs changed");
+                self.crl_pem = text;
+            }
+            Err(e) => tracing::warn!("cannot write {}: {e}", CRL_FILE),
         }
     }
 

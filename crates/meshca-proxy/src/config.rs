@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use meshca_pki::GoDuration;
-use meshca_tls::{PeerMatcher, ServerIdentity, TlsVersion};
+use meshca_tls::{PeerMatcher, Revocation, ServerIdentity, TlsVersion};
 use serde::{Deserialize, Serialize};
 
 use crate::ProxyError;
@@ -114,6 +114,11 @@ pub struct Route {
     /// Oldest TLS version (1.3 unless told).
     #[serde(default)]
     pub min_version: TlsVersion,
+    /// Server side: a client certificate whose revocation cannot be checked
+    /// (no current CRL of its issuer in `certs/ca.crl`): `fail-open` lets it
+    /// in, `fail-closed` refuses it. A listed certificate is refused either way.
+    #[serde(default)]
+    pub revocation: Revocation,
     /// A connection with no byte either way for this long is closed.
     #[serde(default = "default_idle")]
     pub idle_timeout: GoDuration,
@@ -155,6 +160,7 @@ impl Route {
             proxy_protocol: false,
             server_id: None,
             min_version: TlsVersion::default(),
+            revocation: Revocation::default(),
             idle_timeout: default_idle(),
         }
     }

@@ -128,6 +128,7 @@ pub async fn run(
                     // Bytes pass through: offering h2 would make a client
                     // speak HTTP/2 to a target that may not.
                     alpn: Some(Vec::new()),
+                    revocation: route.revocation,
                 };
                 Tls::Server(TlsAcceptor::new(&tls).map_err(|source| ProxyError::Tls {
                     route: route.name.clone(),

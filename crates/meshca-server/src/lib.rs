@@ -54,6 +54,10 @@ pub const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a CRL is valid; it is remade at half of that, and on revocation.
 pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
+/// The CRLs as made: when, for which revocation generation and trust
+/// bundle (fingerprint), and the DERs.
+type CachedCrls = (Instant, u64, String, Vec<Vec<u8>>);
+
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct AppState {
@@ -93,7 +97,7 @@ pub struct AppState {
     pub keep_expired: Duration,
     /// When made, the revocation generation and trust bundle it was made
     /// for (a new hierarchy adds a CRL), and the CRLs.
-    crl: tokio::sync::Mutex<Option<(Instant, u64, String, Vec<Vec<u8>>)>>,
+    crl: tokio::sync::Mutex<Option<CachedCrls>>,
     /// The chain of custody as served, and when it was read (anonymous
     /// callers get it from memory, at most CUSTODY_STALE old).
     pub custody: tokio::sync::Mutex<Option<(Instant, String, String)>>,

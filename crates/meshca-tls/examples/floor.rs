@@ -71,6 +71,7 @@ async fn main() {
         redirect: None,
         allow: vec![],
         alpn: None,
+        revocation: Default::default(),
     };
     let w = Arc::new(work());
     let (wi, ws) = (w.clone(), w.clone());

@@ -65,6 +65,7 @@ async fn main() -> std::process::ExitCode {
         redirect,
         allow,
         alpn: None,
+        revocation: Default::default(),
     };
     match run(config, a.listen).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -327,6 +327,38 @@ pub struct TlsConfig {
     /// clients speak a protocol its target does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpn: Option<Vec<String>>,
+    /// What a client certificate whose revocation cannot be checked gets
+    /// (no current CRL of its issuer in `ca.crl`).
+    #[serde(default)]
+    pub revocation: Revocation,
+}
+
+/// What happens when a client certificate's revocation cannot be checked:
+/// `ca.crl` lacks its issuer's CRL, or that CRL's nextUpdate has passed
+/// (the agent could not refresh it). A certificate listed in a CRL that is
+/// there is refused either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Revocation {
+    /// Let it in (the default: a CA away for longer than a CRL lives must
+    /// not stop traffic).
+    #[default]
+    FailOpen,
+    /// Refuse it: only peers checked against a current CRL get in.
+    FailClosed,
+}
+
+impl FromStr for Revocation {
+    type Err = TlsError;
+    fn from_str(s: &str) -> Result<Self, TlsError> {
+        match s {
+            "fail-open" => Ok(Revocation::FailOpen),
+            "fail-closed" => Ok(Revocation::FailClosed),
+            other => Err(TlsError::Config(format!(
+                "revocation {other:?}: use fail-open or fail-closed"
+            ))),
+        }
+    }
 }
 
 impl TlsConfig {

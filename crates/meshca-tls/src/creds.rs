@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use meshca_pki::{PrivateKey, cert_spki, describe, parse_certs, verify_chain};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
+};
 use time::OffsetDateTime;
 
 use crate::TlsError;
@@ -21,6 +23,9 @@ pub struct CertPaths {
     pub key: PathBuf,
     /// `ca.crt`: the trust bundle.
     pub ca: PathBuf,
+    /// `ca.crl`: the CRLs of the bundle's issuing CAs (optional; the agent
+    /// writes it from the CA's `/v1/crls`).
+    pub crl: PathBuf,
 }
 
 impl CertPaths {
@@ -30,6 +35,7 @@ impl CertPaths {
             cert: dir.join("tls.crt"),
             key: dir.join("tls.key"),
             ca: dir.join("ca.crt"),
+            crl: dir.join("ca.crl"),
         }
     }
 }
@@ -46,7 +52,9 @@ pub struct CertSet {
     pub serial: String,
     /// The leaf's notAfter.
     pub not_after: OffsetDateTime,
-    /// SHA-256 over the three files' bytes: tells one set from another.
+    /// The CRLs of `ca.crl` (none when the file is absent).
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// SHA-256 over the files' bytes: tells one set from another.
     pub digest: String,
 }
 
@@ -102,8 +110,19 @@ fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// The raw bytes of the three files, read at one moment. Comparing them is
 /// how a change is noticed, whatever way the files were replaced.
-pub(crate) fn read_raw(paths: &CertPaths) -> Result<[Vec<u8>; 3], TlsError> {
-    Ok([read(&paths.cert)?, read_key(&paths.key)?, read(&paths.ca)?])
+pub(crate) fn read_raw(paths: &CertPaths) -> Result<[Vec<u8>; 4], TlsError> {
+    // The CRL file is optional: absent reads as empty.
+    let crl = if paths.crl.exists() {
+        read(&paths.crl)?
+    } else {
+        Vec::new()
+    };
+    Ok([
+        read(&paths.cert)?,
+        read_key(&paths.key)?,
+        read(&paths.ca)?,
+        crl,
+    ])
 }
 
 impl CertSet {
@@ -117,10 +136,10 @@ impl CertSet {
 
     pub(crate) fn from_bytes(
         paths: &CertPaths,
-        raw: &[Vec<u8>; 3],
+        raw: &[Vec<u8>; 4],
         now: OffsetDateTime,
     ) -> Result<Self, TlsError> {
-        let [cert_pem, key_pem, ca_pem] = raw;
+        let [cert_pem, key_pem, ca_pem, crl_pem] = raw;
         let unparsable = |path: &Path, reason: String| TlsError::Unparsable {
             path: path.to_owned(),
             reason,
@@ -157,6 +176,9 @@ impl CertSet {
             &time::format_description::well_known::Rfc3339,
         )
         .map_err(|e| unparsable(&paths.cert, e.to_string()))?;
+        let crls = CertificateRevocationListDer::pem_slice_iter(crl_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unparsable(&paths.crl, format!("not PEM CRLs: {e}")))?;
         let mut all = Vec::new();
         for part in raw {
             all.extend_from_slice(&(part.len() as u64).to_be_bytes());
@@ -168,6 +190,7 @@ impl CertSet {
             key: std::sync::Arc::new(key_der),
             serial: leaf.serial,
             not_after,
+            crls,
             digest: meshca_pki::fingerprint(&all),
         })
     }

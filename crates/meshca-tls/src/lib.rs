@@ -43,7 +43,7 @@ mod server;
 mod verify;
 
 pub use client::{TlsConnector, client_config};
-pub use config::{PeerMatcher, TlsConfig, TlsMode, TlsVersion};
+pub use config::{PeerMatcher, Revocation, TlsConfig, TlsMode, TlsVersion};
 pub use creds::{CertPaths, CertSet};
 pub use error::{HandshakeFailure, TlsError};
 pub use http::{redirect_location, serve, serve_redirect};

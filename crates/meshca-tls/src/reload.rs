@@ -63,12 +63,12 @@ impl CertSource {
 
 async fn poll_loop(
     paths: CertPaths,
-    mut last_raw: [Vec<u8>; 3],
+    mut last_raw: [Vec<u8>; 4],
     tx: watch::Sender<Arc<CertSet>>,
     poll: Duration,
 ) {
     // The last content that failed, so one bad set is logged once.
-    let mut last_bad: Option<[Vec<u8>; 3]> = None;
+    let mut last_bad: Option<[Vec<u8>; 4]> = None;
     // The last refusal of a key others can read, so it is logged once.
     let mut last_refusal: Option<String> = None;
     loop {

@@ -57,7 +57,15 @@ pub fn server_config(set: &CertSet, config: &TlsConfig) -> Result<ServerConfig, 
         TlsMode::Tls => builder.with_no_client_auth(),
         TlsMode::Mtls | TlsMode::Permissive => {
             let roots = Arc::new(root_store(set)?);
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider);
+            // Revocation of the leaf, against its issuer's CRL in ca.crl
+            // (the intermediates are meshca's own and change by rotation).
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .with_crls(set.crls.iter().cloned())
+                .only_check_end_entity_revocation();
+            let verifier = match config.revocation {
+                crate::Revocation::FailOpen => verifier.allow_unknown_revocation_status(),
+                crate::Revocation::FailClosed => verifier.enforce_revocation_expiration(),
+            };
             let verifier = if config.mode == TlsMode::Permissive {
                 verifier.allow_unauthenticated()
             } else {
@@ -69,6 +77,10 @@ pub fn server_config(set: &CertSet, config: &TlsConfig) -> Result<ServerConfig, 
             builder.with_client_cert_verifier(Arc::new(AllowListVerifier {
                 inner,
                 allow: config.allow.clone(),
+                // WebPKI checks nothing without CRLs at all: failing closed
+                // then means refusing every client certificate.
+                no_revocation_info: config.revocation == crate::Revocation::FailClosed
+                    && set.crls.is_empty(),
             }))
         }
     };

@@ -17,6 +17,8 @@ use crate::{PeerIdentity, PeerMatcher};
 pub(crate) struct AllowListVerifier {
     pub(crate) inner: Arc<dyn ClientCertVerifier>,
     pub(crate) allow: Vec<PeerMatcher>,
+    /// Revocation must be checked and there are no CRLs to check it with.
+    pub(crate) no_revocation_info: bool,
 }
 
 impl ClientCertVerifier for AllowListVerifier {
@@ -41,6 +43,14 @@ impl ClientCertVerifier for AllowListVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        if self.no_revocation_info {
+            tracing::warn!(
+                "refused a client certificate: revocation must be checked (fail-closed) and ca.crl holds no CRL"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownRevocationStatus,
+            ));
+        }
         let identity = PeerIdentity::from_der(end_entity).ok_or(
             rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
         )?;

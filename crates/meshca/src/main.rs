@@ -118,6 +118,10 @@ struct ProxyRouteArgs {
     /// Server: also accept plaintext clients (migration).
     #[arg(long)]
     permissive: bool,
+    /// Server: a client certificate whose revocation cannot be checked (no
+    /// current CRL of its issuer in DIR/ca.crl): fail-open or fail-closed.
+    #[arg(long, value_name = "POLICY", default_value = "fail-open")]
+    revocation: meshca_tls::Revocation,
     /// Server: send a PROXY protocol v2 header with the verified identity.
     #[arg(long)]
     proxy_protocol: bool,

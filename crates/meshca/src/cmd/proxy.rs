@@ -49,6 +49,7 @@ fn single(side: Side, a: ProxyRouteArgs) -> anyhow::Result<ProxyConfig> {
         .map(|r| r.parse().map_err(|e| anyhow::anyhow!("--allow {r:?}: {e}")))
         .collect::<anyhow::Result<_>>()?;
     route.permissive = a.permissive;
+    route.revocation = a.revocation;
     route.proxy_protocol = a.proxy_protocol;
     route.server_id = a.server_id;
     if a.tls12 {

@@ -591,9 +591,9 @@ fn a_full_disk_leaves_the_old_pair_intact() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        names
-            .iter()
-            .all(|n| ["tls.crt", "tls.key", "ca.crt", "ca-custody.pem"].contains(&n.as_str())),
+        names.iter().all(
+            |n| ["tls.crt", "tls.key", "ca.crt", "ca-custody.pem", "ca.crl"].contains(&n.as_str())
+        ),
         "{names:?}"
     );
 }

@@ -76,13 +76,14 @@ fn refused_at_start(args: &[&str], port: u16, needles: &[&str]) -> String {
 /// alert, or `broken <error>`. The request may fail to go out (the proxy
 /// closed after its alert): the alert is read all the same.
 const HTTPS_CLIENT: &str = r#"
-import socket, ssl, sys
+import os, socket, ssl, sys
 port, ca = int(sys.argv[1]), sys.argv[2]
+host = os.environ.get("SNI", "localhost")
 ctx = ssl.create_default_context(cafile=ca)
 if len(sys.argv) > 4:
     ctx.load_cert_chain(sys.argv[3], sys.argv[4])
 try:
-    c = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+    c = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname=host)
 except ssl.SSLError as e:
     print("refused", e.reason); sys.exit(0)
 try:
@@ -114,6 +115,30 @@ fn https(port: u16, ca_dir: &Path, creds: &Path) -> String {
     )
     .trim()
     .to_owned()
+}
+
+/// `https` to a server whose certificate names `host` rather than localhost.
+fn https_to(host: &str, port: u16, ca_dir: &Path, creds: &Path) -> String {
+    let ca = ca_dir.join("ca.crt");
+    let (crt, key) = (creds.join("tls.crt"), creds.join("tls.key"));
+    let out = std::process::Command::new("python3")
+        .env("SNI", host)
+        .args([
+            "-c",
+            HTTPS_CLIENT,
+            &port.to_string(),
+            p(&ca),
+            p(&crt),
+            p(&key),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[test]
@@ -522,4 +547,140 @@ fn a_private_key_others_can_read_is_refused_at_start_and_on_reload() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(https(port, &web, &cli), "ok HTTP/1.0 200 OK");
+}
+
+/// Property 10: revocation reaches the data plane. The agent keeps `ca.crl`
+/// (every issuing CA's CRL) next to `ca.crt`; the proxy checks client
+/// certificates against it and reloads it. A client certificate revoked
+/// for key compromise is refused by the proxy within 30 s, with the TLS
+/// alert that says so; another client still gets through. With
+/// `--revocation fail-closed`, a client whose issuer has no CRL in the
+/// directory is refused.
+#[test]
+fn a_revoked_client_certificate_is_refused_by_the_proxy() {
+    let tmp = scratch();
+    let data = tmp.path().join("ca");
+    let srv = Server::start(&data, &[]);
+    let v: serde_json::Value =
+        serde_json::from_str(&srv.cli_ok(&["token", "create", "web", "--json"])).unwrap();
+    let web = tmp.path().join("web");
+    let _agent = Child(
+        meshca()
+            .args([
+                "agent",
+                "web",
+                "--server",
+                &srv.url(),
+                "--token",
+                v["token"].as_str().unwrap(),
+                "--ca-fingerprint",
+                v["ca_fingerprint"].as_str().unwrap(),
+                "--out",
+                p(&web),
+            ])
+            .stdout(Stdio::null())
+            .stderr(kept_log("agent.log"))
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(web.join("tls.key").exists() && web.join("ca.crl").exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent wrote no tls.key and ca.crl"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_site, site_port) = http_site(&tmp.path().join("site"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let target = format!("127.0.0.1:{site_port}");
+    let _proxy = Proxy::start(
+        &[
+            "server",
+            "--listen",
+            &listen,
+            "--target",
+            &target,
+            "--certs",
+            p(&web),
+        ],
+        tmp.path().join("proxy.log"),
+        &[port],
+    );
+    let bad = tmp.path().join("bad");
+    let good = tmp.path().join("good");
+    srv.cli_ok(&["issue", "bad", "--profile", "client", "--out", p(&bad)]);
+    srv.cli_ok(&["issue", "good", "--profile", "client", "--out", p(&good)]);
+    let before = https_to("web.default.svc", port, &web, &bad);
+    assert!(
+        before.starts_with("ok HTTP/1.0 200"),
+        "before the revocation: {before}"
+    );
+    let serial = tool(
+        "openssl",
+        &["x509", "-noout", "-serial", "-in", p(&bad.join("tls.crt"))],
+    );
+    let serial = serial.trim().trim_start_matches("serial=").to_lowercase();
+    srv.cli_ok(&["revoke", &serial, "--reason", "keyCompromise"]);
+    let revoked_at = Instant::now();
+    let answer = loop {
+        let a = https_to("web.default.svc", port, &web, &bad);
+        if !a.starts_with("ok") || revoked_at.elapsed() > Duration::from_secs(45) {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let took = revoked_at.elapsed();
+    assert_eq!(
+        answer, "refused SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "refused only after {took:?}"
+    );
+    assert!(
+        https_to("web.default.svc", port, &web, &good).starts_with("ok HTTP/1.0 200"),
+        "another client"
+    );
+
+    // Fail closed: a directory without ca.crl (a certificate set the
+    // agent does not keep) cannot check revocation, and refuses.
+    let strict_dir = tmp.path().join("strict");
+    std::fs::create_dir_all(&strict_dir).unwrap();
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::copy(web.join(f), strict_dir.join(f)).unwrap();
+    }
+    chmod(&strict_dir.join("tls.key"), 0o600);
+    let sport = free_port();
+    let slisten = format!("127.0.0.1:{sport}");
+    let _strict = Proxy::start(
+        &[
+            "server",
+            "--listen",
+            &slisten,
+            "--target",
+            &target,
+            "--certs",
+            p(&strict_dir),
+            "--revocation",
+            "fail-closed",
+        ],
+        tmp.path().join("strict.log"),
+        &[sport],
+    );
+    let answer = https_to("web.default.svc", sport, &web, &good);
+    assert!(answer.starts_with("refused"), "{answer}");
+    // With the CRLs in place, the same client gets through.
+    std::fs::copy(web.join("ca.crl"), strict_dir.join("ca.crl")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = https_to("web.default.svc", sport, &web, &good);
+        if a.starts_with("ok HTTP/1.0 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fail-closed with CRLs: {a}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
