@@ -11,6 +11,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+/// The most read from a server not yet verified: a bundle of a few roots,
+/// a custody chain of a thousand rotations.
+const MAX_UNVERIFIED: usize = 4 << 20;
+
 /// Fetches `GET /v1/bundle` without verifying the server (see the module docs).
 #[derive(Debug)]
 pub struct PinningFetch {
@@ -75,22 +79,22 @@ impl PinningFetch {
     /// checked against the pinned root's key. A server without the endpoint
     /// (older) has no links to offer.
     pub async fn custody(server: &str) -> Result<String, ClientError> {
-        match Self::get(server, "/v1/bundle/custody").await {
-            Err(ClientError::Protocol(m)) if m.contains("answered 404") => Ok(String::new()),
-            other => other,
+        match Self::fetch(server, "/v1/bundle/custody").await? {
+            (status, _) if status == http::StatusCode::NOT_FOUND => Ok(String::new()),
+            (status, body) => Self::answer("/v1/bundle/custody", status, body),
         }
     }
 
     async fn get(server: &str, path: &str) -> Result<String, ClientError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Config(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinningFetch { provider }))
-            .with_no_client_auth();
-        let client = Client::with_config(server, config)?;
-        let (status, body) = client.raw(http::Method::GET, path, None, &[]).await?;
+        let (status, body) = Self::fetch(server, path).await?;
+        Self::answer(path, status, body)
+    }
+
+    fn answer(
+        path: &str,
+        status: http::StatusCode,
+        body: bytes::Bytes,
+    ) -> Result<String, ClientError> {
         if !status.is_success() {
             return Err(ClientError::Protocol(format!(
                 "GET {path} answered {}",
@@ -99,5 +103,21 @@ impl PinningFetch {
         }
         String::from_utf8(body.to_vec())
             .map_err(|_| ClientError::Protocol(format!("GET {path}: the answer is not text")))
+    }
+
+    /// One unverified GET, its answer bounded to [`MAX_UNVERIFIED`].
+    async fn fetch(
+        server: &str,
+        path: &str,
+    ) -> Result<(http::StatusCode, bytes::Bytes), ClientError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinningFetch { provider }))
+            .with_no_client_auth();
+        let client = Client::with_config(server, config)?.with_body_limit(MAX_UNVERIFIED);
+        client.raw(http::Method::GET, path, None, &[]).await
     }
 }

@@ -198,6 +198,34 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         crl_pem: std::fs::read_to_string(cfg_out_crl(&cfg_out)).unwrap_or_default(),
         roots,
     };
+    // What services read must be what the pin vouches for, from the start:
+    // a ca.crt that held more (a root put there by someone else) is
+    // rewritten now, not at the next renewal.
+    if matches!(agent.cfg.ca, CaPin::Fingerprint(_)) {
+        let on_disk = std::fs::read_to_string(agent.cfg.out.join("ca.crt")).ok();
+        if on_disk.is_some_and(|t| t != agent.bundle_pem) {
+            tracing::warn!(
+                "{} held roots --ca-fingerprint does not vouch for; rewritten with those it does",
+                agent.cfg.out.join("ca.crt").display()
+            );
+            meshca_files::write_set_atomic(
+                &agent.cfg.out,
+                &[
+                    (
+                        CUSTODY_FILE,
+                        agent.custody_pem.as_bytes(),
+                        meshca_files::PUBLIC_MODE,
+                    ),
+                    (
+                        "ca.crt",
+                        agent.bundle_pem.as_bytes(),
+                        meshca_files::PUBLIC_MODE,
+                    ),
+                ],
+            )
+            .map_err(|e| AgentError::Files(e.to_string()))?;
+        }
+    }
     // The CRLs next to ca.crt from the start (a server away keeps the last).
     agent.refresh_crl().await;
 
@@ -409,8 +437,10 @@ fn cfg_out_crl(out: &Path) -> PathBuf {
 
 /// Most roots taken from an unverified bundle.
 const MAX_ROOTS: usize = 16;
-/// Most certificates taken from an unverified custody chain.
-const MAX_CUSTODY: usize = 128;
+/// Most certificates taken from an unverified custody chain: two per
+/// rotation, so a thousand rotations (a pinned root found in the bundle
+/// needs no chain at all).
+const MAX_CUSTODY: usize = 2048;
 
 /// What the agent trusts, and the custody links that justified it.
 struct Trust {
@@ -472,18 +502,32 @@ async fn establish_trust(cfg: &AgentConfig) -> Result<Trust, AgentError> {
 /// real root next to its own gets its own root nowhere. `None` when none.
 fn vouched(bundle: &str, custody: &str, want: &str) -> Option<Trust> {
     let roots = parse_certs(bundle.as_bytes()).ok()?;
-    let links = parse_certs(custody.as_bytes()).unwrap_or_default();
-    // An unverified answer is bounded before any signature is checked: a
-    // real bundle holds at most three roots, and the chain grows by two
-    // certificates per rotation.
-    if roots.len() > MAX_ROOTS || links.len() > MAX_CUSTODY {
+    if roots.len() > MAX_ROOTS {
         tracing::warn!(
             roots = roots.len(),
-            links = links.len(),
-            "ignoring a trust bundle or custody chain larger than meshca makes"
+            "ignoring a trust bundle larger than meshca makes"
         );
         return None;
     }
+    // The pinned root in the bundle is trusted by its fingerprint alone;
+    // the custody chain is read only to reach the bundle's other roots.
+    let links = if custody.len() > MAX_CUSTODY * 4096 {
+        Vec::new()
+    } else {
+        parse_certs(custody.as_bytes()).unwrap_or_default()
+    };
+    // An unverified answer is bounded before any signature is checked: a
+    // real bundle holds at most three roots, and the chain grows by two
+    // certificates per rotation.
+    let links = if links.len() > MAX_CUSTODY {
+        tracing::warn!(
+            links = links.len(),
+            "ignoring a custody chain larger than meshca makes"
+        );
+        Vec::new()
+    } else {
+        links
+    };
     // The pinned root itself: in the bundle, or (rotated out) among the
     // custody chain's earlier roots. Its fingerprint authenticates it.
     let pinned = roots
@@ -510,7 +554,18 @@ fn api_err(e: ClientError) -> AgentError {
 }
 
 impl Agent {
+    /// A client of the server, verified against the bundle: presenting
+    /// `identity` when given, else the join token for a signing call
+    /// (`token`), else nothing (the bundle, the CRLs: no secret goes out).
     fn client(&self, identity: Option<&Held>) -> Result<Client, AgentError> {
+        self.client_with(identity, true)
+    }
+
+    fn anonymous(&self) -> Result<Client, AgentError> {
+        self.client_with(None, false)
+    }
+
+    fn client_with(&self, identity: Option<&Held>, token: bool) -> Result<Client, AgentError> {
         let mut b = Client::builder(&self.cfg.server)
             .map_err(|e| AgentError::Config(e.to_string()))?
             .trust_pem(self.bundle_pem.as_bytes())
@@ -520,7 +575,7 @@ impl Agent {
             b = b
                 .identity_pem(h.cert_pem.as_bytes(), h.key_pem.as_bytes())
                 .map_err(|e| AgentError::Files(e.to_string()))?;
-        } else if let Some(t) = &self.cfg.token {
+        } else if let (true, Some(t)) = (token, &self.cfg.token) {
             b = b.token(t);
         }
         b.build().map_err(|e| AgentError::Config(e.to_string()))
@@ -723,7 +778,7 @@ impl Agent {
     }
 
     async fn refresh_bundle(&mut self) {
-        let Ok(client) = self.client(None) else {
+        let Ok(client) = self.anonymous() else {
             return;
         };
         let Ok((status, body)) = client.raw(http::Method::GET, "/v1/bundle", None, &[]).await
@@ -784,7 +839,7 @@ impl Agent {
     /// are written; a server away, or an older one without the endpoint,
     /// leaves the file as it is.
     async fn refresh_crl(&mut self) {
-        let Ok(client) = self.client(None) else {
+        let Ok(client) = self.anonymous() else {
             return;
         };
         let Ok((status, body)) = client.raw(http::Method::GET, "/v1/crls", None, &[]).await else {

@@ -207,6 +207,7 @@ impl ClientBuilder {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             token: self.token,
             extra: self.extra,
+            max_body: None,
         })
     }
 }
@@ -220,6 +221,8 @@ pub struct Client {
     connector: tokio_rustls::TlsConnector,
     token: Option<String>,
     extra: Vec<(String, String)>,
+    /// Largest answer body read (none: as large as the server sends).
+    max_body: Option<usize>,
 }
 
 impl fmt::Debug for Client {
@@ -231,6 +234,13 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
+    /// Reads at most `max` bytes of any answer (an unverified server must
+    /// not be able to fill the caller's memory).
+    pub fn with_body_limit(mut self, max: usize) -> Self {
+        self.max_body = Some(max);
+        self
+    }
+
     /// Starts building a client of `url` (`https://host[:port]`, port 9443 by default).
     pub fn builder(url: &str) -> Result<ClientBuilder, ClientError> {
         let rest = url
@@ -389,12 +399,23 @@ impl Client {
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?
-            .to_bytes();
+        let bytes = match self.max_body {
+            None => resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?
+                .to_bytes(),
+            Some(max) => http_body_util::Limited::new(resp.into_body(), max)
+                .collect()
+                .await
+                .map_err(|e| {
+                    ClientError::Protocol(format!(
+                        "the answer is larger than the {max} bytes taken from this server ({e})"
+                    ))
+                })?
+                .to_bytes(),
+        };
         Ok((status, bytes))
     }
 }
@@ -540,6 +561,7 @@ impl Client {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             token: None,
             extra: Vec::new(),
+            max_body: None,
         })
     }
 }

@@ -115,23 +115,52 @@ pub fn check_link(link: &[u8], prev: &[u8], next: &[u8]) -> Result<(), PkiError>
     Ok(())
 }
 
+/// The subject CN of a certificate, if it has one.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, c) = X509Certificate::from_der(der).ok()?;
+    c.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+}
+
 /// The certificates of `candidates` that `pinned` vouches for: itself, and
 /// every root reached from it through `links`, link by link.
+///
+/// Cost: every certificate is parsed once to index the links by the root
+/// they name; signatures are checked only for a link that names a root
+/// under consideration, against the roots already reached. Junk offered by
+/// an unverified server costs a parse each, never a signature per pair.
 pub fn reachable_roots(pinned: &[u8], links: &[Vec<u8>], candidates: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let mut reached: Vec<Vec<u8>> = vec![pinned.to_vec()];
+    let mut named: std::collections::HashMap<String, Vec<&[u8]>> = std::collections::HashMap::new();
+    for l in links {
+        if let Some(cn) = common_name(l) {
+            named.entry(cn).or_default().push(l);
+        }
+    }
     // Earlier roots of the chain travel with the links: they are reached
     // (and then vouch further) like any candidate, but are not returned.
+    let pool: Vec<(&[u8], String)> = candidates
+        .iter()
+        .chain(links.iter())
+        .map(|c| (c.as_slice(), link_name(c)))
+        .collect();
+    let mut reached: Vec<&[u8]> = vec![pinned];
     loop {
         let before = reached.len();
-        for c in candidates.iter().chain(links.iter()) {
+        for (c, name) in &pool {
             if reached.contains(c) {
                 continue;
             }
-            let vouched = links
+            let Some(ls) = named.get(name) else {
+                continue;
+            };
+            let vouched = ls
                 .iter()
                 .any(|l| reached.iter().any(|r| check_link(l, r, c).is_ok()));
             if vouched {
-                reached.push(c.clone());
+                reached.push(c);
             }
         }
         if reached.len() == before {
@@ -142,7 +171,7 @@ pub fn reachable_roots(pinned: &[u8], links: &[Vec<u8>], candidates: &[Vec<u8>])
     // only when offered too: a bundle without it is judged by its links).
     candidates
         .iter()
-        .filter(|c| reached.contains(c))
+        .filter(|c| reached.contains(&c.as_slice()))
         .cloned()
         .collect()
 }

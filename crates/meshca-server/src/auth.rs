@@ -140,6 +140,7 @@ async fn authenticate_certificate(
                 name: record.name,
                 fingerprint: record.fingerprint,
                 spiffe_id: record.spiffe_id,
+                not_after: record.not_after,
             };
             state.peers.insert(&serial, good.clone());
             good
@@ -150,10 +151,18 @@ async fn authenticate_certificate(
         name,
         fingerprint,
         spiffe_id,
+        not_after,
     } = known
     else {
         return Err(revoked());
     };
+    // On every request, cached or not: a connection kept open past
+    // notAfter must not keep the identity.
+    if not_after <= time::OffsetDateTime::now_utc() {
+        return Err(ApiError::unauthenticated(format!(
+            "client certificate {serial} has expired"
+        )));
+    }
     if !meshca_pki::constant_time_eq(fingerprint.as_bytes(), id.fingerprint.as_bytes()) {
         tracing::warn!(
             %serial,
@@ -186,6 +195,8 @@ pub enum PeerState {
         fingerprint: String,
         /// The SPIFFE ID it was issued for.
         spiffe_id: String,
+        /// Its notAfter.
+        not_after: time::OffsetDateTime,
     },
     /// Revoked.
     Revoked,
@@ -221,7 +232,13 @@ impl PeerCache {
     pub fn insert(&self, serial: &Serial, state: PeerState) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= PEER_CACHE_MAX {
-            map.clear();
+            // The "good" answers go (they are read again); the revocations
+            // stay: with etcd, they are what stands against a replayed
+            // record (see SECURITY.md).
+            map.retain(|_, (s, _)| *s == PeerState::Revoked);
+            if map.len() >= PEER_CACHE_MAX {
+                map.clear();
+            }
         }
         // A revocation is never overwritten by an older "good".
         if matches!(map.get(serial), Some((PeerState::Revoked, _))) {

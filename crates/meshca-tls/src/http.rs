@@ -25,6 +25,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves `app` on `listener` through `acceptor`, forever. Each request
 /// carries the connection's [`Peer`](crate::Peer) in its extensions (in axum:
 /// `Extension<Peer>`). A failed handshake closes that connection only.
+/// The send buffer of each HTTP connection (the kernel doubles it).
+const SEND_BUFFER: usize = 128 * 1024;
+
 pub async fn serve(
     listener: TcpListener,
     acceptor: Arc<TlsAcceptor>,
@@ -40,6 +43,15 @@ pub async fn serve(
                 continue;
             }
         };
+        // What a client that sends requests and never reads the answers
+        // can make the server produce before backpressure stops it: the
+        // kernel's autotuned buffers (megabytes with a large tcp_rmem on the
+        // other side) let 64 such clients cost seconds of CPU, which every
+        // well-behaved caller waits behind. Answers are small; a large one
+        // still streams, at the pace the client reads.
+        if let Err(e) = socket2::SockRef::from(&tcp).set_send_buffer_size(SEND_BUFFER) {
+            tracing::debug!("cannot bound the send buffer: {e}");
+        }
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {

@@ -707,6 +707,17 @@ fn a_pin_trusts_the_pinned_root_and_nothing_else() {
         real_root.trim(),
         "the foreign root survived in ca.crt"
     );
+    // The same with a valid certificate already there (the agent reuses it
+    // and does not renew): ca.crt is rewritten at start all the same.
+    std::fs::write(out.join("ca.crt"), format!("{real_root}{evil_root}")).unwrap();
+    let o = agent_once(&srv, &token, &fp, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ca = std::fs::read_to_string(out.join("ca.crt")).unwrap();
+    assert_eq!(
+        ca.trim(),
+        real_root.trim(),
+        "the foreign root stayed in ca.crt"
+    );
     still_serving(&srv);
 }
 
