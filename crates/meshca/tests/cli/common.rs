@@ -455,7 +455,9 @@ impl Server {
         if code >= 400 || path.starts_with("/metrics") {
             keep_output("http-body", body.as_bytes());
         }
-        if path.starts_with("/v1/tokens") && method == "POST" {
+        // Only an answer that made a token holds one (a refusal's body is
+        // kept as output above, and is not a secret).
+        if path.starts_with("/v1/tokens") && method == "POST" && (200..300).contains(&code) {
             keep_secret("token", body.as_bytes());
         }
         (code, body.to_owned())
