@@ -33,6 +33,9 @@ have lint_pkix_cert || { echo "test.sh: pkilint did not install (lint_pkix_cert 
 have certtool || apt_install gnutls-bin
 python3 -c 'from cryptography.x509.verification import PolicyBuilder' 2>/dev/null \
   || python3 -m pip install --quiet --disable-pip-version-check 'cryptography>=42'
+# The replica tests cut a replica's connections with `ss -K` and stop it with kill.
+have ss || apt_install iproute2
+have kill || apt_install procps
 # Clock skew tests run the binary under faketime.
 have faketime || apt_install faketime
 # TLS scanners run against every listener meshca opens.
