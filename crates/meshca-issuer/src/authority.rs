@@ -52,6 +52,10 @@ pub struct IssueRequest {
     ttl: Option<Duration>,
     key: KeySource,
     renewed_from: Option<meshca_pki::Serial>,
+    /// One of meshca's own identities, asked for by meshca itself (its
+    /// server certificate, the admin's): the only way into the reserved
+    /// namespace.
+    own: bool,
 }
 
 impl IssueRequest {
@@ -67,7 +71,17 @@ impl IssueRequest {
             ttl: None,
             key: KeySource::Generate(KeyType::EcdsaP256),
             renewed_from: None,
+            own: false,
         })
+    }
+
+    /// A request for meshca's own identity `meshca-system/<name>` (the
+    /// server, the admin), made by meshca itself, never from a caller's
+    /// input: [`Authority::issue`] refuses the reserved namespace otherwise.
+    pub fn meshca_own(name: &str) -> Result<Self, IssuerError> {
+        let mut req = Self::new(meshca_pki::RESERVED_NAMESPACE, name)?;
+        req.own = true;
+        Ok(req)
     }
 
     /// Sets the profile.
@@ -225,6 +239,15 @@ impl Authority {
     /// Issues and records a certificate. Every check happens before anything
     /// is signed; the record is committed before the certificate is returned.
     pub async fn issue(&self, req: IssueRequest) -> Result<Issued, IssuerError> {
+        // Whoever asks (the API for the admin, a workload or a token, the
+        // offline CLI): a certificate in meshca-system could pose as the CA.
+        if req.identity.is_reserved() && !req.own {
+            return Err(IssuerError::Policy(format!(
+                "namespace {} is reserved for meshca itself: no certificate for {} is issued on request (meshca makes its server's and the admin's)",
+                meshca_pki::RESERVED_NAMESPACE,
+                req.identity
+            )));
+        }
         let mut requested_ttl = check_ttl(req.ttl, req.profile, self.policy.max_ttl)?;
         if req.ttl.is_none()
             && let Some(max) = self.issuer.max_ttl(req.profile)

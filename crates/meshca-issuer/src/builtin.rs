@@ -722,7 +722,7 @@ async fn write_staged(
     let authority = Authority::new(issuer, store.clone(), policy);
     let admin = authority
         .issue(
-            IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+            IssueRequest::meshca_own(ADMIN_NAME)?
                 .profile(Profile::Client)
                 .ttl(Some(ADMIN_TTL.min(opts.max_ttl)))
                 .generate_key(opts.key_type),
@@ -783,7 +783,7 @@ pub async fn init_with_issuer(
             .min(issuer.max_ttl(Profile::Client).unwrap_or(ADMIN_TTL));
         let admin = authority
             .issue(
-                IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+                IssueRequest::meshca_own(ADMIN_NAME)?
                     .profile(Profile::Client)
                     .ttl(Some(ttl))
                     .generate_key(opts.key_type),
@@ -869,7 +869,7 @@ pub async fn reissue_admin(
     );
     let admin = authority
         .issue(
-            IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+            IssueRequest::meshca_own(ADMIN_NAME)?
                 .profile(Profile::Client)
                 .ttl(Some(ttl))
                 .generate_key(key_type),
@@ -950,7 +950,7 @@ pub async fn init_shared(
     );
     let admin = authority
         .issue(
-            IssueRequest::new(ADMIN_NAMESPACE, ADMIN_NAME)?
+            IssueRequest::meshca_own(ADMIN_NAME)?
                 .profile(Profile::Client)
                 .ttl(Some(ADMIN_TTL.min(opts.max_ttl)))
                 .generate_key(opts.key_type),

@@ -191,12 +191,6 @@ pub fn check_workload(rules: &[PolicyRule], req: &IssueRequest) -> Result<(), Is
             ),
         };
     let refuse = |why: String| Err(IssuerError::Policy(format!("{why} for {id}, by {what}")));
-    if id.is_reserved() {
-        return Err(IssuerError::Policy(format!(
-            "namespace {} is reserved for meshca itself: no workload or join token may obtain {id}",
-            meshca_pki::RESERVED_NAMESPACE
-        )));
-    }
     for d in req.extra_dns() {
         let d = d.to_ascii_lowercase();
         if let Some(why) = never_for_a_workload(&d, id) {

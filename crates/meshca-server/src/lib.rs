@@ -37,7 +37,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use meshca_issuer::{ADMIN_NAMESPACE, Authority, IssueRequest, PolicyRule};
+use meshca_issuer::{Authority, IssueRequest, PolicyRule};
 use meshca_pki::{KeyType, Profile, RevokedEntry};
 use meshca_store::{CertFilter, CertStatus, Store};
 use meshca_tls::{Peer, TlsAcceptor, TlsConfig, TlsMode};
@@ -514,7 +514,7 @@ pub async fn ensure_server_cert(
             return Ok(false);
         }
     }
-    let req = IssueRequest::new(ADMIN_NAMESPACE, "meshca")
+    let req = IssueRequest::meshca_own("meshca")
         .map_err(|e| e.to_string())?
         .profile(Profile::Server)
         .ttl(Some(ttl))

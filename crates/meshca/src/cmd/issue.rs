@@ -39,12 +39,6 @@ pub async fn run(
         }
         None => None,
     };
-    if a.namespace == meshca_pki::RESERVED_NAMESPACE {
-        anyhow::bail!(
-            "namespace {} is reserved for meshca itself: its certificates (the server's, the admin's) are made by meshca, not by `issue`",
-            meshca_pki::RESERVED_NAMESPACE
-        );
-    }
     let mut req = IssueRequest::new(&a.namespace, &a.name)?
         .profile(profile)
         .ttl(ttl)

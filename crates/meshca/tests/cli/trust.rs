@@ -27,6 +27,65 @@ fn still_serving(srv: &Server) {
     assert_eq!(code, 200, "the server stopped serving: {body}");
 }
 
+/// A P-256 leaf made by openssl under `ca` (certificate and key files): key
+/// in `dir/tls.key`, the certificate in `out`, CA:FALSE and the extensions
+/// `ext` (one per line), `extra` flags for `openssl x509 -req`.
+fn openssl_leaf(
+    dir: &Path,
+    ca: &(String, String),
+    subject: &str,
+    ext: &str,
+    extra: &[&str],
+    out: &Path,
+) {
+    let (key, csr, extfile) = (
+        dir.join("tls.key"),
+        dir.join("tls.csr"),
+        dir.join("leaf.ext"),
+    );
+    tool(
+        "openssl",
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+            "-subj",
+            subject,
+        ],
+    );
+    std::fs::write(
+        &extfile,
+        format!("basicConstraints=critical,CA:FALSE\n{ext}\n"),
+    )
+    .unwrap();
+    let mut args = vec![
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        &ca.0,
+        "-CAkey",
+        &ca.1,
+        "-out",
+        out.to_str().unwrap(),
+        "-days",
+        "1",
+        "-extfile",
+        extfile.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    tool("openssl", &args);
+}
+
 fn serial_hex(cert: &Path) -> String {
     let s = tool(
         "openssl",
@@ -59,53 +118,14 @@ fn a_certificate_with_the_admins_serial_from_another_ca_under_the_root_is_refuse
     let serial = serial_hex(&d.join("admin/tls.crt"));
     let forged = tmp.path().join("forged");
     std::fs::create_dir_all(&forged).unwrap();
-    let key = forged.join("tls.key");
-    let csr = forged.join("tls.csr");
     let leaf = forged.join("leaf.crt");
-    tool(
-        "openssl",
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            csr.to_str().unwrap(),
-            "-subj",
-            "/CN=admin",
-        ],
-    );
-    let ext = forged.join("leaf.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\nsubjectAltName=URI:spiffe://cluster.local/ns/meshca-system/sa/admin\n",
-    )
-    .unwrap();
-    tool(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            csr.to_str().unwrap(),
-            "-CA",
-            &int.0,
-            "-CAkey",
-            &int.1,
-            "-set_serial",
-            &format!("0x{serial}"),
-            "-out",
-            leaf.to_str().unwrap(),
-            "-days",
-            "1",
-            "-extfile",
-            ext.to_str().unwrap(),
-        ],
+    openssl_leaf(
+        &forged,
+        &int,
+        "/CN=admin",
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\nsubjectAltName=URI:spiffe://cluster.local/ns/meshca-system/sa/admin",
+        &["-set_serial", &format!("0x{serial}")],
+        &leaf,
     );
     assert_eq!(
         serial_hex(&leaf),
@@ -603,51 +623,14 @@ fn a_pin_trusts_the_pinned_root_and_nothing_else() {
     let mitm = tmp.path().join("mitm");
     std::fs::create_dir_all(mitm.join("v1")).unwrap();
     let key = mitm.join("tls.key");
-    let csr = mitm.join("tls.csr");
-    tool(
-        "openssl",
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            csr.to_str().unwrap(),
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    let ext = mitm.join("ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,URI:spiffe://cluster.local/ns/meshca-system/sa/meshca\n",
-    )
-    .unwrap();
     let crt = mitm.join("tls.crt");
-    tool(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            csr.to_str().unwrap(),
-            "-CA",
-            &evil.0,
-            "-CAkey",
-            &evil.1,
-            "-CAcreateserial",
-            "-out",
-            crt.to_str().unwrap(),
-            "-days",
-            "1",
-            "-extfile",
-            ext.to_str().unwrap(),
-        ],
+    openssl_leaf(
+        &mitm,
+        &evil,
+        "/CN=localhost",
+        "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,URI:spiffe://cluster.local/ns/meshca-system/sa/meshca",
+        &["-CAcreateserial"],
+        &crt,
     );
     let evil_root = std::fs::read_to_string(&evil.0).unwrap();
     std::fs::write(mitm.join("v1/bundle"), format!("{real_root}{evil_root}")).unwrap();
