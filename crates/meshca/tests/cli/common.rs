@@ -538,3 +538,26 @@ pub fn openssl_csr(dir: &Path, name: &str, extra: &[&str]) -> (String, PathBuf) 
         key,
     )
 }
+
+/// notBefore and notAfter of the first certificate in a PEM file.
+pub fn validity(cert: &Path) -> (std::time::SystemTime, std::time::SystemTime) {
+    let der = meshca_pki::parse_certs(&std::fs::read(cert).unwrap()).unwrap();
+    let facts = meshca_pki::cert_facts(&der[0]).unwrap();
+    (facts.not_before.into(), facts.not_after.into())
+}
+
+/// notAfter - notBefore of the first certificate in a PEM file.
+pub fn lifetime(cert: &Path) -> Duration {
+    let (from, to) = validity(cert);
+    to.duration_since(from).unwrap()
+}
+
+/// Asserts that `got` is `want`, to the second (X.509 times have no finer grain).
+#[track_caller]
+pub fn assert_about(got: Duration, want: Duration, what: &str) {
+    let diff = got.abs_diff(want);
+    assert!(
+        diff <= Duration::from_secs(1),
+        "{what}: {got:?}, expected {want:?}"
+    );
+}

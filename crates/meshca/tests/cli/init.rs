@@ -32,11 +32,19 @@ fn init_creates_a_root_and_intermediate_with_the_right_constraints() {
     assert!(int_text.contains("CA:TRUE, pathlen:0"), "{int_text}");
     assert!(int_text.contains("Certificate Sign, CRL Sign"));
     assert!(int_text.contains("X509v3 Authority Key Identifier"));
-    // Root 87600h by default, the intermediate shorter.
-    let end = |t: &str| tool("openssl", &["x509", "-in", t, "-noout", "-enddate"]);
-    let (r_end, i_end) = (end(root.to_str().unwrap()), end(int.to_str().unwrap()));
-    assert!(r_end.contains("2036"), "{r_end}");
-    assert!(i_end.contains("2031"), "{i_end}");
+    // Root 87600h by default, the intermediate half of it; both backdated, and
+    // issued now (computed, not a calendar year, so the check never ages).
+    let hour = std::time::Duration::from_secs(3600);
+    let backdate = meshca_pki::BACKDATE;
+    assert_about(lifetime(&root), 87_600 * hour + backdate, "root");
+    assert_about(lifetime(&int), 43_800 * hour + backdate, "intermediate");
+    let issued = std::time::SystemTime::now()
+        .duration_since(validity(&root).0)
+        .unwrap();
+    assert!(
+        issued >= backdate && issued < backdate + std::time::Duration::from_secs(120),
+        "root notBefore {issued:?} ago"
+    );
     tool(
         "openssl",
         &[

@@ -372,13 +372,6 @@ fn a_vault_namespace_is_used_for_every_call() {
     assert!(listed.contains(&serial), "{serial} not in\n{listed}");
 }
 
-/// notAfter - notBefore of the first certificate in a PEM file.
-fn lifetime(cert: &Path) -> Duration {
-    let der = meshca_pki::parse_certs(&std::fs::read(cert).unwrap()).unwrap();
-    let facts = meshca_pki::cert_facts(&der[0]).unwrap();
-    Duration::try_from(facts.not_after - facts.not_before).unwrap()
-}
-
 #[test]
 fn profile_roles_from_the_config_file_pick_the_role() {
     let bao = Bao::start_dev();
