@@ -104,36 +104,22 @@ async fn authenticate_certificate(
         .serial
         .parse()
         .map_err(|_| ApiError::unauthenticated("unreadable client certificate serial"))?;
-    let not_ours = || {
-        ApiError::unauthenticated(format!(
-            "client certificate {serial} was not issued by this CA"
-        ))
-    };
-    let revoked = || ApiError::unauthenticated(format!("client certificate {serial} is revoked"));
     // Callers keep their certificate for many requests: what the store said
     // about it is remembered for at most PEER_CACHE_TTL, and revocations
     // (from this replica or, through the event log, any other) mark it at
     // once. The TTL bounds how long a revocation whose event was lost can be
     // missed.
     let known = match state.peers.lookup(&serial) {
-        Some(PeerState::Revoked) => return Err(revoked()),
-        Some(good @ PeerState::Good { .. }) => good,
+        Some(known) => known,
         None => {
             let record = match state.store.get_certificate(&serial).await {
                 Ok(r) => r,
-                Err(e) if e.is_not_found() => return Err(not_ours()),
+                Err(e) if e.is_not_found() => return Err(not_ours(&serial)),
                 Err(e) => return Err(e.into()),
             };
             if record.status == CertStatus::Revoked {
                 state.peers.mark_revoked(&serial);
-                return Err(revoked());
-            }
-            // TLS checked validity at the handshake; a connection kept open
-            // past notAfter must not keep the identity.
-            if record.not_after <= time::OffsetDateTime::now_utc() {
-                return Err(ApiError::unauthenticated(format!(
-                    "client certificate {serial} has expired"
-                )));
+                return Err(revoked(&serial));
             }
             let good = PeerState::Good {
                 namespace: record.namespace,
@@ -146,6 +132,30 @@ async fn authenticate_certificate(
             good
         }
     };
+    identify(&serial, known, id, time::OffsetDateTime::now_utc())
+}
+
+fn not_ours(serial: &Serial) -> ApiError {
+    ApiError::unauthenticated(format!(
+        "client certificate {serial} was not issued by this CA"
+    ))
+}
+
+fn revoked(serial: &Serial) -> ApiError {
+    ApiError::unauthenticated(format!("client certificate {serial} is revoked"))
+}
+
+/// The rules, once what is known about `serial` is at hand (from the cache or
+/// the store): the caller is who the record says only if the presented
+/// certificate is the very one recorded, carries the recorded SPIFFE ID, and
+/// is unexpired now (checked on every request, cached or not: a connection
+/// kept open past notAfter must not keep the identity).
+fn identify(
+    serial: &Serial,
+    known: PeerState,
+    id: &meshca_tls::PeerIdentity,
+    now: time::OffsetDateTime,
+) -> Result<Caller, ApiError> {
     let PeerState::Good {
         namespace,
         name,
@@ -154,11 +164,9 @@ async fn authenticate_certificate(
         not_after,
     } = known
     else {
-        return Err(revoked());
+        return Err(revoked(serial));
     };
-    // On every request, cached or not: a connection kept open past
-    // notAfter must not keep the identity.
-    if not_after <= time::OffsetDateTime::now_utc() {
+    if not_after <= now {
         return Err(ApiError::unauthenticated(format!(
             "client certificate {serial} has expired"
         )));
@@ -168,7 +176,7 @@ async fn authenticate_certificate(
             %serial,
             "refused a client certificate whose serial matches a record of this CA but whose contents do not (another CA under the same root?)"
         );
-        return Err(not_ours());
+        return Err(not_ours(serial));
     }
     if id.spiffe_id.as_deref() != Some(spiffe_id.as_str()) {
         return Err(ApiError::unauthenticated(format!(
@@ -253,5 +261,189 @@ impl PeerCache {
             serial.clone(),
             (PeerState::Revoked, std::time::Instant::now()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use http::StatusCode;
+    use time::{Duration, OffsetDateTime};
+
+    const FP: &str = "aa11";
+    const ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn serial(s: &str) -> Serial {
+        s.parse().unwrap()
+    }
+
+    fn good(ns: &str, name: &str, not_after: OffsetDateTime) -> PeerState {
+        PeerState::Good {
+            namespace: ns.into(),
+            name: name.into(),
+            fingerprint: FP.into(),
+            spiffe_id: ID.into(),
+            not_after,
+        }
+    }
+
+    fn presented(fingerprint: &str, spiffe_id: Option<&str>) -> meshca_tls::PeerIdentity {
+        meshca_tls::PeerIdentity {
+            spiffe_id: spiffe_id.map(str::to_owned),
+            dns_names: Vec::new(),
+            serial: "01ab".into(),
+            fingerprint: fingerprint.into(),
+        }
+    }
+
+    #[track_caller]
+    fn refused(r: Result<Caller, ApiError>, status: StatusCode, code: &str, says: &str) {
+        let e = r.unwrap_err();
+        assert_eq!((e.status, e.code), (status, code), "{e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+
+    #[test]
+    fn the_recorded_certificate_is_its_identity_and_nothing_else_is() {
+        let now = OffsetDateTime::now_utc();
+        let later = now + Duration::hours(1);
+        let s = serial("01ab");
+        match identify(
+            &s,
+            good("shop", "web", later),
+            &presented(FP, Some(ID)),
+            now,
+        ) {
+            Ok(Caller::Workload(id)) => assert_eq!(id.to_string(), "shop/web"),
+            other => panic!("{other:?}"),
+        }
+        let admin = good(ADMIN_NAMESPACE, ADMIN_NAME, later);
+        assert!(matches!(
+            identify(&s, admin.clone(), &presented(FP, Some(ID)), now),
+            Ok(Caller::Admin)
+        ));
+        // Same serial, another certificate (another CA under the same root).
+        refused(
+            identify(&s, admin.clone(), &presented("aa12", Some(ID)), now),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "was not issued by this CA",
+        );
+        // The recorded certificate, but not the identity it was recorded for.
+        for other in [Some("spiffe://cluster.local/ns/shop/sa/api"), None] {
+            refused(
+                identify(&s, good("shop", "web", later), &presented(FP, other), now),
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "does not carry the identity",
+            );
+        }
+        // Expired: at notAfter exactly, and after.
+        for at in [later, later + Duration::seconds(1)] {
+            refused(
+                identify(&s, good("shop", "web", later), &presented(FP, Some(ID)), at),
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "has expired",
+            );
+        }
+        refused(
+            identify(&s, PeerState::Revoked, &presented(FP, Some(ID)), now),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "is revoked",
+        );
+    }
+
+    #[test]
+    fn only_the_admin_passes_require_admin() {
+        assert!(Caller::Admin.require_admin().is_ok());
+        let anonymous = Caller::Anonymous.require_admin().unwrap_err();
+        assert_eq!(
+            (anonymous.status, anonymous.code),
+            (StatusCode::UNAUTHORIZED, "unauthenticated")
+        );
+        for caller in [
+            Caller::Workload(Identity::new("shop", "web").unwrap()),
+            Caller::Token {
+                id: "ab".into(),
+                secret: "cd".into(),
+            },
+        ] {
+            let e = caller.require_admin().unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::FORBIDDEN, "forbidden"),
+                "{e}"
+            );
+            assert!(e.message.contains("is not the admin"), "{e}");
+        }
+    }
+
+    #[test]
+    fn join_tokens_parse_strictly() {
+        assert_eq!(parse_token("mct_ab12.cd34"), Some(("ab12", "cd34")));
+        let long = "a".repeat(128);
+        let token = format!("mct_{long}.{long}");
+        assert_eq!(parse_token(&token), Some((long.as_str(), long.as_str())));
+        for bad in [
+            "ab12.cd34",
+            "mct_ab12",
+            "mct_.cd34",
+            "mct_ab12.",
+            "mct_ab1g.cd34",
+            "mct_ab12.cd3z",
+            "MCT_ab12.cd34",
+            &format!("mct_{long}a.cd34"),
+            &format!("mct_ab12.{long}a"),
+        ] {
+            assert_eq!(parse_token(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_peer_cache_never_forgets_a_revocation() {
+        let cache = PeerCache::default();
+        let (a, b) = (serial("0a"), serial("0b"));
+        let later = OffsetDateTime::now_utc() + Duration::hours(1);
+        assert_eq!(cache.lookup(&a), None);
+        cache.insert(&a, good("shop", "web", later));
+        assert_eq!(cache.lookup(&a), Some(good("shop", "web", later)));
+        cache.mark_revoked(&a);
+        assert_eq!(cache.lookup(&a), Some(PeerState::Revoked));
+        // An older "good" read racing the revocation does not undo it.
+        cache.insert(&a, good("shop", "web", later));
+        assert_eq!(cache.lookup(&a), Some(PeerState::Revoked));
+        // Filling the cache drops the good answers, never the revocation.
+        cache.insert(&b, good("shop", "api", later));
+        for i in 0..PEER_CACHE_MAX {
+            cache.insert(&serial(&format!("{:x}", i + 0x100)), good("x", "y", later));
+        }
+        assert_eq!(cache.lookup(&a), Some(PeerState::Revoked));
+        assert_eq!(cache.lookup(&b), None);
+    }
+
+    #[test]
+    fn a_good_answer_is_believed_only_for_the_ttl() {
+        let cache = PeerCache::default();
+        let a = serial("0a");
+        let later = OffsetDateTime::now_utc() + Duration::hours(1);
+        let old = std::time::Instant::now()
+            .checked_sub(PEER_CACHE_TTL)
+            .unwrap();
+        cache
+            .map
+            .lock()
+            .unwrap()
+            .insert(a.clone(), (good("shop", "web", later), old));
+        assert_eq!(cache.lookup(&a), None);
+        cache
+            .map
+            .lock()
+            .unwrap()
+            .insert(a.clone(), (PeerState::Revoked, old));
+        assert_eq!(cache.lookup(&a), Some(PeerState::Revoked));
     }
 }
