@@ -1070,78 +1070,253 @@ mod tests {
         );
     }
 
-    /// Checkpoints that keep failing (here: a backlog put in place, with
-    /// the reason a failed checkpoint leaves) stop new inserts with that
-    /// reason; once the backlog drains, inserts are taken again.
-    #[test]
-    fn inserts_are_refused_while_too_many_records_wait_for_a_failing_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn record(serial: &str) -> CertificateRecord {
+        let now = OffsetDateTime::now_utc();
+        CertificateRecord {
+            serial: serial.parse().unwrap(),
+            namespace: "default".into(),
+            name: "web".into(),
+            profile: meshca_pki::Profile::Service,
+            spiffe_id: "spiffe://cluster.local/ns/default/sa/web".into(),
+            dns_names: vec!["web".into()],
+            ip_addresses: vec![],
+            key_type: meshca_pki::KeyType::EcdsaP256,
+            hierarchy_id: "h1".into(),
+            issued_at: now,
+            not_before: now,
+            not_after: now + time::Duration::hours(1),
+            fingerprint: "00".into(),
+            status: crate::CertStatus::Active,
+            revoked_at: None,
+            revocation_reason: None,
+            certificate_pem: String::new(),
+            renewed_from: None,
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        let record = |s: &str| -> CertificateRecord {
-            let now = OffsetDateTime::now_utc();
-            CertificateRecord {
-                serial: s.parse().unwrap(),
-                namespace: "default".into(),
-                name: "web".into(),
-                profile: meshca_pki::Profile::Service,
-                spiffe_id: "spiffe://cluster.local/ns/default/sa/web".into(),
-                dns_names: vec!["web".into()],
-                ip_addresses: vec![],
-                key_type: meshca_pki::KeyType::EcdsaP256,
-                hierarchy_id: "h1".into(),
-                issued_at: now,
-                not_before: now,
-                not_after: now + time::Duration::hours(1),
-                fingerprint: "00".into(),
-                status: crate::CertStatus::Active,
-                revoked_at: None,
-                revocation_reason: None,
-                certificate_pem: String::new(),
-                renewed_from: None,
-            }
-        };
-        {
-            // The checkpointer sleeps until the writer wakes it, which a
-            // refused group never does: the backlog stays as put.
-            let mut shared = store.journal.lock();
-            for seq in 0..MAX_PENDING as u64 {
-                shared.queue.push(Arc::new(Pending {
-                    seq,
-                    entry: Entry {
-                        key: format!("{seq:x}"),
-                        index_key: String::new(),
-                        value: Vec::new(),
-                    },
-                }));
-            }
+            .unwrap()
+    }
+
+    /// Puts `MAX_PENDING` records (that are nowhere else) in the checkpoint
+    /// queue, after what is there, until [`drop_backlog`]: an idle
+    /// checkpointer sleeps until the writer wakes it, which a refused group
+    /// never does, and one whose checkpoints fail cannot drain it.
+    fn put_backlog(store: &EmbeddedStore) {
+        let mut shared = store.journal.lock();
+        for seq in 0..MAX_PENDING as u64 {
+            shared.queue.push(Arc::new(Pending {
+                seq,
+                entry: Entry {
+                    key: format!("{seq:x}"),
+                    index_key: String::new(),
+                    value: Vec::new(),
+                },
+            }));
         }
-        store.journal.state.send_modify(|s| {
-            s.failures = 1;
-            s.last_error = "No space left on device".into();
-        });
+    }
+
+    fn drop_backlog(store: &EmbeddedStore) {
+        let mut shared = store.journal.lock();
+        let real = shared.queue.len() - MAX_PENDING;
+        shared.queue.truncate(real);
+    }
+
+    /// Too many records waiting for a checkpoint (a backlog put in place)
+    /// stop new inserts, and say so; once the backlog drains, inserts are
+    /// taken again. (The reason quoted from a checkpoint that really failed
+    /// is asserted by `a_checkpoint_that_fails_on_disk_...`.)
+    #[test]
+    fn inserts_are_refused_while_too_many_records_wait_for_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        let rt = runtime();
+        put_backlog(&store);
         let e = rt
             .block_on(store.insert_certificate(&record("01aa")))
             .unwrap_err();
         let msg = e.to_string();
         assert!(e.is_unavailable(), "{msg}");
         assert!(
-            msg.contains("65536 records wait for a checkpoint") && msg.contains("No space left"),
+            msg.contains("65536 records wait for a checkpoint that keeps failing"),
             "{msg}"
         );
         assert!(
             !rt.block_on(store.serial_exists(&"01aa".parse().unwrap()))
                 .unwrap()
         );
-        store.journal.lock().queue.clear();
+        drop_backlog(&store);
         rt.block_on(store.insert_certificate(&record("01aa")))
             .unwrap();
         assert!(
             rt.block_on(store.serial_exists(&"01aa".parse().unwrap()))
                 .unwrap()
         );
+    }
+
+    /// This process's soft limit on the size of the files it writes
+    /// (RLIMIT_FSIZE), set and read with util-linux's `prlimit`: `0` makes
+    /// every write to a regular file fail with EFBIG, for root too (a
+    /// full disk, to the writer), once SIGXFSZ is ignored.
+    fn file_size_limit(set: Option<&str>) -> String {
+        let pid = format!("--pid={}", std::process::id());
+        let args: Vec<String> = match set {
+            Some(limit) => vec![pid, format!("--fsize={limit}:")],
+            None => vec![
+                pid,
+                "--fsize".into(),
+                "--output=SOFT".into(),
+                "--noheadings".into(),
+                "--raw".into(),
+            ],
+        };
+        let out = std::process::Command::new("prlimit")
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run prlimit (util-linux): {e}"));
+        assert!(
+            out.status.success(),
+            "prlimit {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A checkpoint that really fails: redb's commit cannot write its file
+    /// (no file may grow, RLIMIT_FSIZE 0, set on this process between the
+    /// inserts and the checkpoint). The limit is the process's, so the test
+    /// runs in a child process of its own: this test binary again, for this
+    /// test only, with SIGXFSZ ignored.
+    ///
+    /// What the store does: it says why (the OS's error) to whoever waits
+    /// for the checkpoint, and refuses inserts with that reason once too many
+    /// wait; it keeps serving the answered records from memory and keeps them
+    /// in its journal. A failed write latches redb (every later operation is
+    /// "Previous I/O error ... close and re-open the database"), so the
+    /// checkpoints keep failing, and saying so, until the store is reopened,
+    /// even once the disk takes writes again; reopened, it has every record,
+    /// and checkpoints and closes as usual.
+    #[test]
+    fn a_checkpoint_that_fails_on_disk_keeps_every_record_and_says_why() {
+        const CHILD: &str = "MESHCA_STORE_CHECKPOINT_CHILD";
+        let name = "a_checkpoint_that_fails_on_disk_keeps_every_record_and_says_why";
+        if std::env::var_os(CHILD).is_none() {
+            let path = module_path!()
+                .split_once("::")
+                .map_or(module_path!(), |(_, p)| p);
+            let test = format!("{path}::{name}");
+            let out = std::process::Command::new("sh")
+                .args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\""])
+                .arg(std::env::current_exe().unwrap())
+                .args([test.as_str(), "--exact", "--test-threads", "1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("test result: ok. 1 passed"),
+                "the child running {test}: {:?}\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let journal_files = journal::paths(&path);
+        let all = CertFilter::default();
+        let rt = runtime();
+        let store = EmbeddedStore::open(&path).unwrap();
+        // One record checkpointed, in redb before the failure; two answered
+        // (synced to the journal) and waiting for their checkpoint.
+        rt.block_on(store.insert_certificate(&record("01aa")))
+            .unwrap();
+        assert_eq!(rt.block_on(store.list_certificates(&all)).unwrap().len(), 1);
+        for serial in ["02bb", "03cc"] {
+            rt.block_on(store.insert_certificate(&record(serial)))
+                .unwrap();
+        }
+        let original = file_size_limit(None);
+        file_size_limit(Some("0"));
+        assert_eq!(
+            store.journal.lock().queue.len(),
+            2,
+            "the two records were checkpointed before the disk failed"
+        );
+        // The checkpoint fails, and whoever waits for it hears why.
+        let e = rt.block_on(store.list_certificates(&all)).unwrap_err();
+        let msg = e.to_string();
+        assert!(e.is_unavailable(), "{msg}");
+        assert!(
+            msg.contains("records could not be moved from the journal: I/O error: File too large"),
+            "{msg}"
+        );
+        // The answered records are still served, from memory.
+        for serial in ["02bb", "03cc"] {
+            let serial: Serial = serial.parse().unwrap();
+            assert_eq!(
+                rt.block_on(store.get_certificate(&serial)).unwrap().serial,
+                serial
+            );
+            assert!(rt.block_on(store.serial_exists(&serial)).unwrap());
+        }
+        // Too many waiting: inserts are refused with the failure's reason,
+        // and nothing of them is kept.
+        put_backlog(&store);
+        let e = rt
+            .block_on(store.insert_certificate(&record("04dd")))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(e.is_unavailable(), "{msg}");
+        assert!(
+            msg.contains("records wait for a checkpoint that keeps failing (I/O error"),
+            "{msg}"
+        );
+        drop_backlog(&store);
+        assert!(store.journal.pending("04dd").is_none());
+        // The disk takes writes again, but redb stays latched until the
+        // store is reopened: the checkpoint still fails, and says so.
+        file_size_limit(Some(&original));
+        let e = rt.block_on(store.list_certificates(&all)).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            e.is_unavailable()
+                && msg.contains("records could not be moved from the journal")
+                && msg.contains("close and re-open the database"),
+            "{msg}"
+        );
+        assert!(
+            rt.block_on(store.serial_exists(&"03cc".parse().unwrap()))
+                .unwrap()
+        );
+        // Closed, it keeps its journal (two records are in no checkpoint);
+        // reopened, it has all three in redb, and checkpoints again.
+        drop(store);
+        assert!(journal_files[0].exists(), "the journal was removed");
+        let store = EmbeddedStore::open(&path).unwrap();
+        let serials = |store: &EmbeddedStore| -> Vec<String> {
+            let mut v: Vec<String> = rt
+                .block_on(store.list_certificates(&all))
+                .unwrap()
+                .iter()
+                .map(|r| r.serial.to_hex())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(serials(&store), ["01aa", "02bb", "03cc"]);
+        rt.block_on(store.insert_certificate(&record("04dd")))
+            .unwrap();
+        assert_eq!(serials(&store), ["01aa", "02bb", "03cc", "04dd"]);
+        drop(store);
+        assert!(
+            !journal_files[0].exists() && !journal_files[1].exists(),
+            "everything checkpointed, the journal files go"
+        );
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(serials(&store), ["01aa", "02bb", "03cc", "04dd"]);
     }
 }

@@ -217,7 +217,9 @@ async fn check_all(store: Arc<dyn Store>) {
         "renewed"
     );
 
-    // Concurrent inserts of one serial: exactly one wins.
+    // Concurrent inserts of one serial: exactly one wins, each of the others
+    // is told the serial is taken (a conflict, nothing changed), and the
+    // record kept is the winner's.
     let s3 = Serial::random().unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -227,13 +229,41 @@ async fn check_all(store: Arc<dyn Store>) {
             async move { store.insert_certificate(&rec).await },
         ));
     }
-    let mut wins = 0;
-    for t in tasks {
-        if t.await.unwrap().is_ok() {
-            wins += 1;
+    let mut winners = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(()) => winners.push(format!("racer{i}")),
+            Err(e) => assert!(
+                e.is_conflict()
+                    && e.to_string()
+                        == format!(
+                            "conflict: serial {s3} is already recorded; nothing was changed"
+                        ),
+                "racer{i} lost with {e:?}"
+            ),
         }
     }
-    assert_eq!(wins, 1);
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    assert_eq!(store.get_certificate(&s3).await.unwrap().name, winners[0]);
+    let by_serial = store
+        .list_certificates(&CertFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.serial == s3)
+        .count();
+    assert_eq!(by_serial, 1);
+    // Nothing of a loser was kept: its identity lists no certificate.
+    for i in 0..8 {
+        let name = format!("racer{i}");
+        let filter = CertFilter {
+            namespace: Some("default".into()),
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let listed = store.list_certificates(&filter).await.unwrap().len();
+        assert_eq!(listed, usize::from(name == winners[0]), "{name}");
+    }
 
     check_tokens(store.clone()).await;
     check_events(store.clone()).await;
@@ -402,14 +432,23 @@ async fn check_tokens(store: Arc<dyn Store>) {
             })
         })
         .collect();
+    // The others are each refused as used up (not as unknown, a wrong
+    // secret or a store error), and the token shows its one use.
     let mut passed = 0;
     for t in tasks {
-        if t.await.unwrap().unwrap().is_ok() {
-            passed += 1;
+        match t.await.unwrap().unwrap() {
+            Ok(rec) => {
+                passed += 1;
+                assert_eq!(rec.uses, 1);
+            }
+            Err(why) => assert_eq!(why, TokenRefusal::UsedUp),
         }
     }
     assert_eq!(passed, 1);
-    assert_eq!(store.list_tokens().await.unwrap().len(), 3);
+    let tokens = store.list_tokens().await.unwrap();
+    assert_eq!(tokens.len(), 3);
+    let once = tokens.iter().find(|t| t.id == "once").unwrap();
+    assert_eq!((once.uses, once.uses_allowed), (1, 1));
     store.delete_token("t2").await.unwrap();
     assert!(store.delete_token("t2").await.unwrap_err().is_not_found());
     assert!(
