@@ -345,4 +345,252 @@ mod tests {
         assert!(in_cidr("::1".parse().unwrap(), parse_cidr("::1").unwrap()));
         assert!(parse_cidr("10.0.0.0/33").is_none());
     }
+
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    fn req(ns: &str, name: &str) -> IssueRequest {
+        IssueRequest::new(ns, name).unwrap()
+    }
+
+    #[track_caller]
+    fn refused(rules: &[PolicyRule], r: &IssueRequest, says: &str) {
+        let e = check_workload(rules, r).unwrap_err();
+        assert!(matches!(e, IssuerError::Policy(_)), "{e:?}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
+
+    #[test]
+    fn rules_that_cannot_match_or_name_meshca_are_refused() {
+        rule("namespace = \"shop\"").validate(0).unwrap();
+        rule("namespace = \"*\"").validate(0).unwrap();
+        rule("namespace = \"shop\"\nname = \"web\"\ndns = [\"*.example.com\", \"a.example.com\"]\nips = [\"10.0.0.0/8\", \"::1\"]")
+            .validate(0)
+            .unwrap();
+        for (text, says) in [
+            (
+                "namespace = \"*\"\nname = \"web\"",
+                "policy rule #3 (namespace *, name web): `name = \"web\"` with `namespace = \"*\"` never matches",
+            ),
+            (
+                "namespace = \"Shop\"",
+                "policy rule #3 (namespace Shop): never matches",
+            ),
+            ("namespace = \"shop\"\nname = \"a_b\"", "never matches"),
+            (
+                "namespace = \"meshca-system\"",
+                "namespace meshca-system is reserved",
+            ),
+            (
+                "namespace = \"meshca-system\"\nname = \"admin\"",
+                "is reserved",
+            ),
+            (
+                "namespace = \"shop\"\nips = [\"10.0.0.0/33\"]",
+                "ips entry \"10.0.0.0/33\" is not an address or CIDR block",
+            ),
+            (
+                "namespace = \"shop\"\ndns = [\"a.*.example.com\"]",
+                "`*` is allowed only as a whole first label",
+            ),
+            (
+                "namespace = \"shop\"\ndns = [\"*.*.example.com\"]",
+                "`*` is allowed only as a whole first label",
+            ),
+            (
+                "namespace = \"shop\"\ndns = [\"A.example.com\"]",
+                "write \"a.example.com\"",
+            ),
+            (
+                "namespace = \"shop\"\ndns = [\"-a.example.com\"]",
+                "dns entry",
+            ),
+        ] {
+            let e = rule(text).validate(2).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_wildcard_covers_names_under_its_suffix_only() {
+        let p = vec![
+            "*.shop.example.com".to_owned(),
+            "exact.example.com".to_owned(),
+        ];
+        for name in [
+            "a.shop.example.com",
+            "a.b.shop.example.com",
+            "exact.example.com",
+            "EXACT.example.com",
+        ] {
+            assert!(dns_allowed(name, &p), "{name}");
+        }
+        for name in [
+            "shop.example.com",
+            ".shop.example.com",
+            "evilshop.example.com",
+            "a.shop.example.com.evil",
+            "a.exact.example.com",
+            "xexact.example.com",
+        ] {
+            assert!(!dns_allowed(name, &p), "{name}");
+        }
+    }
+
+    #[test]
+    fn localhost_and_other_identities_names_are_never_a_workloads() {
+        let rules = vec![rule(
+            "namespace = \"shop\"\ndns = [\"*.svc\", \"*.shop.svc\", \"localhost\", \"*.localhost\", \"*.cluster.local\"]",
+        )];
+        let id = |d: &str| req("shop", "web").dns(vec![d.to_owned()]);
+        for d in ["localhost", "a.localhost"] {
+            refused(&rules, &id(d), "localhost names mean the caller's own host");
+        }
+        for d in [
+            "api.shop.svc",
+            "web.bank.svc",
+            "web.bank.svc.cluster.local",
+            "API.shop.svc",
+        ] {
+            refused(&rules, &id(d), "belong to that meshca identity");
+        }
+        // Its own, and names that only look alike.
+        for d in [
+            "web.shop.svc",
+            "web.shop.svc.cluster.local",
+            "a.svc",
+            "x.web.shop.svc",
+        ] {
+            check_workload(&rules, &id(d)).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_most_specific_rule_applies() {
+        let rules = vec![
+            rule("namespace = \"*\"\ndns = [\"*.any.example\"]"),
+            rule("namespace = \"shop\"\ndns = [\"*.shop.example\"]"),
+            rule("namespace = \"shop\"\nname = \"web\"\ndns = [\"*.web.example\"]"),
+        ];
+        let with = |ns: &str, name: &str, d: &str| req(ns, name).dns(vec![d.to_owned()]);
+        check_workload(&rules, &with("bank", "x", "a.any.example")).unwrap();
+        refused(
+            &rules,
+            &with("bank", "x", "a.shop.example"),
+            "policy rule #1 (namespace *)",
+        );
+        check_workload(&rules, &with("shop", "cart", "a.shop.example")).unwrap();
+        refused(
+            &rules,
+            &with("shop", "cart", "a.any.example"),
+            "policy rule #2 (namespace shop)",
+        );
+        check_workload(&rules, &with("shop", "web", "a.web.example")).unwrap();
+        refused(
+            &rules,
+            &with("shop", "web", "a.shop.example"),
+            "policy rule #3 (namespace shop, name web)",
+        );
+        // A rule for one name never covers its namespace's other names.
+        let only_web = vec![rule(
+            "namespace = \"shop\"\nname = \"web\"\ndns = [\"*.web.example\"]",
+        )];
+        refused(
+            &only_web,
+            &with("shop", "cart", "a.web.example"),
+            "the default policy",
+        );
+    }
+
+    #[test]
+    fn lifetimes_are_bounded_from_both_sides_of_each_limit() {
+        let none: Vec<PolicyRule> = Vec::new();
+        let day = 24 * HOUR;
+        let ttl = |t: std::time::Duration| req("shop", "web").ttl(Some(t));
+        // No rule: at most the profile's default, that included.
+        check_workload(&none, &req("shop", "web")).unwrap();
+        check_workload(&none, &ttl(day)).unwrap();
+        check_workload(&none, &ttl(HOUR)).unwrap();
+        refused(
+            &none,
+            &ttl(day + std::time::Duration::from_secs(1)),
+            "longer than the profile service's default of 24h",
+        );
+        // A rule's max_ttl: up to it, that included.
+        let max = vec![rule("namespace = \"shop\"\nmax_ttl = \"48h\"")];
+        check_workload(&max, &ttl(48 * HOUR)).unwrap();
+        check_workload(&max, &ttl(HOUR)).unwrap();
+        refused(&max, &ttl(49 * HOUR), "longer than the 48h allowed");
+        // A profile whose default is long: refused without a ttl unless a
+        // rule allows that long; a rule with max_ttl equal to the default
+        // is enough.
+        let long = vec![rule(
+            "namespace = \"shop\"\nprofiles = [\"webhook\", \"service\"]",
+        )];
+        let webhook = req("shop", "web").profile(Profile::Webhook);
+        refused(
+            &long,
+            &webhook,
+            "profile webhook's default lifetime of 87600h is longer",
+        );
+        check_workload(&long, &webhook.clone().ttl(Some(day))).unwrap();
+        check_workload(&long, &req("shop", "web")).unwrap();
+        let exact = vec![rule(
+            "namespace = \"shop\"\nprofiles = [\"webhook\"]\nmax_ttl = \"87600h\"",
+        )];
+        check_workload(&exact, &webhook).unwrap();
+        let short = vec![rule(
+            "namespace = \"shop\"\nprofiles = [\"webhook\"]\nmax_ttl = \"48h\"",
+        )];
+        refused(
+            &short,
+            &webhook,
+            "the profile's default ttl is longer than the 48h allowed",
+        );
+        let service_max = vec![rule("namespace = \"shop\"\nmax_ttl = \"24h\"")];
+        check_workload(&service_max, &req("shop", "web")).unwrap();
+    }
+
+    #[test]
+    fn profiles_and_key_types_are_those_the_rule_lists() {
+        let none: Vec<PolicyRule> = Vec::new();
+        for p in [Profile::Service, Profile::Server, Profile::Client] {
+            check_workload(&none, &req("shop", "web").profile(p)).unwrap();
+        }
+        refused(
+            &none,
+            &req("shop", "web").profile(Profile::Bootstrap),
+            "profile bootstrap is not allowed",
+        );
+        let rules = vec![rule(
+            "namespace = \"shop\"\nprofiles = [\"client\"]\nkey_types = [\"ed25519\"]",
+        )];
+        refused(
+            &rules,
+            &req("shop", "web").generate_key(KeyType::Ed25519),
+            "profile service is not allowed",
+        );
+        let client = |k: KeyType| req("shop", "web").profile(Profile::Client).generate_key(k);
+        check_workload(&rules, &client(KeyType::Ed25519)).unwrap();
+        refused(
+            &rules,
+            &client(KeyType::EcdsaP256),
+            "key type ecdsa-p256 is not allowed",
+        );
+    }
+
+    #[test]
+    fn extra_ips_must_fall_in_the_rules_blocks() {
+        let rules = vec![rule(
+            "namespace = \"shop\"\nips = [\"10.0.0.0/8\", \"fd00::/8\"]",
+        )];
+        let ip = |a: &str| req("shop", "web").ips(vec![a.to_owned()]);
+        for a in ["10.0.0.1", "10.255.255.255", "fd12::1"] {
+            check_workload(&rules, &ip(a)).unwrap();
+        }
+        for a in ["11.0.0.1", "9.255.255.255", "fe00::1", "::ffff:10.0.0.1"] {
+            refused(&rules, &ip(a), &format!("IP address {a} is not allowed"));
+        }
+        let none: Vec<PolicyRule> = Vec::new();
+        refused(&none, &ip("10.0.0.1"), "by the default policy");
+    }
 }

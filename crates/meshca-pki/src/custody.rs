@@ -260,4 +260,52 @@ mod tests {
         // Without the middle link, no way across.
         assert!(reachable_roots(&r1, &[r2, l23], &[r3]).is_empty());
     }
+
+    #[test]
+    fn a_link_is_named_for_its_root_valid_now_and_a_ca_certificate() {
+        let now = OffsetDateTime::now_utc();
+        let (r1, k1) = root("one");
+        let (r2, k2) = root("two");
+        let ca1 = SigningCa::new(r1.clone(), k1, "r1", now).unwrap();
+        let link = link_roots(&ca1, &r2, now).unwrap();
+        let (_, l) = X509Certificate::from_der(&link).unwrap();
+        assert_eq!(
+            common_name(&link).unwrap(),
+            format!("meshca custody link {}", &crate::fingerprint(&r2)[..40])
+        );
+        let from = l.validity().not_before.to_datetime();
+        let to = l.validity().not_after.to_datetime();
+        assert!(
+            from <= now && from >= now - BACKDATE - Duration::from_secs(1),
+            "{from}"
+        );
+        // Never past the root that signed it.
+        assert!(to > now && to <= ca1.not_after(), "{to}");
+        // Signed by the earlier root, with the later root's key, named for
+        // it, but not a CA certificate: not a link.
+        let (_, r2c) = X509Certificate::from_der(&r2).unwrap();
+        let spki = SubjectPublicKeyInfo::from_der(r2c.public_key().raw).unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, link_name(&r2));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        let not_ca = params.signed_by(&spki, &ca1.issuer).unwrap().der().to_vec();
+        let e = check_link(&not_ca, &r1, &r2).unwrap_err();
+        assert!(e.to_string().contains("not a custody link"), "{e}");
+        // Nor a CA certificate under another name.
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "meshca custody link");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        let unnamed = params.signed_by(&spki, &ca1.issuer).unwrap().der().to_vec();
+        assert!(check_link(&unnamed, &r1, &r2).is_err());
+        // Nor the right certificate checked against the wrong earlier root.
+        let ca2 = SigningCa::new(r2.clone(), k2, "r2", now).unwrap();
+        let (r3, _) = root("three");
+        let l23 = link_roots(&ca2, &r3, now).unwrap();
+        let e = check_link(&l23, &r1, &r3).unwrap_err();
+        assert!(e.to_string().contains("not a custody link"), "{e}");
+    }
 }

@@ -349,6 +349,14 @@ mod tests {
                 "has expired",
             );
         }
+        // The admin's name in another namespace, or another name in
+        // meshca's, is a workload like any other.
+        for (ns, name) in [("shop", ADMIN_NAME), (ADMIN_NAMESPACE, "server")] {
+            match identify(&s, good(ns, name, later), &presented(FP, Some(ID)), now) {
+                Ok(Caller::Workload(id)) => assert_eq!(id.to_string(), format!("{ns}/{name}")),
+                other => panic!("{ns}/{name}: {other:?}"),
+            }
+        }
         refused(
             identify(&s, PeerState::Revoked, &presented(FP, Some(ID)), now),
             StatusCode::UNAUTHORIZED,
@@ -418,6 +426,12 @@ mod tests {
         assert_eq!(cache.lookup(&a), Some(PeerState::Revoked));
         // Filling the cache drops the good answers, never the revocation.
         cache.insert(&b, good("shop", "api", later));
+        // Below the bound, nothing is dropped.
+        assert_eq!(cache.lookup(&b), Some(good("shop", "api", later)));
+        assert_eq!(cache.lookup(&a), Some(PeerState::Revoked));
+        let c = serial("0c");
+        cache.insert(&c, good("shop", "cart", later));
+        assert_eq!(cache.lookup(&b), Some(good("shop", "api", later)));
         for i in 0..PEER_CACHE_MAX {
             cache.insert(&serial(&format!("{:x}", i + 0x100)), good("x", "y", later));
         }
