@@ -386,8 +386,19 @@ mod tests {
                 (StatusCode::FORBIDDEN, "forbidden"),
                 "{e}"
             );
-            assert!(e.message.contains("is not the admin"), "{e}");
+            assert_eq!(e.message, format!("{} is not the admin", caller.describe()));
         }
+        assert_eq!(
+            Caller::Workload(Identity::new("shop", "web").unwrap()).describe(),
+            "workload shop/web"
+        );
+        let token = Caller::Token {
+            id: "ab".into(),
+            secret: "cd".into(),
+        };
+        assert_eq!(token.describe(), "token ab");
+        assert_eq!(Caller::Anonymous.describe(), "anonymous");
+        assert_eq!(Caller::Admin.describe(), "admin");
     }
 
     #[test]
