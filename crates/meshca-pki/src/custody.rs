@@ -301,6 +301,22 @@ mod tests {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         let unnamed = params.signed_by(&spki, &ca1.issuer).unwrap().der().to_vec();
         assert!(check_link(&unnamed, &r1, &r2).is_err());
+        // A new root shorter-lived than an hour still gets a link good for
+        // an hour (within the signing root's life): agents fetching it
+        // meanwhile must not find it expired.
+        let short_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let short = generate_root(
+            &short_key,
+            &TrustDomain::default(),
+            "short",
+            Duration::from_secs(600),
+            now,
+        )
+        .unwrap();
+        let link = link_roots(&ca1, &short, now).unwrap();
+        let (_, l) = X509Certificate::from_der(&link).unwrap();
+        let to = l.validity().not_after.to_datetime();
+        assert!(to >= now + Duration::from_secs(3599), "{to}");
         // Nor the right certificate checked against the wrong earlier root.
         let ca2 = SigningCa::new(r2.clone(), k2, "r2", now).unwrap();
         let (r3, _) = root("three");
