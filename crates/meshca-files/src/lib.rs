@@ -6,9 +6,12 @@
 //! secrets: the key is never readable by others, not even for a moment), then
 //! fsynced, renamed over the target, and the directory fsynced so the rename
 //! itself survives a crash. A reader sees the old file or the new one, never
-//! half of one. Reading a secret refuses a file that group or others can read,
-//! as ssh does, because a key that others could copy must be treated as
-//! compromised rather than used.
+//! half of one. Files that must change together (a certificate, its key and
+//! the bundle) are a set, switched as one ([`write_set_atomic`], the layout
+//! of a Kubernetes Secret volume) and read as one ([`open_set`]). Reading a
+//! secret refuses a file that group or others can read, as ssh does, because
+//! a key that others could copy must be treated as compromised rather than
+//! used.
 //!
 //! # Example
 //! ```
@@ -24,6 +27,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+mod set;
+
+pub use set::{SET_LINK, SetFile, open_set, set_generation, write_set_atomic};
 
 /// Mode of files holding private keys.
 pub const SECRET_MODE: u32 = 0o600;
@@ -62,6 +69,15 @@ pub enum FileError {
         path: PathBuf,
         /// The limit in bytes.
         limit: u64,
+    },
+    /// A set of files ([`write_set_atomic`]) that cannot be written as
+    /// asked: a name it cannot hold, or a directory whose `..data` is not a
+    /// set's.
+    BadSet {
+        /// The file or entry.
+        path: PathBuf,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -102,28 +118,40 @@ impl fmt::Display for FileError {
             FileError::TooLarge { path, limit } => {
                 write!(f, "{} is larger than {limit} bytes", path.display())
             }
+            FileError::BadSet { path, reason } => {
+                write!(
+                    f,
+                    "cannot use {} in a certificate set: {reason}",
+                    path.display()
+                )
+            }
         }
     }
 }
 
 impl std::error::Error for FileError {}
 
-fn temp_name(target: &Path) -> Result<PathBuf, FileError> {
+/// 16 random hex digits, for names no other writer picks.
+pub(crate) fn random_hex(for_path: &Path) -> Result<String, FileError> {
     let mut bytes = [0u8; 8];
     aws_lc_rs::rand::fill(&mut bytes).map_err(|_| FileError::Io {
-        path: target.to_owned(),
+        path: for_path.to_owned(),
         op: "name a temporary file for",
         reason: "the random number generator failed".into(),
         kind: std::io::ErrorKind::Other,
     })?;
+    Ok(hex::encode(bytes))
+}
+
+fn temp_name(target: &Path) -> Result<PathBuf, FileError> {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok(target.with_file_name(format!(".{name}.tmp-{}", hex::encode(bytes))))
+    Ok(target.with_file_name(format!(".{name}.tmp-{}", random_hex(target)?)))
 }
 
-fn parent_of(path: &Path) -> &Path {
+pub(crate) fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -131,8 +159,16 @@ fn parent_of(path: &Path) -> &Path {
 }
 
 /// Replaces `path` with `contents` atomically, the new file having `mode`
-/// from the moment it exists. See the crate docs.
+/// from the moment it exists. See the crate docs. A file of a set (the
+/// symlink `..data/<name>` that [`write_set_atomic`] makes) is replaced
+/// within its set, the other files carried over.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileError> {
+    // Renamed over, the set's symlink would become a file of its own beside
+    // the set: readers of the set (meshca-tls reads every file through one
+    // `..data`) would never see it, and the set would be mixed.
+    if let Some(name) = set::member_name(path) {
+        return write_set_atomic(parent_of(path), &[(name, contents, mode)]);
+    }
     let tmp = temp_name(path)?;
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -154,50 +190,6 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileE
         let _ = fs::remove_file(&tmp);
     }
     result
-}
-
-/// Replaces several files of one directory together: every new file is
-/// written and fsynced under a temporary name first, and only when all of
-/// them are safely on disk are they renamed into place, one after the other,
-/// then the directory is fsynced. A failure while writing (disk full, quota)
-/// leaves every old file as it was. Used for a certificate and its key, which
-/// must never be seen half-replaced because one of them could not be written.
-pub fn write_set_atomic(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), FileError> {
-    let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let cleanup = |temps: &[(PathBuf, PathBuf)]| {
-        for (tmp, _) in temps {
-            let _ = fs::remove_file(tmp);
-        }
-    };
-    for (name, contents, mode) in files {
-        let target = dir.join(name);
-        let tmp = temp_name(&target)?;
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(*mode)
-                .open(&tmp)
-                .map_err(|e| FileError::io(&tmp, "create", e))?;
-            f.set_permissions(fs::Permissions::from_mode(*mode))
-                .map_err(|e| FileError::io(&tmp, "chmod", e))?;
-            f.write_all(contents)
-                .map_err(|e| FileError::io(&target, "write", e))?;
-            f.sync_all().map_err(|e| FileError::io(&target, "fsync", e))
-        })();
-        temps.push((tmp, target));
-        if let Err(e) = written {
-            cleanup(&temps);
-            return Err(e);
-        }
-    }
-    for (i, (tmp, target)) in temps.iter().enumerate() {
-        if let Err(e) = fs::rename(tmp, target) {
-            cleanup(&temps[i..]);
-            return Err(FileError::io(target, "rename into place", e));
-        }
-    }
-    sync_dir(dir)
 }
 
 /// fsyncs a directory so that renames in it are durable.
@@ -237,7 +229,7 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     read_open(f, path, limit)
 }
 
-fn read_open(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
+pub(crate) fn read_open(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     let mut buf = Vec::new();
     f.take(limit + 1)
         .read_to_end(&mut buf)
@@ -255,8 +247,14 @@ fn read_open(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
 /// any access to it.
 pub fn read_secret(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     let f = File::open(path).map_err(|e| FileError::io(path, "read", e))?;
-    // The mode of the file opened, not of whatever the path named a moment
-    // earlier (a key swapped in between would be read unchecked).
+    refuse_shared_secret(&f, path)?;
+    read_open(f, path, limit)
+}
+
+/// Refuses an opened secret that group or others have any access to. The
+/// mode of the file opened, not of whatever the path named a moment earlier
+/// (a key swapped in between would be read unchecked).
+pub(crate) fn refuse_shared_secret(f: &File, path: &Path) -> Result<(), FileError> {
     let mode = f
         .metadata()
         .map_err(|e| FileError::io(path, "read", e))?
@@ -268,7 +266,7 @@ pub fn read_secret(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
             mode,
         });
     }
-    read_open(f, path, limit)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -303,32 +301,6 @@ mod tests {
             read_limited(&p, 0),
             Err(FileError::TooLarge { .. })
         ));
-    }
-
-    #[test]
-    fn a_set_is_replaced_together() {
-        let dir = tempfile::tempdir().unwrap();
-        write_set_atomic(
-            dir.path(),
-            &[("a", b"1", SECRET_MODE), ("b", b"2", PUBLIC_MODE)],
-        )
-        .unwrap();
-        write_set_atomic(
-            dir.path(),
-            &[("a", b"3", SECRET_MODE), ("b", b"4", PUBLIC_MODE)],
-        )
-        .unwrap();
-        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"3");
-        assert_eq!(fs::read(dir.path().join("b")).unwrap(), b"4");
-        assert_eq!(
-            fs::metadata(dir.path().join("a"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o600
-        );
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! A credential set: `tls.crt`, `tls.key` and `ca.crt` of one directory,
-//! loaded and checked together.
+//! A credential set: `tls.crt`, `tls.key`, `ca.crt` (and `ca.crl`) of one
+//! directory, read as one set and checked together.
 
 use std::path::{Path, PathBuf};
 
@@ -67,34 +67,13 @@ impl std::fmt::Debug for CertSet {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| TlsError::Unreadable {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    let mut buf = Vec::new();
-    f.take(MAX_FILE + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| TlsError::Unreadable {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-    if buf.len() as u64 > MAX_FILE {
-        return Err(TlsError::Unparsable {
-            path: path.to_owned(),
-            reason: format!("larger than {MAX_FILE} bytes"),
-        });
-    }
-    Ok(buf)
-}
-
-/// Reads the private key, refusing it when group or others have any access
-/// to it (meshca-files' rule, the one the agent and the CA follow): a key
-/// others could copy must be treated as exposed, not served with.
-fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+/// A meshca-files error as the TLS error naming the file: a key others can
+/// read is refused as meshca-files refuses it everywhere (the agent and the
+/// CA follow the same rule), a file too large is unparsable, anything else
+/// unreadable. `path` names the file when the error itself does not.
+fn file_error(e: meshca_files::FileError, path: &Path) -> TlsError {
     use meshca_files::FileError;
-    meshca_files::read_secret(path, MAX_FILE).map_err(|e| match e {
+    match e {
         FileError::InsecurePermissions { path, mode } => TlsError::InsecureKey { path, mode },
         FileError::TooLarge { path, limit } => TlsError::Unparsable {
             path,
@@ -105,22 +84,37 @@ fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
             path: path.to_owned(),
             reason: other.to_string(),
         },
-    })
+    }
 }
 
-/// The raw bytes of the three files, read at one moment. Comparing them is
-/// how a change is noticed, whatever way the files were replaced.
+/// The raw bytes of the four files, read as one set. Comparing them is how
+/// a change is noticed, whatever way the files were replaced. In a
+/// directory switched through `..data` (what the agent, the CA and kubelet
+/// write) the files are all opened in the directory `..data` names at one
+/// moment: a switch between two reads cannot pair a key with another set's
+/// certificate, or a certificate with another set's bundle.
 pub(crate) fn read_raw(paths: &CertPaths) -> Result<[Vec<u8>; 4], TlsError> {
+    let opened = meshca_files::open_set(&[&paths.cert, &paths.key, &paths.ca, &paths.crl])
+        .map_err(|e| file_error(e, &paths.cert))?;
+    let [cert, key, ca, crl] =
+        <[meshca_files::SetFile; 4]>::try_from(opened).map_err(|got| TlsError::Unreadable {
+            path: paths.cert.clone(),
+            reason: format!("{} files opened for 4", got.len()),
+        })?;
     // The CRL file is optional: absent reads as empty.
-    let crl = if paths.crl.exists() {
-        read(&paths.crl)?
+    let crl = if crl.exists() {
+        crl.read(MAX_FILE).map_err(|e| file_error(e, &paths.crl))?
     } else {
         Vec::new()
     };
     Ok([
-        read(&paths.cert)?,
-        read_key(&paths.key)?,
-        read(&paths.ca)?,
+        cert.read(MAX_FILE)
+            .map_err(|e| file_error(e, &paths.cert))?,
+        // Refused when group or others have any access to it: a key
+        // others could copy must be treated as exposed, not served with.
+        key.read_secret(MAX_FILE)
+            .map_err(|e| file_error(e, &paths.key))?,
+        ca.read(MAX_FILE).map_err(|e| file_error(e, &paths.ca))?,
         crl,
     ])
 }
@@ -318,6 +312,57 @@ mod tests {
             chmod(mode);
             CertSet::load(&paths).unwrap();
         }
+    }
+
+    /// What the agent and the CA do on renewal, 200 times under a reader:
+    /// every load is one whole set (a certificate with another set's key
+    /// would fail as a key mismatch).
+    #[test]
+    fn a_set_switched_through_data_is_never_read_mixed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = test_pki::Pki::new();
+        type Files = Vec<(&'static str, Vec<u8>, u32)>;
+        let sets: Vec<(String, Files)> = ["a", "b"]
+            .iter()
+            .map(|n| {
+                let src = dir.path().join(n);
+                let serial = pki.write(&src, "web", 0o600);
+                let files = [("tls.key", 0o600), ("tls.crt", 0o644), ("ca.crt", 0o644)]
+                    .map(|(f, m)| (f, std::fs::read(src.join(f)).unwrap(), m));
+                (serial, files.to_vec())
+            })
+            .collect();
+        let live = dir.path().join("live");
+        std::fs::create_dir(&live).unwrap();
+        let switch = |i: usize| {
+            let files: Vec<(&str, &[u8], u32)> = sets[i % 2]
+                .1
+                .iter()
+                .map(|(f, b, m)| (*f, b.as_slice(), *m))
+                .collect();
+            meshca_files::write_set_atomic(&live, &files).unwrap();
+        };
+        switch(0);
+        let paths = CertPaths::in_dir(&live);
+        let done = AtomicBool::new(false);
+        let loads = std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 1..=200 {
+                    switch(i);
+                }
+                done.store(true, Ordering::SeqCst);
+            });
+            let mut loads = 0u32;
+            while !done.load(Ordering::SeqCst) {
+                let set = CertSet::load(&paths)
+                    .unwrap_or_else(|e| panic!("load {loads} read a broken set: {e}"));
+                assert!(sets.iter().any(|(serial, _)| *serial == set.serial));
+                loads += 1;
+            }
+            loads
+        });
+        assert!(loads > 0);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! replaced: written in place, renamed over, or swapped the way Kubernetes
 //! updates a mounted secret (a `..data` symlink flipped to a new directory),
 //! including on file systems where inotify says nothing. Three small reads
-//! twice a second cost nothing measurable.
+//! twice a second cost nothing measurable. A directory switched through
+//! `..data` is read as one set (see `creds::read_raw`): the poll never pairs
+//! files of two sets, whatever moment the switch happens at.
 
 use std::path::Path;
 use std::sync::Arc;

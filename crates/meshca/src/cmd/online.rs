@@ -18,22 +18,28 @@ pub struct Target {
     pub ca: PathBuf,
 }
 
-fn read(p: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(p)
-        .with_context(|| format!("reading the {what} {} (set it with --{what})", p.display()))
-}
-
-/// The client key: refused when group or others can read it (as everywhere
-/// meshca reads a private key).
-fn read_key(p: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    meshca_files::read_secret(p, 1 << 20)
-        .with_context(|| format!("reading the key {} (set it with --key)", p.display()))
-}
-
+/// The admin credentials, opened as one set: `ca rotate` reissues them while
+/// a command may be reading them, and a new key must never pair with the old
+/// certificate. The key is refused when group or others can read it (as
+/// everywhere meshca reads a private key).
 fn client(t: &Target) -> anyhow::Result<Client> {
+    let files = meshca_files::open_set(&[&t.ca, &t.cert, &t.key])
+        .with_context(|| "opening the client credentials (set them with --ca, --cert, --key)")?;
+    let Ok([ca, cert, key]) = <[meshca_files::SetFile; 3]>::try_from(files) else {
+        anyhow::bail!("the client credentials did not open as three files");
+    };
+    let ca = ca
+        .read(1 << 20)
+        .with_context(|| format!("reading the ca {} (set it with --ca)", t.ca.display()))?;
+    let cert = cert
+        .read(1 << 20)
+        .with_context(|| format!("reading the cert {} (set it with --cert)", t.cert.display()))?;
+    let key = key
+        .read_secret(1 << 20)
+        .with_context(|| format!("reading the key {} (set it with --key)", t.key.display()))?;
     Ok(Client::builder(&t.url)?
-        .trust_pem(&read(&t.ca, "ca")?)?
-        .identity_pem(&read(&t.cert, "cert")?, &read_key(&t.key)?)?
+        .trust_pem(&ca)?
+        .identity_pem(&cert, &key)?
         .build()?)
 }
 
