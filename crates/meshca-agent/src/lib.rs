@@ -12,10 +12,15 @@
 //! certificate and uses a fresh key. Renewal is at 2/3 of the lifetime, moved
 //! by up to ±10% at random so that agents started together do not renew
 //! together. The event stream says when to renew early (`rotate`) or to
-//! refetch the bundle (`bundle-changed`); the bundle is also polled in case
-//! the stream is down. Files are replaced atomically, key 0600; then the hook
-//! runs or the signal is sent. With the server away the agent keeps the
-//! files it has and retries with exponential backoff and jitter.
+//! refetch the bundle (`bundle-changed`); it is opened from the last event
+//! the server had seen when it issued the certificate (`last_event_id` of
+//! the answer), so that a `rotate` made between the bootstrap and the
+//! stream is not missed; the bundle is also polled in case the stream is
+//! down. The files are one set, switched as one (meshca-files'
+//! `..data` layout, that of a Kubernetes Secret volume: a service reading
+//! through `..data` never pairs a key with another certificate), key 0600;
+//! then the hook runs or the signal is sent. With the server away the agent
+//! keeps the files it has and retries with exponential backoff and jitter.
 #![forbid(unsafe_code)]
 
 pub mod danger;
@@ -125,6 +130,12 @@ pub(crate) struct Held {
     /// When it was received (or, for one found on disk, when it was found).
     start: OffsetDateTime,
     pub(crate) not_after: OffsetDateTime,
+    /// The last event the server had seen when it began issuing this
+    /// certificate (`last_event_id` of its answer; `None` for one found on
+    /// disk, or from a server that does not say): the event stream, when it
+    /// has seen no event itself, resumes from there, so that a `rotate`
+    /// made after the issuance but before the stream was up is not missed.
+    events_from: Option<String>,
 }
 
 impl Held {
@@ -414,6 +425,30 @@ fn check_writable(out: &Path) -> Result<(), AgentError> {
             out.display()
         )));
     }
+    // The files themselves live in the directory `..data` names: whoever
+    // else may write there could swap them just as well.
+    let set = meshca_files::set_generation(out).map_err(|e| AgentError::Files(e.to_string()))?;
+    if let Some(set) = set {
+        let meta = std::fs::metadata(&set)
+            .map_err(|e| AgentError::Files(format!("{}: {e}", set.display())))?;
+        if meta.uid() != me {
+            return Err(AgentError::Files(format!(
+                "--out {}: the directory of its files, {}, belongs to uid {}, not to the user this agent runs as (uid {me}): that user could replace ca.crt or the key; give a directory of the agent's own",
+                out.display(),
+                set.display(),
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(AgentError::Files(format!(
+                "--out {}: the directory of its files, {}, is writable by group or others (mode {:04o}): they could replace ca.crt or the key; run `chmod go-w {}`",
+                out.display(),
+                set.display(),
+                meta.mode() & 0o7777,
+                set.display()
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -438,9 +473,31 @@ fn cfg_out_crl(out: &Path) -> PathBuf {
 /// Most roots taken from an unverified bundle.
 const MAX_ROOTS: usize = 16;
 /// Most certificates taken from an unverified custody chain: two per
-/// rotation, so a thousand rotations (a pinned root found in the bundle
-/// needs no chain at all).
-const MAX_CUSTODY: usize = 2048;
+/// rotation, so 512 rotations (a pinned root found in the bundle needs no
+/// chain at all). 1,024 certificates of about 700 bytes of PEM each stay
+/// within what [`parse_certs`] reads ([`meshca_pki::MAX_CERT_FILE_BYTES`]):
+/// a bound above it would be one no chain could ever reach (2,048 was, and
+/// a chain past 1 MiB was dropped without a word).
+const MAX_CUSTODY: usize = 1024;
+/// Largest `ca.crt` or custody file read back: what [`vouched`] reads of a
+/// custody chain at most (a larger one is ignored there as here).
+const MAX_TRUST_FILE: u64 = meshca_pki::MAX_CERT_FILE_BYTES as u64;
+
+/// `ca.crt` and the custody chain an earlier run wrote, read from one set
+/// (they are switched together: a restart between two switches must not
+/// judge one bundle by another's chain); `None` without a readable
+/// `ca.crt`. A missing or unreadable custody file reads as empty.
+fn trust_on_disk(out: &Path) -> Option<(String, String)> {
+    let opened = meshca_files::open_set(&[&out.join("ca.crt"), &out.join(CUSTODY_FILE)]).ok()?;
+    let [bundle, custody] = <[meshca_files::SetFile; 2]>::try_from(opened).ok()?;
+    let bundle = String::from_utf8(bundle.read(MAX_TRUST_FILE).ok()?).ok()?;
+    let custody = custody
+        .read(MAX_TRUST_FILE)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default();
+    Some((bundle, custody))
+}
 
 /// What the agent trusts, and the custody links that justified it.
 struct Trust {
@@ -470,9 +527,7 @@ async fn establish_trust(cfg: &AgentConfig) -> Result<Trust, AgentError> {
             }
             // Written by an earlier run? Held to the same rules as the
             // server's answer: a root only the pin vouches for stays.
-            if let Ok(existing) = std::fs::read_to_string(cfg.out.join("ca.crt")) {
-                let custody =
-                    std::fs::read_to_string(cfg.out.join(CUSTODY_FILE)).unwrap_or_default();
+            if let Some((existing, custody)) = trust_on_disk(&cfg.out) {
                 match vouched(&existing, &custody, &want) {
                     Some(t) => return Ok(t),
                     None => tracing::warn!(
@@ -511,10 +566,16 @@ fn vouched(bundle: &str, custody: &str, want: &str) -> Option<Trust> {
     }
     // The pinned root in the bundle is trusted by its fingerprint alone;
     // the custody chain is read only to reach the bundle's other roots.
-    let links = if custody.len() > MAX_CUSTODY * 4096 {
+    let links = if custody.trim().is_empty() {
         Vec::new()
     } else {
-        parse_certs(custody.as_bytes()).unwrap_or_default()
+        match parse_certs(custody.as_bytes()) {
+            Ok(links) => links,
+            Err(e) => {
+                tracing::warn!("ignoring a custody chain that does not parse: {e}");
+                Vec::new()
+            }
+        }
     };
     // An unverified answer is bounded before any signature is checked: a
     // real bundle holds at most three roots, and the chain grows by two
@@ -625,12 +686,14 @@ impl Agent {
             &time::format_description::well_known::Rfc3339,
         )
         .map_err(|e| AgentError::Refused(e.to_string()))?;
+        let events_from = answer_event_id(&v);
         Ok(Held {
             cert_pem,
             key_pem: key.to_pem(),
             serial: info.serial,
             start,
             not_after,
+            events_from,
         })
     }
 
@@ -709,11 +772,15 @@ impl Agent {
 
     /// A still-valid set on disk that chains to the trusted bundle.
     fn on_disk(&self) -> Option<Held> {
-        let cert_pem = std::fs::read_to_string(self.cfg.out.join("tls.crt")).ok()?;
-        let key_pem = String::from_utf8(
-            meshca_files::read_secret(&self.cfg.out.join("tls.key"), 1 << 20).ok()?,
-        )
-        .ok()?;
+        // The pair of one set, read through one `..data`: an agent killed
+        // and restarted around a switch never takes a key for the wrong
+        // certificate.
+        let opened =
+            meshca_files::open_set(&[&self.cfg.out.join("tls.crt"), &self.cfg.out.join("tls.key")])
+                .ok()?;
+        let [cert, key] = <[meshca_files::SetFile; 2]>::try_from(opened).ok()?;
+        let cert_pem = String::from_utf8(cert.read(1 << 20).ok()?).ok()?;
+        let key_pem = String::from_utf8(key.read_secret(1 << 20).ok()?).ok()?;
         let chain = parse_certs(cert_pem.as_bytes()).ok()?;
         let now = OffsetDateTime::now_utc();
         verify_chain(&chain, &self.roots, now).ok()?;
@@ -750,31 +817,35 @@ impl Agent {
             serial: info.serial,
             start,
             not_after,
+            events_from: None,
         })
     }
 
     fn write(&self, h: &Held) -> Result<(), AgentError> {
-        // The key and the certificate switch together: both are on disk under
-        // temporary names before either replaces the old one, so a full disk
-        // leaves the old pair intact.
-        meshca_files::write_set_atomic(
-            &self.cfg.out,
-            &[
-                ("tls.key", h.key_pem.as_bytes(), meshca_files::SECRET_MODE),
-                ("tls.crt", h.cert_pem.as_bytes(), meshca_files::PUBLIC_MODE),
-                (
-                    "ca.crt",
-                    self.bundle_pem.as_bytes(),
-                    meshca_files::PUBLIC_MODE,
-                ),
-                (
-                    CUSTODY_FILE,
-                    self.custody_pem.as_bytes(),
-                    meshca_files::PUBLIC_MODE,
-                ),
-            ],
-        )
-        .map_err(|e| AgentError::Files(e.to_string()))
+        // The key, the certificate and the bundle switch together: all are
+        // on disk in a new set before it replaces the old one, so a full
+        // disk leaves the old set intact and no reader ever pairs them with
+        // another set's. The CRLs held go in too (a ca.crl of the layout
+        // before sets becomes part of the set here).
+        let mut files = vec![
+            ("tls.key", h.key_pem.as_bytes(), meshca_files::SECRET_MODE),
+            ("tls.crt", h.cert_pem.as_bytes(), meshca_files::PUBLIC_MODE),
+            (
+                "ca.crt",
+                self.bundle_pem.as_bytes(),
+                meshca_files::PUBLIC_MODE,
+            ),
+            (
+                CUSTODY_FILE,
+                self.custody_pem.as_bytes(),
+                meshca_files::PUBLIC_MODE,
+            ),
+        ];
+        if !self.crl_pem.is_empty() {
+            files.push((CRL_FILE, self.crl_pem.as_bytes(), meshca_files::PUBLIC_MODE));
+        }
+        meshca_files::write_set_atomic(&self.cfg.out, &files)
+            .map_err(|e| AgentError::Files(e.to_string()))
     }
 
     async fn refresh_bundle(&mut self) {
@@ -854,10 +925,12 @@ impl Agent {
         {
             return;
         }
-        match meshca_files::write_atomic(
-            &self.cfg.out.join(CRL_FILE),
-            text.as_bytes(),
-            meshca_files::PUBLIC_MODE,
+        // Into the set, beside the bundle whose issuers signed them (the
+        // other files carried over): a file of its own beside the set would
+        // not be read with it.
+        match meshca_files::write_set_atomic(
+            &self.cfg.out,
+            &[(CRL_FILE, text.as_bytes(), meshca_files::PUBLIC_MODE)],
         ) {
             Ok(()) => {
                 tracing::debug!("CRLs changed");
@@ -877,12 +950,31 @@ impl Agent {
                 .output()
                 .await
             {
-                Ok(out) => tracing::info!(
-                    status = %out.status,
-                    stdout = %String::from_utf8_lossy(&out.stdout).trim(),
-                    stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                    "ran the on-rotate hook"
-                ),
+                Ok(out) => {
+                    let stdout = String::from_utf8_lossy(&out.stdout);
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    if out.status.success() {
+                        tracing::info!(
+                            status = %out.status,
+                            stdout = %stdout.trim(),
+                            stderr = %stderr.trim(),
+                            "ran the on-rotate hook"
+                        );
+                    } else {
+                        // The service may still run with the old files: an
+                        // error, with what the hook said in the message
+                        // itself. Nothing is undone or retried: the new
+                        // files are in place and stay (the old certificate
+                        // may not be valid much longer), and the next
+                        // change runs the hook again.
+                        tracing::error!(
+                            "the on-rotate hook failed ({}): stdout {:?}, stderr {:?}; the new files are in place and the agent goes on",
+                            out.status,
+                            stdout.trim(),
+                            stderr.trim()
+                        );
+                    }
+                }
                 Err(e) => tracing::error!("cannot run the on-rotate hook: {e}"),
             }
         }
@@ -903,6 +995,17 @@ impl Agent {
     }
 }
 
+/// The `last_event_id` of a signing answer, when it is an event id as the
+/// server makes them (decimal digits, a `u64`): it goes into a request
+/// header, so nothing else is taken.
+fn answer_event_id(answer: &Value) -> Option<String> {
+    answer["last_event_id"]
+        .as_str()
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|id| id.parse::<u64>().is_ok())
+        .map(str::to_owned)
+}
+
 fn spiffe_td(uris: &[String]) -> Option<String> {
     uris.iter().find_map(|u| {
         u.strip_prefix("spiffe://")
@@ -913,7 +1016,10 @@ fn spiffe_td(uris: &[String]) -> Option<String> {
 
 /// Follows the event stream with the current certificate; nudges the main
 /// loop on `rotate` for this identity and on `bundle-changed`. Reconnects
-/// with backoff, resuming from the last event seen.
+/// with backoff, resuming from the last event seen; until it has seen one,
+/// from the last event the server had seen when it issued the certificate
+/// held ([`Held::events_from`]): the first stream opens a moment after the
+/// bootstrap, and a `rotate` made in that moment must reach the agent.
 async fn follow_events(
     cfg: AgentConfig,
     mut bundle: tokio::sync::watch::Receiver<String>,
@@ -924,6 +1030,9 @@ async fn follow_events(
     let mut backoff = Duration::from_secs(1);
     loop {
         let h = held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if last.is_none() {
+            last.clone_from(&h.events_from);
+        }
         // The bundle as it is now: after a root rotation the server's
         // certificate chains to the new root, and the CA counts the agents
         // that hold it.
@@ -982,6 +1091,7 @@ async fn follow_events(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -993,6 +1103,7 @@ mod tests {
             serial: "01".into(),
             start,
             not_after: start + time::Duration::seconds(life_secs),
+            events_from: None,
         }
     }
 
@@ -1028,9 +1139,73 @@ mod tests {
     }
 
     #[test]
+    fn the_event_id_of_an_answer_is_taken_only_when_it_is_one() {
+        let id = |v: Value| answer_event_id(&serde_json::json!({ "last_event_id": v }));
+        assert_eq!(id("1764633600123".into()), Some("1764633600123".into()));
+        assert_eq!(id("0".into()), Some("0".into()));
+        for bad in ["", "-1", "12a", "1\r\nx-evil: 1", "99999999999999999999999"] {
+            assert_eq!(id(bad.into()), None, "{bad:?}");
+        }
+        assert_eq!(id(serde_json::json!(12)), None, "a number, not a string");
+        assert_eq!(
+            answer_event_id(&serde_json::json!({})),
+            None,
+            "an older server"
+        );
+    }
+
+    #[test]
     fn fingerprints_are_normalised() {
         assert_eq!(normalise_fp("sha256:AB:cd"), "abcd");
         let u = random_unit();
         assert!((0.0..1.0).contains(&u));
+    }
+
+    /// A root, its signing CA, and its DER.
+    fn root(label: &str) -> (Vec<u8>, meshca_pki::SigningCa) {
+        let now = OffsetDateTime::now_utc();
+        let key = PrivateKey::generate(meshca_pki::KeyType::EcdsaP256).unwrap();
+        let td = meshca_pki::TrustDomain::default();
+        let der =
+            meshca_pki::generate_root(&key, &td, label, Duration::from_secs(86_400), now).unwrap();
+        let ca = meshca_pki::SigningCa::new(der.clone(), key, label, now).unwrap();
+        (der, ca)
+    }
+
+    fn pems(ders: &[&Vec<u8>]) -> String {
+        ders.iter().map(|d| to_pem("CERTIFICATE", d)).collect()
+    }
+
+    #[test]
+    fn a_pin_vouches_for_its_root_and_what_its_custody_chain_reaches_only() {
+        let now = OffsetDateTime::now_utc();
+        let (r1, ca1) = root("one");
+        let (r2, _) = root("two");
+        let (evil, _) = root("evil");
+        let want = fingerprint(&r1);
+        // The pinned root next to another: only the pinned one is kept.
+        let t = vouched(&pems(&[&r1, &evil]), "", &want).unwrap();
+        assert_eq!(t.bundle_pem, pems(&[&r1]));
+        assert_eq!(t.custody_pem, "");
+        // Rotated out of the bundle: reached through its link, the earlier
+        // root travelling in the chain; the chain is kept as it came.
+        let l12 = meshca_pki::link_roots(&ca1, &r2, now).unwrap();
+        let chain = pems(&[&r1, &l12]);
+        let t = vouched(&pems(&[&r2, &evil]), &chain, &want).unwrap();
+        assert_eq!(t.bundle_pem, pems(&[&r2]));
+        assert_eq!(t.custody_pem, chain);
+        // No link, or a pin nobody offered: nothing.
+        assert!(vouched(&pems(&[&r2, &evil]), &pems(&[&r1]), &want).is_none());
+        assert!(vouched(&pems(&[&r1]), "", &fingerprint(&r2)).is_none());
+        assert!(vouched("not pem", "", &want).is_none());
+        // Bounds on unverified answers, at the bound and one past it.
+        let many = |n: usize| pems(&vec![&r1; n]);
+        assert!(vouched(&many(MAX_ROOTS), "", &want).is_some());
+        assert!(vouched(&many(MAX_ROOTS + 1), "", &want).is_none());
+        let mut long = vec![&r1, &l12];
+        long.resize(MAX_CUSTODY, &l12);
+        assert!(vouched(&pems(&[&r2]), &pems(&long), &want).is_some());
+        long.push(&l12);
+        assert!(vouched(&pems(&[&r2]), &pems(&long), &want).is_none());
     }
 }

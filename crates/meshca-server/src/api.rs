@@ -98,9 +98,14 @@ struct CertAnswer<'a> {
     spiffe_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     private_key: Option<String>,
+    /// The id of the last event this replica had seen when the issuance
+    /// began: an agent opens its first event stream with it as
+    /// `Last-Event-ID`, so that a `rotate` made at any time after its
+    /// certificate was issued (before the stream is up too) reaches it.
+    last_event_id: String,
 }
 
-fn cert_json(issued: &Issued) -> Response {
+fn cert_json(issued: &Issued, last_event_id: u64) -> Response {
     let answer = CertAnswer {
         certificate: &issued.certificate_pem,
         ca_bundle: &issued.ca_bundle_pem,
@@ -108,6 +113,7 @@ fn cert_json(issued: &Issued) -> Response {
         not_after: rfc3339(issued.record.not_after),
         spiffe_id: &issued.record.spiffe_id,
         private_key: issued.private_key.as_ref().map(|k| k.to_pem()),
+        last_event_id: last_event_id.to_string(),
     };
     // axum's Json serializes the struct as it is: no JSON tree in between.
     Json(answer).into_response()
@@ -238,7 +244,7 @@ async fn certificate(
                 }
             };
             if token.namespace != r.namespace || token.name != r.name {
-                let _ = state.store.refund_token(id).await;
+                refund(state, id).await;
                 return Err(refuse(ApiError::forbidden(format!(
                     "this join token is for {}/{}, not {identity_text}",
                     token.namespace, token.name
@@ -252,11 +258,14 @@ async fn certificate(
             )));
         }
     }
+    // Read before issuing: every event from here on (a rotate made while
+    // the certificate is being issued too) comes after it.
+    let last_event_id = state.events.last_id();
     let issued = match state.authority.issue(req).await {
         Ok(i) => i,
         Err(e) => {
             if let Some(id) = &token_used {
-                let _ = state.store.refund_token(id).await;
+                refund(state, id).await;
             }
             return Err(refuse(e.into()));
         }
@@ -294,7 +303,7 @@ async fn certificate(
     state
         .events
         .publish("issued", Some((&r.namespace, &r.name)), Some(serial));
-    Ok(cert_json(&issued))
+    Ok(cert_json(&issued, last_event_id))
 }
 
 pub async fn sign(
@@ -1117,4 +1126,16 @@ pub async fn openapi() -> Response {
         include_str!("openapi.json"),
     )
         .into_response()
+}
+
+/// Gives back a join token's use taken for an issuance that did not happen.
+/// A failure here loses that use (the holder may need a new token): said,
+/// never silent.
+async fn refund(state: &AppState, id: &str) {
+    if let Err(e) = state.store.refund_token(id).await {
+        tracing::warn!(
+            token = id,
+            "a use of the join token could not be given back: {e}"
+        );
+    }
 }

@@ -185,6 +185,16 @@ impl Events {
         }
     }
 
+    /// The id of the last event this replica has taken from the store's
+    /// log (0 before the first). Ids grow, so every event appended after
+    /// this call has a greater id: a stream opened with it as
+    /// `Last-Event-ID` ([`Events::subscribe`]) misses none of them (and
+    /// may get a few from just before, still on their way to the ring).
+    pub fn last_id(&self) -> u64 {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.back().map_or(0, |e| e.id)
+    }
+
     /// The events after `last_id` still kept, and a receiver for new ones.
     pub fn subscribe(&self, last_id: Option<u64>) -> (Vec<Event>, broadcast::Receiver<Event>) {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
