@@ -31,11 +31,22 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
+# A run with errors measures nothing: it fails, saying so.
+invalid() { echo "invalid run: $*" >&2; exit 1; }
+# loadgen's line: `rate R p50_ms A p99_ms B ok N errors M`; any error, or no
+# answer at all, invalidates the run.
+check_run() { # label line
+  local ok errors
+  ok=$(awk '{for (i = 1; i < NF; i++) if ($i == "ok") print $(i+1)}' <<<"$2")
+  errors=$(awk '{for (i = 1; i < NF; i++) if ($i == "errors") print $(i+1)}' <<<"$2")
+  [ -n "$ok" ] && [ -n "$errors" ] && [ "$errors" = 0 ] && [ "$ok" != 0 ] \
+    || invalid "$1: ${errors:-?} errors, ${ok:-?} answered: $2"
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_ready() { # dir port
   local tries=0
   until curl -sf --cacert "$1/admin/ca.crt" "https://localhost:$2/readyz" >/dev/null 2>&1; do
-    tries=$((tries + 1)); [ "$tries" -lt 300 ] || { echo "meshca on $2 did not become ready"; exit 1; }; sleep 0.1
+    tries=$((tries + 1)); [ "$tries" -lt 300 ] || invalid "meshca on $2 did not become ready"; sleep 0.1
   done
 }
 
@@ -53,7 +64,10 @@ for i in 0 1 2; do
     --initial-cluster "$cluster" --initial-cluster-state new >"$work/etcd$i.log" 2>&1 &
   pids+=($!)
 done
-until ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1; do sleep 0.2; done
+tries=0
+until ETCDCTL_API=3 etcdctl --endpoints "$endpoints" endpoint health >/dev/null 2>&1; do
+  tries=$((tries + 1)); [ "$tries" -lt 150 ] || invalid "etcd not healthy within 30s: $(tail -n 5 "$work"/etcd*.log)"; sleep 0.2
+done
 
 # --- meshca on each store
 EP=$(free_port); XP=$(free_port)
@@ -74,7 +88,8 @@ echo "{\"name\":\"web\",\"csr\":$CSR_JSON}" > "$work/sign.json"
 run() { # label connections dir port path body
   local out
   out=$($LOAD --url "https://localhost:$4$5" --body "$6" --connections "$2" --seconds "$SECS" \
-    --ca "$3/admin/ca.crt" --cert "$3/admin/tls.crt" --key "$3/admin/tls.key")
+    --ca "$3/admin/ca.crt" --cert "$3/admin/tls.crt" --key "$3/admin/tls.key") || invalid "$1@$2: loadgen failed"
+  check_run "$1@$2" "$out"
   echo "$1@$2 $out"
 }
 for round in $(seq "$ROUNDS"); do

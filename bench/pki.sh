@@ -17,6 +17,9 @@ ROUNDS="${ROUNDS:-3}"
 SECS="${SECONDS_PER_ROUND:-2}"
 CORE="${BENCH_CORE:-0}"
 pin() { if command -v taskset >/dev/null; then taskset -c "$CORE" "$@"; else "$@"; fi; }
+# A run with errors measures nothing: it fails, saying so.
+invalid() { echo "invalid run: $*" >&2; exit 1; }
+positive() { awk -v x="$1" 'BEGIN {exit !(x + 0 > 0)}'; }
 
 cargo build --release --quiet -p meshca-pki --example pki_bench
 bench_bin=target/release/examples/pki_bench
@@ -26,9 +29,11 @@ declare -A SIGN VERIFY
 for alg in ecdsap256 ed25519; do
   signs=(); verifies=()
   for _ in $(seq "$ROUNDS"); do
-    line=$(pin openssl speed -seconds "$SECS" "$alg" 2>/dev/null | grep -E 'nistp256|Ed25519' | tail -1)
-    signs+=("$(awk '{print $(NF-1)}' <<<"$line")")
-    verifies+=("$(awk '{print $NF}' <<<"$line")")
+    line=$(pin openssl speed -seconds "$SECS" "$alg" 2>/dev/null | grep -E 'nistp256|Ed25519' | tail -1) \
+      || invalid "openssl speed $alg failed"
+    sign=$(awk '{print $(NF-1)}' <<<"$line"); verify=$(awk '{print $NF}' <<<"$line")
+    { positive "$sign" && positive "$verify"; } || invalid "openssl speed $alg: no rates in: $line"
+    signs+=("$sign"); verifies+=("$verify")
   done
   SIGN[$alg]=$(printf '%s\n' "${signs[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   VERIFY[$alg]=$(printf '%s\n' "${verifies[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
@@ -37,9 +42,15 @@ done
 
 echo "== meshca-pki (one core)"
 declare -A RATE
+# pki_bench stops at the first error (a CSR that does not parse, a leaf that
+# is not signed): its exit status is read, not lost in a process substitution.
+rates=$(ROUNDS="$ROUNDS" BENCH_SECONDS="$SECS" pin "$bench_bin") || invalid "pki_bench failed"
 while read -r name rate; do
   RATE[$name]=$rate
-done < <(ROUNDS="$ROUNDS" BENCH_SECONDS="$SECS" pin "$bench_bin")
+done <<<"$rates"
+for name in csr_p256 gen_p256 csr_ed25519 gen_ed25519; do
+  positive "${RATE[$name]:-}" || invalid "pki_bench gave no rate for $name: $rates"
+done
 
 report() { # name alg kind
   local name=$1 alg=$2 kind=$3 limit

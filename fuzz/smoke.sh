@@ -9,6 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 SECS="${FUZZ_SECONDS:-20}"
 TARGETS=(csr certs duration identity api config sniff journal)
+if [ "$SECS" = 0 ]; then
+  # libFuzzer reads -max_total_time=0 as "no limit": 0 means no fuzzing.
+  echo "fuzz: ***** FUZZING SKIPPED (FUZZ_SECONDS=0): no target ran *****"
+  exit 0
+fi
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
 # cargo-fuzz passes sanitizer flags that rustc gates behind nightly; the one
@@ -51,4 +56,12 @@ for t in "${TARGETS[@]}"; do
     exit 1
   fi
   grep -E '^Done|number_of_executed_units' "$seeds/$t.log"
+  # A run that tried nothing is no evidence: libFuzzer that could not start
+  # the target, or a target that returns before its first input.
+  runs=$(awk '/^stat::number_of_executed_units/ {print $NF}' "$seeds/$t.log" | tail -1)
+  if [ -z "$runs" ] || [ "$runs" -lt 100 ]; then
+    tail -30 "$seeds/$t.log"
+    echo "fuzz: $t: invalid run: ${runs:-no} inputs executed in ${SECS}s"
+    exit 1
+  fi
 done

@@ -30,10 +30,10 @@ fuzz_target!(|data: &[u8]| {
         _ => {
             // Accepted implies: the window and the token TTL are durations
             // that format and parse back equal (what the CLI shows them as).
-            if let Ok(r) = RotateRootBody::parse(body) {
-                if let Some(w) = r.window {
-                    assert_eq!(parse_duration(&format_duration(w)).ok(), Some(w));
-                }
+            if let Ok(r) = RotateRootBody::parse(body)
+                && let Some(w) = r.window
+            {
+                assert_eq!(parse_duration(&format_duration(w)).ok(), Some(w));
             }
             let _ = RevokeBody::parse(body);
         }

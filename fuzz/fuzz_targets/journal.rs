@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
             Ok(s) => s,
             Err(e) => {
                 let msg = e.to_string();
-                assert!(msg.contains("journal"), "the refusal does not name the journal: {msg}");
+                assert!(
+                    msg.contains("journal"),
+                    "the refusal does not name the journal: {msg}"
+                );
                 return;
             }
         };
@@ -30,7 +33,13 @@ fuzz_target!(|data: &[u8]| {
             .await
             .expect("a store that opened lists its records");
         for r in &listed {
-            assert_eq!(&store.get_certificate(&r.serial).await.expect("listed, so found"), r);
+            assert_eq!(
+                &store
+                    .get_certificate(&r.serial)
+                    .await
+                    .expect("listed, so found"),
+                r
+            );
         }
         drop(store);
         assert!(

