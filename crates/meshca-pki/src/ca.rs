@@ -342,6 +342,73 @@ mod tests {
         assert!(check_signed_by(&root_der, &int_der, "root").is_err());
     }
 
+    /// A CA certificate that names the right issuer but carries another
+    /// key's signature: two roots with the same subject, the impostor's key
+    /// signing. The names match, so only the signature tells them apart.
+    #[test]
+    fn the_right_issuer_name_with_another_keys_signature_is_refused() {
+        let now = OffsetDateTime::now_utc();
+        let td = TrustDomain::default();
+        let subject = |der: &[u8]| {
+            X509Certificate::from_der(der)
+                .unwrap()
+                .1
+                .subject()
+                .to_string()
+        };
+        let real_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let real = generate_root(&real_key, &td, "same", DEFAULT_ROOT_TTL, now).unwrap();
+        let impostor_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let impostor_der =
+            generate_root(&impostor_key, &td, "same", DEFAULT_ROOT_TTL, now).unwrap();
+        assert_eq!(subject(&real), subject(&impostor_der));
+        let impostor = SigningCa::new(impostor_der.clone(), impostor_key, "impostor", now).unwrap();
+        let not_signed = format!("is not signed by \"{}\"", subject(&real));
+
+        // An intermediate the impostor signed, naming the real root's subject
+        // as its issuer.
+        let int_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let int =
+            generate_intermediate(&int_key, &impostor, &td, "same", DEFAULT_ROOT_TTL, now).unwrap();
+        assert_eq!(
+            X509Certificate::from_der(&int)
+                .unwrap()
+                .1
+                .issuer()
+                .to_string(),
+            subject(&real)
+        );
+        check_signed_by(&int, &impostor_der, "intermediate").unwrap();
+        let e = check_signed_by(&int, &real, "intermediate").unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, PkiError::ChainInvalid(_)), "{msg}");
+        assert!(msg.contains(&format!("intermediate {not_signed}")), "{msg}");
+        assert!(!msg.contains("names issuer"), "{msg}");
+
+        // A "root" whose issuer is its own subject, signed by the impostor's
+        // key: not self-signed.
+        let own_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let fake_root = ca_params(
+            "meshca root CA same".into(),
+            &td,
+            1,
+            now - BACKDATE,
+            now + DEFAULT_ROOT_TTL,
+        )
+        .unwrap()
+        .signed_by(own_key.pair().unwrap(), &impostor.issuer)
+        .unwrap()
+        .der()
+        .to_vec();
+        let x = X509Certificate::from_der(&fake_root).unwrap().1;
+        assert_eq!(x.issuer().to_string(), x.subject().to_string());
+        assert_eq!(x.subject().to_string(), subject(&real));
+        let e = check_signed_by(&fake_root, &fake_root, "root").unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, PkiError::ChainInvalid(_)), "{msg}");
+        assert!(msg.contains(&format!("root {not_signed}")), "{msg}");
+    }
+
     #[test]
     fn wrong_key_and_expired_ca_are_refused() {
         let now = OffsetDateTime::now_utc();

@@ -217,6 +217,7 @@ async fn swap_kubernetes_secret_symlinks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_set_is_ignored_then_a_good_one_is_taken() {
+    keep_reload_logs();
     let (_t, dir) = tmp();
     let pki = Pki::new();
     pki.service(&dir.join("server"), "default", "web");
@@ -250,7 +251,14 @@ async fn broken_set_is_ignored_then_a_good_one_is_taken() {
     })
     .await;
     std::fs::write(pki2_dir.join("tls.key"), &wrong_key).unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The reload that read it has called it broken (and serves on with the
+    // set it had) before the repair arrives.
+    let key = pki2_dir.join("tls.key").display().to_string();
+    reload_logged(
+        &["ignoring new TLS credentials", &key],
+        Duration::from_secs(20),
+    )
+    .await;
     std::fs::write(pki2_dir.join("tls.crt"), &other_crt).unwrap();
     let expected = ServerIdentity::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
     let connector = TlsConnector::new(&dir.join("client"), expected, TlsVersion::V1_3).unwrap();
@@ -267,6 +275,7 @@ async fn broken_set_is_ignored_then_a_good_one_is_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_key_others_can_read_is_not_served_until_it_is_private() {
+    keep_reload_logs();
     let (_t, dir) = tmp();
     let pki = Pki::new();
     let first = pki.service(&dir.join("server"), "default", "web");
@@ -290,8 +299,15 @@ async fn a_new_key_others_can_read_is_not_served_until_it_is_private() {
         chmod(&tmp, 0o644);
         std::fs::rename(&tmp, server.join(name)).unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    // Still the old set, and still serving.
+    // The reload that read the new set has refused it (it says so, naming
+    // the key)...
+    let key = server.join("tls.key").display().to_string();
+    reload_logged(
+        &["refusing the TLS credentials on disk", &key, "(mode 0644)"],
+        Duration::from_secs(20),
+    )
+    .await;
+    // ...and serves on with the old set.
     for _ in 0..3 {
         assert_eq!(request(&connector, addr).await.unwrap(), first);
     }

@@ -1,6 +1,9 @@
 //! TLS scanners (sslscan and sslyze) against a meshca-tls server in each
 //! TLS mode: TLS 1.3 only by default, no renegotiation, no compression,
-//! strong groups only, a valid chain. Reports in `target/tmp/tls-reports/`.
+//! strong groups only, a valid chain. Each scan reads only what it wrote
+//! (`meshca_testkit::scan_tls` checks the scanners' exit status and that
+//! every check ran, SSLv2 included); copies of the reports are kept in
+//! `target/tmp/tls-reports/`, replaced by every run.
 
 use meshca_tls::{TlsConfig, TlsMode};
 
@@ -41,5 +44,10 @@ async fn scanners_find_only_strong_tls13_in_every_mode() {
         .await
         .unwrap();
         scan.assert_meshca_defaults(&format!("meshca-tls in mode {}", mode.as_str()));
+        assert_eq!(scan.reports.len(), 3, "sslscan, sslyze, sslyze's SSLv2 run");
+        for r in &scan.reports {
+            let len = std::fs::metadata(r).map_or(0, |m| m.len());
+            assert!(len > 0, "{} kept", r.display());
+        }
     }
 }

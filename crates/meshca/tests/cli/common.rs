@@ -2,7 +2,7 @@
 //! peers (openssl, curl, pkilint) in temporary directories.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -272,14 +272,24 @@ pub fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+/// A loopback port that was free a moment ago, below the ephemeral range
+/// and never handed out twice by this process (`meshca_testkit::free_port`).
+/// Another process may still bind it first: start servers with
+/// [`start_listening`] (or [`Server`]), which wait until the server itself
+/// listens and start it again elsewhere when the port was taken.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    meshca_testkit::free_port()
 }
 
+/// `n` distinct ports, as [`free_port`].
+pub fn free_ports(n: usize) -> Vec<u16> {
+    meshca_testkit::free_ports(n)
+}
+
+/// Waits (10 s at most) until something accepts connections on `port`.
+/// That something may be another test's server that took the port: when
+/// the listener is a child of this test, [`wait_for_listener`] checks that
+/// it is that child.
 pub fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -291,6 +301,30 @@ pub fn wait_for_port(port: u16) {
     panic!("nothing listened on port {port} within 10s");
 }
 
+/// Waits until `f()` holds, polling every 50 ms, for at most `limit`; fails
+/// naming `what`. The readiness wait that replaces a fixed sleep: it
+/// returns as soon as the state is there, and a state that never comes
+/// fails instead of being asserted on too early.
+#[track_caller]
+pub fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sleeps until the wall clock is past `t` by more than a second (X.509
+/// and token expiry times have one-second precision and are inclusive):
+/// the wait for something to expire, computed from its own expiry time
+/// (`validity(cert).1`, a token's `expires_at`) rather than guessed.
+pub fn wait_past(t: std::time::SystemTime) {
+    let until = t + Duration::from_millis(1100);
+    while let Ok(left) = until.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left.max(Duration::from_millis(10)));
+    }
+}
+
 /// Splits a PEM chain into its certificates' PEM texts.
 pub fn split_pem(text: &str) -> Vec<String> {
     text.split_inclusive("-----END CERTIFICATE-----\n")
@@ -299,29 +333,127 @@ pub fn split_pem(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// A child process killed when dropped.
+/// A child process ended when dropped, pass or fail, with everything it
+/// started: its process group (it has one of its own when started by
+/// [`spawn`] or [`spawn_cmd`]) and its descendants.
 pub struct Child(pub std::process::Child);
 
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Child {
+    /// Ends it now (SIGKILL to it and what it started), and reaps it.
+    pub fn end(&mut self) {
+        meshca_testkit::end_child(&mut self.0);
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
     }
 }
 
+impl Drop for Child {
+    fn drop(&mut self) {
+        meshca_testkit::end_child(&mut self.0);
+    }
+}
+
+/// Starts `program` with `args` (stdin piped, output discarded) in a process
+/// group of its own, ended when the returned guard is dropped.
 pub fn spawn(program: &str, args: &[&str]) -> Child {
-    Child(
+    spawn_cmd(
         Command::new(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+            .stderr(Stdio::null()),
+    )
+}
+
+/// Starts `cmd` in a process group of its own, listed with this process's
+/// watchdog (which ends it should the test process die without dropping the
+/// guard: a nextest timeout), ended with everything it started when the
+/// returned guard is dropped. Every process a test starts goes through here
+/// (or [`start_listening`], [`Server`]).
+pub fn spawn_cmd(cmd: &mut Command) -> Child {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    Child(
+        meshca_testkit::spawn_guarded(cmd)
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}")),
     )
 }
 
-/// A running `meshca serve`, killed when dropped.
+/// Waits (10 s at most) until `child`, or a process it started, listens on
+/// `port` (not merely something: another test's server may have taken the
+/// port); fails at once, with its status, if it exits first.
+pub fn wait_for_listener(child: &mut Child, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("the process meant to listen on {port} exited: {status}");
+        }
+        if meshca_testkit::listening_in_tree(child.id(), port) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process meant to listen on {port} did not within 10s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts a server on `n` fresh ports that it is told on its command line:
+/// `make(&ports)` builds the command, whose stdout and stderr are appended
+/// to `log`. Waits (30 s at most) until the server, or a process it started,
+/// listens on every one of `ports` and `ready(&ports)` holds. When it exits
+/// first because a port was taken between choosing and binding ("address
+/// already in use" in what it logged), it is started again on other ports;
+/// any other exit fails the test with its log. Returns the running server,
+/// ended when dropped, and its ports.
+pub fn start_listening(
+    n: usize,
+    log: &Path,
+    mut make: impl FnMut(&[u16]) -> Command,
+    mut ready: impl FnMut(&[u16]) -> bool,
+) -> (Child, Vec<u16>) {
+    let mut taken = Vec::new();
+    for _ in 0..5 {
+        let ports = free_ports(n.max(1));
+        let from = meshca_testkit::log_len(log);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = make(&ports);
+        cmd.stdout(out.try_clone().unwrap()).stderr(out);
+        let mut child = spawn_cmd(&mut cmd);
+        let pid = child.id();
+        let up = meshca_testkit::wait_until_listening(
+            &mut child.0,
+            ports[0],
+            log,
+            from,
+            Duration::from_secs(30),
+            || {
+                ports[1..]
+                    .iter()
+                    .all(|p| meshca_testkit::listening_in_tree(pid, *p))
+                    && ready(&ports)
+            },
+        );
+        match up {
+            Ok(()) => return (child, ports),
+            Err(meshca_testkit::StartError::PortTaken(e)) => taken.push(e),
+            Err(e) => panic!("{:?} did not start: {e}", cmd.get_program()),
+        }
+    }
+    panic!(
+        "the server's ports were taken five times:\n{}",
+        taken.join("\n")
+    );
+}
+
+/// A running `meshca serve`, ended (SIGKILL, with what it started) when
+/// dropped.
 pub struct Server {
     pub child: Option<std::process::Child>,
     pub dir: PathBuf,
@@ -330,69 +462,114 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `meshca serve` on `dir` (initialising it when empty) on a free port.
+    /// Starts `meshca serve` on `dir` (initialising it when empty) on a free
+    /// port, and waits until it is ready (on another port when the first was
+    /// taken meanwhile).
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
-        let port = free_port();
-        Server::start_on(dir, port, extra)
+        Server::launch(dir, None, |port| Server::serve_cmd(dir, port, extra))
     }
 
+    /// `meshca serve` on `port` (a restart on the port clients know): when
+    /// another process holds the port, it tries again for 15 s.
     pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Server {
+        Server::launch(dir, Some(port), |port| Server::serve_cmd(dir, port, extra))
+    }
+
+    fn serve_cmd(dir: &Path, port: u16, extra: &[&str]) -> Command {
         let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["serve", "--dir", dir.to_str().unwrap(), "--listen", &listen];
-        args.extend_from_slice(extra);
         let mut cmd = meshca();
-        cmd.args(&args);
-        Server::launch(dir, port, cmd)
+        cmd.args(["serve", "--dir", dir.to_str().unwrap(), "--listen", &listen])
+            .args(extra);
+        cmd
     }
 
     /// `meshca serve` on `dir` run by `sh -c` after `shell` (limits, traps).
     pub fn start_under(dir: &Path, shell: &str) -> Server {
-        let port = free_port();
-        let line = format!(
-            "{shell}; exec {} serve --dir {} --listen 127.0.0.1:{port}",
-            env!("CARGO_BIN_EXE_meshca"),
-            dir.display()
-        );
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", &line]);
-        Server::launch(dir, port, cmd)
+        Server::start_cmd(dir, |port| {
+            let line = format!(
+                "{shell}; exec {} serve --dir {} --listen 127.0.0.1:{port}",
+                env!("CARGO_BIN_EXE_meshca"),
+                dir.display()
+            );
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", &line]);
+            cmd
+        })
     }
 
-    fn launch(dir: &Path, port: u16, mut cmd: Command) -> Server {
-        let log = dir.with_extension(format!("serve-{port}.log"));
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let server = Server {
-            child: Some(child),
-            dir: dir.to_owned(),
-            port,
-            log,
-        };
-        server.wait_ready();
-        server
+    /// A server on `dir` started by the command `make(port)` builds: `meshca
+    /// serve --dir DIR --listen 127.0.0.1:PORT` under a wrapper (`faketime`,
+    /// `sh -c`, ...). Its process group is its own, so the wrapper and the
+    /// server end together.
+    pub fn start_cmd(dir: &Path, make: impl FnMut(u16) -> Command) -> Server {
+        Server::launch(dir, None, make)
     }
 
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            let out = Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-                .arg(self.dir.join("admin/ca.crt"))
-                .arg(format!("https://localhost:{}/readyz", self.port))
-                .output()
+    fn launch(dir: &Path, fixed: Option<u16>, mut make: impl FnMut(u16) -> Command) -> Server {
+        // Every attempt appends to the log of the first (named after its
+        // port), so that what the server said at its first start (the CA it
+        // created, the CA it joined) stays in `log`.
+        let mut log: Option<PathBuf> = None;
+        let deadline = Instant::now() + Duration::from_secs(if fixed.is_some() { 15 } else { 60 });
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let port = fixed.unwrap_or_else(free_port);
+            let log = log
+                .get_or_insert_with(|| dir.with_extension(format!("serve-{port}.log")))
+                .clone();
+            let from = if attempts == 1 {
+                0
+            } else {
+                meshca_testkit::log_len(&log)
+            };
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(attempts == 1)
+                .append(attempts > 1)
+                .open(&log)
                 .unwrap();
-            if out.stdout == b"200" {
-                return;
+            let mut cmd = make(port);
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(out);
+            let mut child = meshca_testkit::spawn_guarded(&mut cmd)
+                .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+            let ca = dir.join("admin/ca.crt");
+            let up = meshca_testkit::wait_until_listening(
+                &mut child,
+                port,
+                &log,
+                from,
+                Duration::from_secs(20),
+                || ready(&ca, port),
+            );
+            match up {
+                Ok(()) => {
+                    return Server {
+                        child: Some(child),
+                        dir: dir.to_owned(),
+                        port,
+                        log,
+                    };
+                }
+                Err(meshca_testkit::StartError::PortTaken(_))
+                    if attempts < 8 && Instant::now() < deadline =>
+                {
+                    if fixed.is_some() {
+                        // Its own port: wait for whoever holds it.
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                }
+                Err(e) => {
+                    meshca_testkit::end_child(&mut child);
+                    if let Ok(bytes) = std::fs::read(&log) {
+                        keep_output("serve.log", &bytes);
+                    }
+                    sweep(dir);
+                    panic!("meshca serve on port {port} did not become ready: {e}");
+                }
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "meshca serve did not become ready: {}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
     }
 
     pub fn url(&self) -> String {
@@ -468,10 +645,11 @@ impl Server {
         cert_args(&self.dir.join("admin"))
     }
 
+    /// Ends the server now: SIGKILL (no chance to flush anything) to it and
+    /// whatever it started, then reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            meshca_testkit::end_child(&mut c);
         }
     }
 }
@@ -496,6 +674,28 @@ impl Drop for Server {
         }
         sweep(&self.dir);
     }
+}
+
+/// Whether the meshca on `port` answers 200 on `/readyz` over TLS verified
+/// with `ca` (the CA of the data directory it was started on: a server of
+/// another test does not pass).
+fn ready(ca: &Path, port: u16) -> bool {
+    ca.exists()
+        && Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .arg("--cacert")
+            .arg(ca)
+            .arg(format!("https://localhost:{port}/readyz"))
+            .output()
+            .is_ok_and(|o| o.stdout == b"200")
 }
 
 /// curl arguments presenting the credentials of a kubernetes.io/tls directory.

@@ -60,13 +60,39 @@ fn kill_9_loses_no_answered_certificate() {
                 done.fetch_add(1, Ordering::Relaxed);
             }));
         }
-        // Kill the server once a good part of the work has been answered.
-        while answered.lock().unwrap().len() < 400 {
+        // Kill the server once a good part of the work has been answered;
+        // a server that stops answering (or refuses everything) fails the
+        // test instead of hanging it.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let answers = answered.lock().unwrap().len();
+            if answers >= 400 {
+                break;
+            }
+            let finished = done.load(Ordering::Relaxed);
+            assert!(
+                finished < 2000,
+                "all 2000 requests finished with only {answers} answered: {}",
+                std::fs::read_to_string(&srv.log).unwrap_or_default()
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {answers} of 2000 requests answered ({finished} finished) within 120 s: {}",
+                std::fs::read_to_string(&srv.log).unwrap_or_default()
+            );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         srv.kill(); // SIGKILL: no chance to flush anything
+        // Every request ends once the server is gone (refused
+        // connections); bounded all the same.
+        let killed = tokio::time::Instant::now();
         for t in tasks {
-            let _ = t.await;
+            let ended =
+                tokio::time::timeout_at(killed + std::time::Duration::from_secs(60), t).await;
+            assert!(
+                ended.is_ok(),
+                "a request was still pending a minute after the server was killed"
+            );
         }
         answered.lock().unwrap().clone()
     });

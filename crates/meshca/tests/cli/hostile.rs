@@ -163,6 +163,45 @@ fn read_response(s: &mut impl Read) -> std::io::Result<(u16, String)> {
     ))
 }
 
+/// Reads what the server sent on a TLS stream without first pushing out
+/// what is still unsent (rustls's stream would, and fail against a server
+/// that stopped reading): a server that answers an oversized request and
+/// closes is heard although the rest of the request never got out. (Linux
+/// keeps what arrived readable after a reset.)
+struct Received<'a>(&'a mut Tls);
+
+impl Read for Received<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let s = &mut *self.0;
+        loop {
+            match s.conn.reader().read(out) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Data, the server's close_notify (0), or its close without
+                // one (UnexpectedEof) once everything was read.
+                r => return r,
+            }
+            s.conn.read_tls(&mut s.sock)?;
+            s.conn
+                .process_new_packets()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
+    }
+}
+
+/// The API's `error.code` in an answer's body.
+fn api_code(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v["error"]["code"].as_str().map(str::to_owned)
+}
+
+/// The TLS alert a rustls read or handshake failed with.
+fn alert_of(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
+
 /// What the well-behaved client asks for, and a piece of the answer.
 #[derive(Clone, Copy)]
 struct Call {
@@ -485,12 +524,14 @@ fn ten_thousand_idle_tls_connections() {
     println!(
         "hostile: {N} idle TLS connections opened in {opened_in:?}; server: {peak_fds} open files at most, RSS {rss_before} -> {rss_peak} MiB"
     );
-    // The server held thousands at once and did not run away with memory.
-    // (Each is closed 10 s after its handshake: a slow machine that takes
-    // longer than that to open them all holds fewer at once.)
-    assert!(
-        peak_fds >= 2_500,
-        "the server never held many connections: {peak_fds}"
+    // The server took every one of them (each handshake completed), and did
+    // not run away with memory. How many it held at once is printed, not
+    // asserted: each is closed 10 s after its handshake, so that depends on
+    // how fast this machine opens them.
+    assert_eq!(
+        idle.len(),
+        N,
+        "connections the server completed a handshake on"
     );
     assert!(
         rss_peak <= rss_before + 512,
@@ -601,6 +642,19 @@ fn handshake_floods_fragments_and_early_close() {
     assert_alive(&mut server, "handshake flood, fragments, early close");
 }
 
+/// Runs `f` on `s` with every read from the server bounded by `bound` (the
+/// socket's read timeout; 20 s otherwise): an answer that is not there in
+/// time makes `f`'s read fail with a timeout, instead of being measured
+/// afterwards.
+fn bounded<T>(s: &mut Tls, bound: Duration, f: impl FnOnce(&mut Tls) -> T) -> T {
+    s.sock.set_read_timeout(Some(bound)).unwrap();
+    let out = f(s);
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    out
+}
+
 /// A PEM CSR whose DER is `depth` nested SEQUENCEs.
 fn nested_der_pem(depth: usize) -> String {
     let mut der: Vec<u8> = vec![0x05, 0x00];
@@ -636,11 +690,12 @@ fn oversized_and_deeply_nested_inputs_are_refused_in_bounded_time() {
         "GET /v1/bundle HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
         "a".repeat(1024 * 1024)
     );
+    // The server may answer and close before all of it got out.
     let _ = big.write_all(header.as_bytes());
-    let answer = read_response(&mut big);
+    let answer = read_response(&mut Received(&mut big));
     assert!(
-        !matches!(answer, Ok((200, _))),
-        "a 1 MiB header was served: {answer:?}"
+        matches!(answer, Ok((431, _))),
+        "a 1 MiB header: expected 431, got {answer:?}"
     );
     let mut many = tls(port, &cfg).unwrap();
     let mut header = String::from("GET /v1/bundle HTTP/1.1\r\nHost: localhost\r\n");
@@ -649,28 +704,29 @@ fn oversized_and_deeply_nested_inputs_are_refused_in_bounded_time() {
     }
     header.push_str("\r\n");
     let _ = many.write_all(header.as_bytes());
-    let answer = read_response(&mut many);
+    let answer = read_response(&mut Received(&mut many));
     assert!(
-        !matches!(answer, Ok((200, _))),
-        "10,000 headers were served: {answer:?}"
+        matches!(answer, Ok((431, _))),
+        "10,000 headers: expected 431, got {answer:?}"
     );
     tried += 2;
     refused += 2;
 
-    // A body announced at 100 MiB is refused before it is read.
+    // A body announced at 100 MiB is refused before it is read: the 413
+    // comes within 2 s (the read's bound), without a byte of the body.
     let mut s = tls(port, &admin).unwrap();
-    let started = Instant::now();
     s.write_all(
         b"POST /v1/issue HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n",
     )
     .unwrap();
     s.flush().unwrap();
-    let (code, body) = read_response(&mut s).unwrap();
+    let (code, body) = bounded(&mut s, Duration::from_secs(2), read_response)
+        .unwrap_or_else(|e| panic!("a body announced at 100 MiB: no answer within 2 s: {e}"));
     assert_eq!(code, 413, "{body}");
+    assert_eq!(api_code(&body).as_deref(), Some("too_large"), "{body}");
     assert!(body.contains("65536"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(2));
-    // A chunked body that never ends is cut off after 64 KiB: a 413, or the
-    // connection reset when the answer races the unread rest.
+    // A chunked body that never ends is cut off after 64 KiB with a 413
+    // (the rest of the body may not get out: the server stopped reading).
     let mut s = tls(port, &admin).unwrap();
     s.sock
         .set_write_timeout(Some(Duration::from_secs(2)))
@@ -680,7 +736,6 @@ fn oversized_and_deeply_nested_inputs_are_refused_in_bounded_time() {
     )
     .unwrap();
     let chunk = format!("4000\r\n{}\r\n", "[".repeat(0x4000));
-    let started = Instant::now();
     for _ in 0..64 {
         if s.write_all(chunk.as_bytes())
             .and_then(|()| s.flush())
@@ -689,32 +744,40 @@ fn oversized_and_deeply_nested_inputs_are_refused_in_bounded_time() {
             break;
         }
     }
-    let answer = read_response(&mut s);
+    // (Within 10 s of the last write: the read's bound.)
+    let answer = bounded(&mut s, Duration::from_secs(10), |s| {
+        read_response(&mut Received(s))
+    });
     assert!(
-        matches!(answer, Ok((413, _))) || answer.is_err(),
-        "an endless body was served: {answer:?}"
+        matches!(&answer, Ok((413, body))
+            if api_code(body).as_deref() == Some("too_large") && body.contains("65536")),
+        "an endless body: expected 413 too_large within 10 s, got {answer:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10));
     tried += 2;
     refused += 2;
 
     // Deep nesting: JSON 20,000 levels deep (within 64 KiB), and a CSR of
     // 2,500 nested SEQUENCEs (within 16 KiB).
+    // Each answered within 1 s (the reads' bound).
     let mut s = tls(port, &admin).unwrap();
     let deep_json = format!("{{\"name\":{}", "[".repeat(20_000));
-    let started = Instant::now();
-    let (code, body) = request(&mut s, "POST", "/v1/issue", Some(&deep_json)).unwrap();
+    let (code, body) = bounded(&mut s, Duration::from_secs(1), |s| {
+        request(s, "POST", "/v1/issue", Some(&deep_json))
+    })
+    .unwrap_or_else(|e| panic!("JSON 20,000 levels deep: no answer within 1 s: {e}"));
     assert_eq!(code, 400, "{body}");
+    assert_eq!(api_code(&body).as_deref(), Some("bad_request"), "{body}");
     assert!(body.contains("invalid JSON body"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(1));
     let csr = nested_der_pem(2_500);
     assert!(csr.len() < 16 * 1024, "{}", csr.len());
     let req = serde_json::json!({"name": "deep", "csr": csr}).to_string();
-    let started = Instant::now();
-    let (code, body) = request(&mut s, "POST", "/v1/sign", Some(&req)).unwrap();
+    let (code, body) = bounded(&mut s, Duration::from_secs(1), |s| {
+        request(s, "POST", "/v1/sign", Some(&req))
+    })
+    .unwrap_or_else(|e| panic!("a CSR of 2,500 nested SEQUENCEs: no answer within 1 s: {e}"));
     assert_eq!(code, 400, "{body}");
+    assert_eq!(api_code(&body).as_deref(), Some("bad_request"), "{body}");
     assert!(body.contains("CSR"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(1));
     tried += 2;
     refused += 2;
 
@@ -725,10 +788,13 @@ fn oversized_and_deeply_nested_inputs_are_refused_in_bounded_time() {
         let ext = format!("subjectAltName={}", sans.join(","));
         let (csr, _key) = openssl_csr(tmp.path(), &format!("sans{n}"), &["-addext", &ext]);
         let req = format!("{{\"name\":\"many\",\"csr\":{csr}}}");
+        // Answered within 2 s (the read's bound).
         let started = Instant::now();
-        let (code, body) = request(&mut s, "POST", "/v1/sign", Some(&req)).unwrap();
+        let (code, body) = bounded(&mut s, Duration::from_secs(2), |s| {
+            request(s, "POST", "/v1/sign", Some(&req))
+        })
+        .unwrap_or_else(|e| panic!("a CSR with {n} SANs: no answer within 2 s: {e}"));
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(2), "{n} SANs took {took:?}");
         tried += 1;
         if fits {
             assert_eq!(code, 200, "{body}");
@@ -743,6 +809,7 @@ fn oversized_and_deeply_nested_inputs_are_refused_in_bounded_time() {
             );
         } else {
             assert_eq!(code, 413, "{body}");
+            assert_eq!(api_code(&body).as_deref(), Some("too_large"), "{body}");
             refused += 1;
             println!("hostile: CSR with {n} SANs: refused in {took:?} ({body})");
         }
@@ -790,10 +857,24 @@ fn clients_that_stop_reading_do_not_grow_the_server() {
         let (code, text) = request(&mut issuer, "POST", "/v1/issue", Some(&body)).unwrap();
         assert_eq!(code, 200, "{text}");
     }
-    std::thread::sleep(Duration::from_secs(1));
-    let rss_after = rss_mib(&server);
+    // What the server holds for them once it has stopped taking more: its
+    // RSS when it no longer changes (within 2 MiB over the last 20 samples,
+    // a second at least: `eventually` polls every 50 ms).
+    const WINDOW: usize = 20;
+    let mut samples: Vec<u64> = Vec::new();
+    eventually(
+        "the server's RSS to settle",
+        Duration::from_secs(30),
+        || {
+            samples.push(rss_mib(&server));
+            let last = &samples[samples.len().saturating_sub(WINDOW)..];
+            last.len() == WINDOW && last.iter().max().unwrap() - last.iter().min().unwrap() <= 2
+        },
+    );
+    let rss_after = *samples.last().unwrap();
+    let rss_peak = *samples.iter().max().unwrap();
     println!(
-        "hostile: 64 pipelining clients and 20 event subscribers that never read: server RSS {rss_before} -> {rss_after} MiB"
+        "hostile: 64 pipelining clients and 20 event subscribers that never read: server RSS {rss_before} -> {rss_after} MiB (at most {rss_peak} MiB meanwhile)"
     );
     assert!(
         rss_after <= rss_before + 128,
@@ -841,24 +922,50 @@ fn the_proxy_survives_hostile_clients() {
         s.write_all(&hello[..hello.len() / 2]).unwrap();
         s
     }));
-    // A handshake flood, with and without a client certificate.
-    let flood: Vec<_> = [cfg.clone(), stranger.clone(), cfg.clone(), stranger]
-        .into_iter()
-        .map(|c| {
-            std::thread::spawn(move || {
-                let until = Instant::now() + Duration::from_secs(3);
-                let mut n = 0;
-                while Instant::now() < until {
-                    // Refused ones fail here or at their first read: either way
-                    // the proxy is done with them.
-                    let _ = tls(port, &c);
-                    n += 1;
+    // A handshake flood, with and without a client certificate. The proxy
+    // checks the client's certificate after the client has finished its
+    // side of the handshake: one without is told so by the alert that comes
+    // with its first read.
+    let flood: Vec<_> = [
+        (cfg.clone(), true),
+        (stranger.clone(), false),
+        (cfg.clone(), true),
+        (stranger, false),
+    ]
+    .into_iter()
+    .map(|(c, presents)| {
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(3);
+            let (mut n, mut refused) = (0usize, 0usize);
+            while Instant::now() < until {
+                let mut s = tls(port, &c).unwrap_or_else(|e| panic!("a flood handshake: {e}"));
+                if !presents {
+                    let e = s
+                        .read(&mut [0u8; 1])
+                        .expect_err("a client without a certificate got through the proxy");
+                    assert_eq!(
+                        alert_of(&e),
+                        Some(rustls::AlertDescription::CertificateRequired),
+                        "a flood handshake without a certificate: {e}"
+                    );
+                    refused += 1;
                 }
-                n
-            })
+                n += 1;
+            }
+            (n, refused)
         })
-        .collect();
-    let handshakes: usize = flood.into_iter().map(|t| t.join().unwrap()).sum();
+    })
+    .collect();
+    let (mut handshakes, mut flood_refused) = (0, 0);
+    for t in flood {
+        let (n, refused) = t.join().unwrap();
+        handshakes += n;
+        flood_refused += refused;
+    }
+    assert!(
+        flood_refused > 0 && flood_refused < handshakes,
+        "{flood_refused} of {handshakes} flood handshakes refused"
+    );
     // close_notify or garbage right after the ClientHello.
     for i in 0..200 {
         let (_, hello) = client_hello(&cfg);
@@ -890,7 +997,7 @@ fn the_proxy_survives_hostile_clients() {
         "idle connections outlived the proxy's idle timeout"
     );
     println!(
-        "hostile: proxy: stalled handshakes 200 cut off, {handshakes} handshakes flooded, 200 closed after the ClientHello, 1,000 idle closed after 3 s, crashes 0"
+        "hostile: proxy: stalled handshakes 200 cut off, {handshakes} handshakes flooded ({flood_refused} without a certificate, each refused with certificate_required), 200 closed after the ClientHello, 1,000 idle closed after 3 s, crashes 0"
     );
     prober.finish("the proxy under hostile clients");
     let log = proxy.log();

@@ -2,14 +2,20 @@
 //! (openssl, curl, pkilint). One test binary, so one link for all of them.
 
 mod common;
+mod crl;
+mod refusal;
 
 mod crash;
 
+mod admin_only;
 mod agent;
 mod attacks;
 mod bad_input;
+mod corrupt;
+mod events;
 mod hostile;
 mod import;
+mod impostor;
 mod init;
 mod issue;
 mod leaks;
@@ -24,6 +30,7 @@ mod schema;
 mod serve;
 mod skew;
 mod tls;
+mod tokens;
 mod trust;
 mod trust_etcd;
 mod trust_proxy;

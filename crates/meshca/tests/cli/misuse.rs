@@ -149,26 +149,30 @@ fn misused_certificates_and_chains_are_refused() {
         ),
     ];
 
-    // meshca proxy server (mTLS) in front of the CA itself as a target.
-    let port = free_port();
-    let _proxy = Child(
-        meshca()
-            .args([
+    // meshca proxy server (mTLS) in front of the CA itself as a target,
+    // waited for until it listens itself (started again elsewhere when its
+    // port was taken); its log is swept for the leak scan with `tmp`.
+    let (_proxy, ports) = start_listening(
+        1,
+        &t.join("misuse-proxy.log"),
+        |ports| {
+            let mut cmd = meshca();
+            cmd.args([
                 "proxy",
                 "server",
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &format!("127.0.0.1:{}", ports[0]),
                 "--target",
                 &format!("127.0.0.1:{}", srv.port),
                 "--certs",
                 p(&web),
             ])
-            .stdout(Stdio::null())
-            .stderr(kept_log("misuse"))
-            .spawn()
-            .unwrap(),
+            .stdin(Stdio::null());
+            cmd
+        },
+        |_| true,
     );
-    wait_for_port(port);
+    let port = ports[0];
     let curl = |url: &str, cert: &Path, key: &Path| {
         std::process::Command::new("curl")
             .args([
@@ -209,11 +213,21 @@ fn misused_certificates_and_chains_are_refused() {
             "proxy accepted {what}: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        assert_ne!(
+            out.status.code(),
+            Some(28),
+            "the proxy did not answer {what} within curl's 10 s"
+        );
         // The API: a client certificate that does not verify is refused in
         // the handshake (or, with the optional client auth of the API,
         // never counts as an identity).
         let out = curl(&format!("{}/v1/ca", srv.url()), cert, key);
         let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_ne!(
+            out.status.code(),
+            Some(28),
+            "meshca serve did not answer {what} within curl's 10 s"
+        );
         assert!(
             !out.status.success() || code == "401" || code == "403",
             "meshca serve accepted {what}: {code}"

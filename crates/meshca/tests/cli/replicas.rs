@@ -8,10 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meshca_server::auth::PEER_CACHE_TTL;
 use meshca_testkit::EtcdCluster;
 use serde_json::Value;
 
 use crate::common::*;
+use crate::crl;
+use crate::events::{EventStream, events_only};
 
 /// A CA in etcd: `init` into replica A's directory, the seal key beside it.
 struct Shared {
@@ -76,6 +79,11 @@ fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
+        // A set's own entries (`..data`, `..set-*`): the visible names,
+        // copied through their links, are the files.
+        if e.file_name().to_string_lossy().starts_with("..") {
+            continue;
+        }
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
@@ -119,16 +127,10 @@ fn replicas_share_one_ca_through_etcd() {
         "exactly one replica leads: {sa} {sb}"
     );
 
-    // B's event stream sees what A does.
-    let events = Command::new("curl")
-        .args(["-sN", "--max-time", "6", "--cacert"])
-        .arg(b.dir.join("admin/ca.crt"))
-        .args(b.admin())
-        .arg(format!("{}/v1/events", b.url()))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    // B's event stream sees what A does. Opened from the start of the
+    // event log (no event seen yet): whenever it is up, nothing after that
+    // is missed.
+    let events = EventStream::open(&b, &b.admin(), Some(0));
 
     // Issue through A, read and revoke through B, see it revoked through A.
     let (code, body) = issue_via(&a, "web");
@@ -198,78 +200,104 @@ fn replicas_share_one_ca_through_etcd() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // A's CRL lists it (the revocation reached A through the event log).
+    // A's CRL revokes it (the revocation reached A through the event log):
+    // openssl and GnuTLS refuse the workload's certificate against the
+    // intermediate's CRL from A, for keyCompromise, and pass the admin's.
+    let bundle = a.dir.join("admin/ca.crt");
+    let web_chain = wl.join("tls.crt");
+    let crl = shared.dir("crl.pem");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let crl = shared.dir("crl.der");
-        let code = Command::new("curl")
-            .args(["-s", "-o"])
-            .arg(&crl)
-            .args(["-w", "%{http_code}", "--cacert"])
-            .arg(a.dir.join("admin/ca.crt"))
-            .arg(format!("{}/v1/crl", a.url()))
-            .output()
-            .unwrap();
-        assert_eq!(code.stdout, b"200");
-        let text = tool(
-            "openssl",
-            &[
-                "crl",
-                "-inform",
-                "DER",
-                "-noout",
-                "-text",
-                "-in",
-                crl.to_str().unwrap(),
-            ],
-        );
-        if text.to_uppercase().contains(&serial.to_uppercase()) {
-            break;
+        crl::fetch(&a, "/v1/crl", &crl);
+        match crl::verdict(&web_chain, &bundle, &crl) {
+            Ok(crl::Verdict::Revoked) => break,
+            Ok(crl::Verdict::Good) => {}
+            Err(e) => panic!("A's CRL: {e}"),
         }
-        assert!(
-            Instant::now() < deadline,
-            "A's CRL never listed {serial}:\n{text}"
-        );
+        assert!(Instant::now() < deadline, "A's CRL never revoked {serial}");
         std::thread::sleep(Duration::from_millis(300));
     }
-    let seen = String::from_utf8_lossy(&events.wait_with_output().unwrap().stdout).into_owned();
-    assert!(
-        seen.contains("event: issued") && seen.contains(&serial),
-        "B's stream lacks A's issuance:\n{seen}"
+    crl::assert_checks(
+        &web_chain,
+        &a.dir.join("admin/tls.crt"),
+        &bundle,
+        &crl,
+        Some("Key Compromise"),
     );
-    assert!(seen.contains("event: revoked"), "{seen}");
+    let seen = events_only(events.read_until(Duration::from_secs(30), |e| {
+        e.kind == "revoked" && e.data["serial"] == serial.as_str()
+    }));
+    assert!(
+        seen.iter()
+            .any(|e| e.kind == "issued" && e.data["serial"] == serial.as_str()),
+        "B's stream lacks A's issuance: {seen:?}"
+    );
+    drop(events);
 
     // A one-use token used at both replicas at once: exactly one certificate.
     let token = a
         .cli_ok(&["token", "create", "racer", "--uses", "1"])
         .trim()
         .to_owned();
-    let go = |s: &Server| {
-        let (dir, url, token) = (s.dir.clone(), s.url(), token.clone());
-        std::thread::spawn(move || {
-            let out = Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-                .arg(dir.join("admin/ca.crt"))
-                .args(["-H", &format!("Authorization: Bearer {token}")])
-                .args(["-H", "Content-Type: application/json"])
-                .args(["--data-binary", r#"{"name":"racer"}"#])
-                .arg(format!("{url}/v1/issue"))
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
+    let race = |s: &Server| {
+        s.curl(
+            "POST",
+            "/v1/issue",
+            Some(r#"{"name":"racer"}"#),
+            &bearer(&token),
+        )
     };
-    let mut codes = Vec::new();
-    for _ in 0..3 {
-        let (x, y) = (go(&a), go(&b));
-        codes.push(x.join().unwrap());
-        codes.push(y.join().unwrap());
-    }
+    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let mut all = Vec::new();
+        for _ in 0..3 {
+            let (x, y) = (scope.spawn(|| race(&a)), scope.spawn(|| race(&b)));
+            all.push(x.join().unwrap());
+            all.push(y.join().unwrap());
+        }
+        all
+    });
+    let (won, lost): (Vec<_>, Vec<_>) = answers.into_iter().partition(|(c, _)| *c == 200);
+    assert_eq!(won.len(), 1, "one use, one certificate: {won:?} {lost:?}");
     assert_eq!(
-        codes.iter().filter(|c| c.as_str() == "200").count(),
-        1,
-        "one use, one certificate: {codes:?}"
+        json(&won[0].1)["spiffe_id"],
+        "spiffe://cluster.local/ns/default/sa/racer",
+        "{won:?}"
     );
+    // Each of the five others was refused because the use was spent (as
+    // the audit logs of the replicas that refused them say), not for
+    // anything else (an etcd conflict, a 503).
+    for (code, body) in &lost {
+        assert_eq!(*code, 401, "{body}");
+        let e = &json(body)["error"];
+        assert_eq!(e["code"], "unauthenticated", "{body}");
+        assert_eq!(
+            e["message"], "the join token is unknown, expired or used up",
+            "{body}"
+        );
+    }
+    let token_id = token
+        .strip_prefix("mct_")
+        .and_then(|t| t.split('.').next())
+        .unwrap();
+    let mut uses: Vec<(String, String)> = Vec::new();
+    for s in [&a, &b] {
+        let audit = std::fs::read_to_string(s.dir.join("audit.log")).unwrap();
+        for l in audit.lines().map(json) {
+            if l["action"] == "token-use" && l["caller"] == format!("token {token_id}") {
+                uses.push((
+                    l["outcome"].as_str().unwrap().to_owned(),
+                    l["reason"].as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+    }
+    uses.sort();
+    let mut want: Vec<(String, String)> = (0..5)
+        .map(|_| ("refused".to_owned(), "used_up".to_owned()))
+        .collect();
+    want.push(("allowed".to_owned(), token_id.to_owned()));
+    want.sort();
+    assert_eq!(uses, want);
 
     // A replica with another seal key refuses to start, clearly, and writes nothing.
     let wrong = shared.dir("wrong.key");
@@ -344,8 +372,9 @@ fn the_cluster_survives_losing_its_leader_and_an_etcd_member() {
         std::thread::sleep(Duration::from_millis(300));
     };
 
-    // Load on both replicas; every answered issuance is remembered.
-    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Load on both replicas; every answered issuance is remembered, with
+    // the replica that answered it.
+    let answered = Arc::new(Mutex::new(Vec::<(usize, String)>::new()));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
@@ -368,14 +397,27 @@ fn the_cluster_survives_losing_its_leader_and_an_etcd_member() {
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
                 if code == "200" {
-                    answered.lock().unwrap().push(serial_of(body));
+                    answered.lock().unwrap().push((i, serial_of(body)));
                 } else {
                     failures.lock().unwrap().push(format!("{i}: {code} {body}"));
                 }
             }
         }));
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Under way on both before anything is taken down.
+    let answered_by = |i: usize| {
+        answered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(r, _)| *r == i)
+            .count()
+    };
+    eventually(
+        "both replicas to answer the load",
+        Duration::from_secs(30),
+        || answered_by(0) >= 3 && answered_by(1) >= 3,
+    );
 
     // kill -9 the leader replica: the follower leads within 15 s.
     leader.kill();
@@ -395,12 +437,11 @@ fn the_cluster_survives_losing_its_leader_and_an_etcd_member() {
 
     // One etcd member down: issuance through the survivor goes on.
     cluster.stop_member(0);
-    let before = answered.lock().unwrap().len();
-    std::thread::sleep(Duration::from_secs(3));
-    let during = answered.lock().unwrap().len();
-    assert!(
-        during > before + 5,
-        "issuance stalled with one etcd member down ({before} -> {during})"
+    let before = answered_by(1);
+    eventually(
+        "issuance through the survivor to go on with one etcd member down",
+        Duration::from_secs(30),
+        || answered_by(1) > before + 5,
     );
     stop.store(true, Ordering::Relaxed);
     for t in load {
@@ -417,7 +458,7 @@ fn the_cluster_survives_losing_its_leader_and_an_etcd_member() {
         .collect();
     let answered = answered.lock().unwrap();
     assert!(answered.len() > 20, "too little load: {}", answered.len());
-    for s in answered.iter() {
+    for (_, s) in answered.iter() {
         assert!(
             known.contains(s.as_str()),
             "answered {s} is not in the store"
@@ -431,13 +472,19 @@ fn the_cluster_survives_losing_its_leader_and_an_etcd_member() {
         );
     }
 
-    // Two members down (no quorum): fast, clear 503s and a red /readyz.
+    // Two members down (no quorum): fast, clear 503s (within curl's own
+    // 15 s, or it gives up and the status is 0) and a red /readyz.
     cluster.stop_member(1);
-    let started = Instant::now();
-    let (code, body) = issue_via(&follower, "no-quorum");
+    let mut bounded = follower.admin();
+    bounded.extend(["--max-time".to_owned(), "15".to_owned()]);
+    let (code, body) = follower.curl(
+        "POST",
+        "/v1/issue",
+        Some(r#"{"name":"no-quorum"}"#),
+        &bounded,
+    );
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("etcd"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(15));
     let (code, _) = follower.curl("GET", "/readyz", None, &[]);
     assert_eq!(code, 503);
 
@@ -782,7 +829,7 @@ fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
     // through the store.
     let token = json(&b.cli_ok(&["token", "create", "api", "--json"]));
     let agent_dir = shared.dir("api");
-    let _agent = Child(
+    let _agent = spawn_cmd(
         meshca()
             .args([
                 "agent",
@@ -798,10 +845,9 @@ fn a_root_rotation_taken_on_one_replica_reaches_the_other() {
                 "--ttl",
                 "1m",
             ])
+            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(kept_log("replicas"))
-            .spawn()
-            .unwrap(),
+            .stderr(kept_log("replicas")),
     );
     let agents_seen_by_a =
         || json(&a.cli_ok(&["ca", "status", "--json"]))["rotation"]["agents"].clone();
@@ -1035,11 +1081,14 @@ fn a_revocation_a_replica_never_hears_of_takes_effect_within_ten_seconds() {
     );
     tool("kill", &["-CONT", &pid]);
     let resumed = Instant::now();
+    // One deadline: the peer cache's 10 s, and slack for a loaded machine.
+    // How long it took is printed, not asserted.
+    let deadline = resumed + PEER_CACHE_TTL + Duration::from_secs(5);
     let answer = loop {
         let (code, body) = b.curl("GET", "/v1/identities/default/web", None, &cert_args(&web));
         // 200, or 404 once B's listing no longer shows it live: either
         // way the caller was authenticated by the stale cache entry.
-        if code == 401 || resumed.elapsed() > Duration::from_secs(30) {
+        if code == 401 || Instant::now() > deadline {
             break (code, body);
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -1051,10 +1100,7 @@ fn a_revocation_a_replica_never_hears_of_takes_effect_within_ten_seconds() {
         answer.1
     );
     assert!(answer.1.contains("is revoked"), "{}", answer.1);
-    assert!(
-        took < Duration::from_secs(12),
-        "refused only after {took:?}"
-    );
+    println!("B refused the certificate revoked behind its back {took:?} after it resumed");
     let (code, _) = b.curl("GET", "/v1/ca", None, &b.admin());
     assert_eq!(code, 200, "B still serves");
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::*;
+use crate::proxy::{output_of, progress_of, run_within};
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -37,23 +38,37 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
 /// Calls every service with every identity's current files (read again for
 /// each request, as a service that reloads would), in a ring that shifts
 /// each round so that every pair talks. Runs until the stop file exists;
-/// prints "ok N failed M" and the first failures.
+/// after each call, "OK FAILED" counts go to the progress file (replaced
+/// as one); at the end it prints "ok N failed M" and the first failures.
+///
+/// Each load reads one set, as a reader of the `..data` layout does: the
+/// link is resolved once and the three files are loaded from the directory
+/// it names. Nothing is retried on a bad load: a key with another set's
+/// certificate is an `ssl.SSLError`, a directory without `..data` an
+/// `OSError`, and either fails the test. The one case loaded again is a
+/// file missing from a directory `..data` no longer names (the agent removes
+/// the old set after the switch, possibly between the resolution and the
+/// load): the new set is loaded, only when `..data` has moved.
 const CALLERS: &str = r#"
-import os, socket, ssl, sys, threading, time
-base, ports, stop = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], sys.argv[3]
+import os, socket, ssl, sys, threading
+base, ports, stop, progress = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], sys.argv[3], sys.argv[4]
 n = len(ports); ok = [0]; bad = []; lock = threading.Lock()
+def note():
+    with open(progress + ".tmp", "w") as f: f.write(f"{ok[0]} {len(bad)}")
+    os.replace(progress + ".tmp", progress)
 def context(i):
     d = os.path.join(base, f"svc{i}")
-    for _ in range(50):
+    for _ in range(3):
+        gen = os.readlink(os.path.join(d, "..data"))
+        g = os.path.join(d, gen)
         try:
-            ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.crt"))
-            ctx.load_cert_chain(os.path.join(d, "tls.crt"), os.path.join(d, "tls.key"))
+            ctx = ssl.create_default_context(cafile=os.path.join(g, "ca.crt"))
+            ctx.load_cert_chain(os.path.join(g, "tls.crt"), os.path.join(g, "tls.key"))
             return ctx
-        except (ssl.SSLError, OSError):
-            # The agent renames tls.crt and tls.key one after the other:
-            # a read between the two is a mismatched pair; read again.
-            time.sleep(0.02)
-    raise RuntimeError(f"cannot load the files of svc{i}")
+        except FileNotFoundError:
+            if os.readlink(os.path.join(d, "..data")) == gen:
+                raise
+    raise RuntimeError(f"the set of svc{i} switched three times during one load")
 def caller(t):
     shift = 1 + t
     while not os.path.exists(stop):
@@ -72,13 +87,30 @@ def caller(t):
                 with lock:
                     if data.startswith(b"HTTP/1.0 200"): ok[0] += 1
                     else: bad.append(f"svc{i}->svc{j}: {data[:60]!r}")
+                    note()
             except Exception as e:
-                with lock: bad.append(f"svc{i}->svc{j}: {e!r}")
+                with lock:
+                    bad.append(f"svc{i}->svc{j}: {e!r}"); note()
         shift = shift % (n - 1) + 1
 ts = [threading.Thread(target=caller, args=(t,)) for t in range(4)]
 [t.start() for t in ts]; [t.join() for t in ts]
 print("ok", ok[0], "failed", len(bad), bad[:5])
 "#;
+
+/// Copies `tls.crt` and `tls.key` of one set of `dir` (read through one
+/// `..data`) into `to`; returns their paths.
+fn pair_of(dir: &Path, to: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(to).unwrap();
+    let files = meshca_files::open_set(&[&dir.join("tls.crt"), &dir.join("tls.key")]).unwrap();
+    let mut out = Vec::new();
+    for (f, name) in files.into_iter().zip(["tls.crt", "tls.key"]) {
+        let bytes = f.read(1 << 20).unwrap();
+        let path = to.join(name);
+        meshca_files::write_atomic(&path, &bytes, 0o600).unwrap();
+        out.push(path);
+    }
+    (out[0].clone(), out[1].clone())
+}
 
 fn agents_wanted() -> usize {
     std::env::var("MESHCA_ROTATION_AGENTS")
@@ -97,6 +129,24 @@ fn automatic_root_rotation_under_traffic_fails_no_request() {
     rotate_under_traffic(agents_wanted(), true);
 }
 
+/// Whether the proxy on `port` serves a certificate that verifies against
+/// `root` alone, to a client presenting the pair `(cert, key)`.
+fn serves_under(port: u16, cert: &Path, key: &Path, root: &Path) -> bool {
+    let out = run_within(
+        Command::new("sh").args([
+            "-c",
+            &format!(
+                "openssl s_client -connect 127.0.0.1:{port} -cert {c} -key {k} -CAfile {ca} -verify_return_error </dev/null 2>&1 | grep -c 'Verify return code: 0'",
+                c = p(cert),
+                k = p(key),
+                ca = p(root),
+            ),
+        ]),
+        Duration::from_secs(30),
+    );
+    String::from_utf8_lossy(&out.stdout).trim() == "1"
+}
+
 fn rotate_under_traffic(agents: usize, auto: bool) {
     let tmp = scratch();
     let d = tmp.path().join("data");
@@ -104,20 +154,29 @@ fn rotate_under_traffic(agents: usize, auto: bool) {
     let site = tmp.path().join("site");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("index.html"), "hello\n").unwrap();
-    let site_port = free_port();
-    let _site = spawn(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            &site_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            p(&site),
-        ],
+    let (_site, site_port) = start_listening(
+        1,
+        &tmp.path().join("site.log"),
+        |ports| {
+            let mut cmd = Command::new("python3");
+            cmd.args([
+                "-m",
+                "http.server",
+                &ports[0].to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                p(&site),
+            ])
+            .stdin(Stdio::null());
+            cmd
+        },
+        |_| true,
     );
-    wait_for_port(site_port);
+    let site_port = site_port[0];
+    // The bundle before the rotation: the old root alone.
+    let (code, old_bundle) = srv.curl("GET", "/v1/bundle", None, &[]);
+    assert_eq!(code, 200, "{old_bundle}");
 
     // The agents, each with its own join token, and a proxy per identity.
     let mut children = Vec::new();
@@ -129,76 +188,85 @@ fn rotate_under_traffic(agents: usize, auto: bool) {
         let name = format!("svc{i}");
         let v: Value =
             serde_json::from_str(&srv.cli_ok(&["token", "create", &name, "--json"])).unwrap();
-        let agent = meshca()
-            .args([
-                "agent",
-                &name,
-                "--server",
-                &srv.url(),
-                "--token",
-                v["token"].as_str().unwrap(),
-                "--ca-fingerprint",
-                v["ca_fingerprint"].as_str().unwrap(),
-                "--out",
-                p(dir),
-                "--ttl",
-                "2m",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(tmp.path().join(format!("agent{i}.log"))).unwrap())
-            .spawn()
-            .unwrap();
-        children.push(Child(agent));
+        let agent = spawn_cmd(
+            meshca()
+                .args([
+                    "agent",
+                    &name,
+                    "--server",
+                    &srv.url(),
+                    "--token",
+                    v["token"].as_str().unwrap(),
+                    "--ca-fingerprint",
+                    v["ca_fingerprint"].as_str().unwrap(),
+                    "--out",
+                    p(dir),
+                    "--ttl",
+                    "2m",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(tmp.path().join(format!("agent{i}.log"))).unwrap()),
+        );
+        children.push(agent);
     }
     for dir in &dirs {
         wait_until("the agent's first certificate", 30, || {
             dir.join("tls.key").exists()
         });
     }
-    // Distinct ports for all proxies: held together, then released.
-    let held: Vec<std::net::TcpListener> = (0..agents)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let chosen: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    drop(held);
-    for ((i, dir), port) in dirs.iter().enumerate().zip(chosen) {
-        let proxy = meshca()
-            .args([
-                "proxy",
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--target",
-                &format!("127.0.0.1:{site_port}"),
-                "--certs",
-                p(dir),
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(tmp.path().join(format!("proxy{i}.log"))).unwrap())
-            .spawn()
-            .unwrap();
-        children.push(Child(proxy));
-        ports.push(port);
-    }
-    for port in &ports {
-        wait_for_port(*port);
+    // A proxy per identity, each on a port of its own (started again
+    // elsewhere when its port was taken), each listening before the next.
+    for (i, dir) in dirs.iter().enumerate() {
+        let (proxy, port) = start_listening(
+            1,
+            &tmp.path().join(format!("proxy{i}.log")),
+            |chosen| {
+                let mut cmd = meshca();
+                cmd.args([
+                    "proxy",
+                    "server",
+                    "--listen",
+                    &format!("127.0.0.1:{}", chosen[0]),
+                    "--target",
+                    &format!("127.0.0.1:{site_port}"),
+                    "--certs",
+                    p(dir),
+                ])
+                .stdin(Stdio::null());
+                cmd
+            },
+            |_| true,
+        );
+        children.push(proxy);
+        ports.push(port[0]);
     }
     let stop = tmp.path().join("stop");
+    let progress = tmp.path().join("progress");
     let ports_arg = ports
         .iter()
         .map(u16::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let callers = Command::new("python3")
-        .args(["-c", CALLERS, p(tmp.path()), &ports_arg, p(&stop)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let mut callers = spawn_cmd(
+        Command::new("python3")
+            .args([
+                "-c",
+                CALLERS,
+                p(tmp.path()),
+                &ports_arg,
+                p(&stop),
+                p(&progress),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(tmp.path().join("callers.log")).unwrap()),
+    );
+    let calls = || progress_of(&progress).0;
+    let round = u64::try_from(agents).unwrap();
+    // The traffic is flowing before the rotation starts: a round's worth
+    // of calls went through.
+    wait_until("the callers' first round of calls", 60, || calls() >= round);
     let status = |srv: &Server| -> Value {
         serde_json::from_str::<Value>(&srv.cli_ok(&["ca", "status", "--json"])).unwrap()["rotation"]
             .clone()
@@ -235,14 +303,38 @@ fn rotate_under_traffic(agents: usize, auto: bool) {
             },
         );
         assert_eq!(status(&srv)["stage"], "prepared");
+        // The new root: the one the bundle holds now that it did not before.
+        let (_, both) = srv.curl("GET", "/v1/bundle", None, &[]);
+        let new_root: String = split_pem(&both)
+            .into_iter()
+            .filter(|c| !old_bundle.contains(c.as_str()))
+            .collect();
+        assert_eq!(split_pem(&new_root).len(), 1, "{both}");
+        let new_root_file = tmp.path().join("prepared-root.pem");
+        std::fs::write(&new_root_file, &new_root).unwrap();
 
         // activate: every identity renews under the new root, spread over 5 s.
         srv.cli_ok(&["ca", "rotate", "activate", "--window", "5s"]);
         let t_activate = wait_until("every identity to renew under the new root", 90, || {
             status(&srv)["remaining_under_old"] == 0
         });
-        // Let the proxies' half-second poll take the last files.
-        std::thread::sleep(Duration::from_secs(2));
+        // Retire only once every proxy has taken its new files (it reloads
+        // them within its poll): each serves a certificate of the new root.
+        let mut pending: Vec<usize> = (0..agents).collect();
+        wait_until(
+            "every proxy to serve a certificate of the new root",
+            60,
+            || {
+                pending.retain(|&i| {
+                    let (c, k) = pair_of(
+                        &dirs[(i + 1) % agents],
+                        &tmp.path().join(format!("probe{i}")),
+                    );
+                    !serves_under(ports[i], &c, &k, &new_root_file)
+                });
+                pending.is_empty()
+            },
+        );
 
         // retire: the old root leaves every bundle.
         srv.cli_ok(&["ca", "rotate", "retire"]);
@@ -251,19 +343,23 @@ fn rotate_under_traffic(agents: usize, auto: bool) {
         });
         (t_prepare, t_activate, t_retire)
     };
-    std::thread::sleep(Duration::from_secs(2));
+    // Traffic goes on with the old root gone from every bundle: another
+    // round's worth of calls after that, then the callers stop.
+    let after_retire = calls();
+    wait_until("a round of calls after the rotation", 60, || {
+        calls() >= after_retire + round
+    });
     std::fs::write(&stop, "").unwrap();
-    let out = callers.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (exit, text) = output_of(&mut callers, "the callers", Duration::from_secs(60));
     let ok: u64 = text
         .split_whitespace()
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(
-        text.contains("failed 0 ") && ok > 100,
+        exit.success() && text.contains("failed 0 ") && ok > 100,
         "requests during the rotation: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
+        std::fs::read_to_string(tmp.path().join("callers.log")).unwrap_or_default()
     );
 
     // At the end every served certificate chains to the new root only, and
@@ -274,21 +370,13 @@ fn rotate_under_traffic(agents: usize, auto: bool) {
     let new_root = tmp.path().join("new-root.pem");
     std::fs::write(&new_root, &bundle).unwrap();
     for (i, port) in ports.iter().enumerate() {
-        let served = tool(
-            "sh",
-            &[
-                "-c",
-                &format!(
-                    "openssl s_client -connect 127.0.0.1:{port} -cert {c} -key {k} -CAfile {ca} -verify_return_error </dev/null 2>&1 | grep -c 'Verify return code: 0'",
-                    c = p(&dirs[(i + 1) % agents].join("tls.crt")),
-                    k = p(&dirs[(i + 1) % agents].join("tls.key")),
-                    ca = p(&new_root),
-                ),
-            ],
+        // The client pair of one set (an agent may renew meanwhile).
+        let (c, k) = pair_of(
+            &dirs[(i + 1) % agents],
+            &tmp.path().join(format!("pair{i}")),
         );
-        assert_eq!(
-            served.trim(),
-            "1",
+        assert!(
+            serves_under(*port, &c, &k, &new_root),
             "svc{i} must serve a certificate of the new root"
         );
     }
@@ -323,7 +411,7 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
     let v: Value =
         serde_json::from_str(&srv.cli_ok(&["token", "create", "web", "--json"])).unwrap();
     let out = tmp.path().join("web");
-    let mut agent = Child(
+    let mut agent = spawn_cmd(
         meshca()
             .args([
                 "agent",
@@ -337,10 +425,9 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
                 "--out",
                 p(&out),
             ])
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(kept_log("rotation"))
-            .spawn()
-            .unwrap(),
+            .stderr(kept_log("rotation")),
     );
     wait_until("the agent's certificate", 30, || {
         out.join("tls.key").exists()
@@ -352,8 +439,7 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
     wait_until("the agent to be known", 10, || {
         status()["agents"]["alive"] == 1
     });
-    let _ = agent.0.kill();
-    let _ = agent.0.wait();
+    agent.end();
 
     srv.cli_ok(&["ca", "rotate", "prepare"]);
     refused(&["ca", "rotate", "prepare"], "already prepared");
@@ -408,6 +494,12 @@ fn unsafe_rotation_steps_are_refused_and_abort_goes_back() {
             p(&d.join("admin/tls.crt")),
         ],
     );
+    // An absence check, only as strong as the time it waits: for 2 s after
+    // the forced retire, longer than the 1 s window over which the forced
+    // activation spread its rotate events (all out by now) and than this
+    // replica's follow of the bundle-changed events the steps published
+    // (each makes it read the hierarchies from the store again), nothing
+    // moves the CA: the old root still signs and no rotation is under way.
     std::thread::sleep(Duration::from_secs(2));
     let last: Value = serde_json::from_str(&srv.cli_ok(&["ca", "status", "--json"])).unwrap();
     assert_eq!(last["root_fingerprint"], old_fp);

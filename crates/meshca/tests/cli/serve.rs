@@ -2,18 +2,42 @@
 //! and the ways that must not get in.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
 use crate::common::*;
+use crate::crl;
+use crate::events::{EventStream, Sse, events_only};
+use crate::refusal::{UNKNOWN_CA, curl_alert};
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
+/// An RFC 3339 time of an API answer (`expires_at`, `not_after`).
+fn rfc3339(v: &Value) -> SystemTime {
+    let at = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{at:?}: {e}"))
+        .into()
+}
+
+/// Asserts that an answer is the API error `status` with `code`, its
+/// message containing `needle`.
+#[track_caller]
+fn assert_error(answer: (u16, String), status: u16, code: &str, needle: &str) {
+    let (got, body) = answer;
+    assert_eq!(got, status, "{body}");
+    let v = json(&body);
+    assert_eq!(v["error"]["code"], code, "{body}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(needle), "{body}: lacks {needle:?}");
+}
+
 /// Writes a JSON certificate answer as a kubernetes.io/tls directory.
-fn save(dir: &std::path::Path, answer: &Value, key: Option<&std::path::Path>) {
+fn save(dir: &Path, answer: &Value, key: Option<&Path>) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("tls.crt"), answer["certificate"].as_str().unwrap()).unwrap();
     std::fs::write(dir.join("ca.crt"), answer["ca_bundle"].as_str().unwrap()).unwrap();
@@ -30,17 +54,20 @@ fn save(dir: &std::path::Path, answer: &Value, key: Option<&std::path::Path>) {
 fn serve_alone_gives_a_working_ca() {
     let tmp = scratch();
     let d = tmp.path().join("data");
-    let redirect = free_port();
-    let srv = Server::start(
-        &d,
-        &[
-            "--http-redirect",
-            &format!("127.0.0.1:{redirect}"),
-            "--server-name",
-            "ca.example.com",
-        ],
-    );
+    // The redirect listener's port is chosen afresh with every attempt to
+    // start (an attempt whose port was taken is started again elsewhere).
+    let mut redirect = 0;
+    let srv = Server::start_cmd(&d, |port| {
+        redirect = free_port();
+        let mut cmd = meshca();
+        cmd.args(["serve", "--dir", d.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--http-redirect", &format!("127.0.0.1:{redirect}")])
+            .args(["--server-name", "ca.example.com"]);
+        cmd
+    });
     assert_eq!(mode(&d.join("admin/tls.key")), 0o600);
+    let bundle_file = d.join("admin/ca.crt");
     // Public endpoints.
     assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
     let (code, bundle) = srv.curl("GET", "/v1/bundle", None, &[]);
@@ -85,14 +112,30 @@ fn serve_alone_gives_a_working_ca() {
         .arg(format!("{}/healthz", srv.url()))
         .output()
         .unwrap();
-    assert!(!out.status.success(), "TLS 1.2 was accepted");
+    // Refused in the handshake by the server's protocol_version alert
+    // (curl's 35: the TLS connection could not be made).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(35), "TLS 1.2: {err}");
+    assert!(err.contains("tlsv1 alert protocol version"), "{err}");
+    assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
     // Plain HTTP on the TLS port: a 400 that says why.
     let out = std::process::Command::new("curl")
-        .args(["-sS", &format!("http://127.0.0.1:{}/v1/ca", srv.port)])
+        .args([
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:{}/v1/ca", srv.port),
+        ])
         .output()
         .unwrap();
-    let body = String::from_utf8_lossy(&out.stdout);
-    assert!(body.contains("speaks HTTPS only"), "{body}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    assert_error(
+        (code.parse().unwrap(), body.to_owned()),
+        400,
+        "bad_request",
+        "speaks HTTPS only",
+    );
     // The redirect listener.
     let out = tool(
         "curl",
@@ -106,7 +149,9 @@ fn serve_alone_gives_a_working_ca() {
         ],
     );
     assert_eq!(out, format!("301 https://localhost:{}/v1/ca?x=1", srv.port));
-    // The CRL, DER and PEM.
+    // The CRL, DER and PEM: one CRL, the intermediate's, signed by it;
+    // the admin's certificate passes the check against it.
+    let from_der = crl::fetch(&srv, "/v1/crl", &tmp.path().join("crl.pem"));
     let (code, pem) = srv.curl(
         "GET",
         "/v1/crl",
@@ -114,16 +159,18 @@ fn serve_alone_gives_a_working_ca() {
         &["-H".into(), "Accept: application/x-pem-file".into()],
     );
     assert_eq!(code, 200);
-    assert!(pem.contains("BEGIN X509 CRL"));
+    assert_eq!(pem, std::fs::read_to_string(&from_der).unwrap());
+    let all = crl::fetch(&srv, "/v1/crls", &tmp.path().join("crls.pem"));
+    assert_eq!(pem, std::fs::read_to_string(&all).unwrap());
+    crl::assert_good(&d.join("admin/tls.crt"), &bundle_file, &all);
+    crl::assert_forgeries_refused(&d.join("admin/tls.crt"), &bundle_file);
     // Admin-only endpoints refuse the anonymous.
     for path in ["/v1/certificates", "/v1/tokens", "/v1/ca"] {
-        let (code, body) = srv.curl("GET", path, None, &[]);
-        assert_eq!(code, 401, "{path}: {body}");
-        assert!(
-            json(&body)["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("admin")
+        assert_error(
+            srv.curl("GET", path, None, &[]),
+            401,
+            "unauthenticated",
+            "needs the admin client certificate",
         );
     }
 }
@@ -174,8 +221,12 @@ fn admin_cli_tokens_workloads_and_revocation() {
         ],
     );
     let wrong = format!(r#"{{"name":"db","namespace":"shop","csr":{csr}}}"#);
-    let (code, body) = srv.curl("POST", "/v1/sign", Some(&wrong), &bearer(&token));
-    assert_eq!(code, 403, "{body}");
+    assert_error(
+        srv.curl("POST", "/v1/sign", Some(&wrong), &bearer(&token)),
+        403,
+        "forbidden",
+        "this join token is for shop/cart, not shop/db",
+    );
     let body_ok = format!(r#"{{"name":"cart","namespace":"shop","csr":{csr}}}"#);
     let (code, body) = srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer(&token));
     assert_eq!(code, 200, "{body}");
@@ -198,11 +249,35 @@ fn admin_cli_tokens_workloads_and_revocation() {
         !text.contains("evil.example.com") && !text.contains("kube-system"),
         "CSR names leaked: {text}"
     );
-    // The token is spent.
-    let (code, _) = srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer(&token));
-    assert_eq!(code, 401);
-    let (code, _) = srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer("mct_00.11"));
-    assert_eq!(code, 401);
+    // The token is spent; an unknown one is refused the same way (the
+    // audit log tells them apart).
+    let spent = "the join token is unknown, expired or used up";
+    assert_error(
+        srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer(&token)),
+        401,
+        "unauthenticated",
+        spent,
+    );
+    assert_error(
+        srv.curl("POST", "/v1/sign", Some(&body_ok), &bearer("mct_00.11")),
+        401,
+        "unauthenticated",
+        spent,
+    );
+    let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    let refusals: Vec<Value> = audit
+        .lines()
+        .map(json)
+        .filter(|l| l["action"] == "token-use" && l["outcome"] == "refused")
+        .collect();
+    assert_eq!(
+        refusals
+            .iter()
+            .map(|l| l["reason"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["used_up", "unknown"],
+        "{audit}"
+    );
 
     // The workload renews itself with its own certificate, and only itself.
     let (csr2, _) = openssl_csr(tmp.path(), "cart2", &[]);
@@ -210,63 +285,81 @@ fn admin_cli_tokens_workloads_and_revocation() {
     let (code, body) = srv.curl("POST", "/v1/sign", Some(&renew), &cert_args(&cart));
     assert_eq!(code, 200, "{body}");
     let other = format!(r#"{{"name":"web","namespace":"shop","csr":{csr2}}}"#);
-    let (code, body) = srv.curl("POST", "/v1/sign", Some(&other), &cert_args(&cart));
-    assert_eq!(code, 403, "{body}");
-    assert!(body.contains("may not obtain"), "{body}");
-    let (code, _) = srv.curl(
-        "POST",
-        "/v1/issue",
-        Some(r#"{"name":"cart","namespace":"shop"}"#),
-        &cert_args(&cart),
+    assert_error(
+        srv.curl("POST", "/v1/sign", Some(&other), &cert_args(&cart)),
+        403,
+        "forbidden",
+        "shop/cart may not obtain a certificate for shop/web",
     );
-    assert_eq!(code, 403);
+    assert_error(
+        srv.curl(
+            "POST",
+            "/v1/issue",
+            Some(r#"{"name":"cart","namespace":"shop"}"#),
+            &cert_args(&cart),
+        ),
+        403,
+        "forbidden",
+        "a workload renews with /v1/sign and its own CSR",
+    );
     let (code, _) = srv.curl("GET", "/v1/identities/shop/cart", None, &cert_args(&cart));
     assert_eq!(code, 200);
-    let (code, _) = srv.curl("GET", "/v1/identities/shop/web", None, &cert_args(&cart));
-    assert_eq!(code, 403);
-    let (code, _) = srv.curl("GET", "/v1/certificates", None, &cert_args(&cart));
-    assert_eq!(code, 403);
+    for path in ["/v1/identities/shop/web", "/v1/certificates"] {
+        assert_error(
+            srv.curl("GET", path, None, &cert_args(&cart)),
+            403,
+            "forbidden",
+            "workload shop/cart is not the admin",
+        );
+    }
 
-    // Revoked: its certificate no longer authenticates it, and the CRL lists it.
+    // Revoked: its certificate no longer authenticates it, and the CRL
+    // revokes it, for keyCompromise: openssl and GnuTLS refuse it against
+    // the issuer's CRL (DER from /v1/crl, PEM from /v1/crls) while web's
+    // certificate, of the same intermediate, passes against the same CRL.
     let serial = answer["serial"].as_str().unwrap();
     srv.cli_ok(&["revoke", serial, "--reason", "keyCompromise"]);
-    let (code, body) = srv.curl("POST", "/v1/sign", Some(&renew), &cert_args(&cart));
-    assert_eq!(code, 401, "{body}");
-    assert!(body.contains("revoked"));
-    let crl = tmp.path().join("crl.der");
-    tool(
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "--cacert",
-            d.join("admin/ca.crt").to_str().unwrap(),
-            "-o",
-            crl.to_str().unwrap(),
-            &format!("{}/v1/crl", srv.url()),
-        ],
+    assert_error(
+        srv.curl("POST", "/v1/sign", Some(&renew), &cert_args(&cart)),
+        401,
+        "unauthenticated",
+        &format!("client certificate {serial} is revoked"),
     );
-    let text = tool(
-        "openssl",
-        &[
-            "crl",
-            "-inform",
-            "DER",
-            "-in",
-            crl.to_str().unwrap(),
-            "-noout",
-            "-text",
-        ],
+    let bundle_file = d.join("admin/ca.crt");
+    let crl = crl::fetch(&srv, "/v1/crl", &tmp.path().join("crl.pem"));
+    crl::assert_checks(
+        &cart.join("tls.crt"),
+        &web.join("tls.crt"),
+        &bundle_file,
+        &crl,
+        Some("Key Compromise"),
     );
-    assert!(
-        text.to_uppercase().contains(&serial.to_uppercase()),
-        "{text}"
+    let crls = crl::fetch(&srv, "/v1/crls", &tmp.path().join("crls.pem"));
+    crl::assert_revoked(
+        &cart.join("tls.crt"),
+        &bundle_file,
+        &crls,
+        Some("Key Compromise"),
     );
-    // A certificate from another CA does not get in.
+    crl::assert_good(&web.join("tls.crt"), &bundle_file, &crls);
+    // A certificate from another CA does not get in: the handshake ends
+    // with the server's unknown_ca alert, and the server serves on.
     let stranger = Ca::new(&[]);
     let s_out = stranger.issue("cart", "s", &["--namespace", "shop"]);
-    let (code, _) = srv.curl("POST", "/v1/sign", Some(&renew), &cert_args(&s_out));
-    assert_ne!(code, 200);
+    let mut presenting = vec![
+        "--cacert".to_owned(),
+        bundle_file.to_str().unwrap().to_owned(),
+    ];
+    presenting.extend(cert_args(&s_out));
+    curl_alert(
+        &format!("{}/healthz", srv.url()),
+        &presenting,
+        UNKNOWN_CA,
+        "a certificate of another CA",
+    );
+    assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
+    let (code, body) = srv.curl("GET", "/v1/certificates", None, &srv.admin());
+    assert_eq!(code, 200, "{body}");
 
     // Lookups, rotation and release.
     let (code, body) = srv.curl(
@@ -289,8 +382,12 @@ fn admin_cli_tokens_workloads_and_revocation() {
     assert!(srv.cli_ok(&["rotate", "--all"]).contains("identities"));
     let (code, body) = srv.curl("DELETE", "/v1/identities/shop/web", None, &srv.admin());
     assert_eq!(code, 200, "{body}");
-    let (code, _) = srv.curl("GET", "/v1/identities/shop/web", None, &srv.admin());
-    assert_eq!(code, 404);
+    assert_error(
+        srv.curl("GET", "/v1/identities/shop/web", None, &srv.admin()),
+        404,
+        "not_found",
+        "no live certificate for shop/web",
+    );
     let listed = json(&srv.cli_ok(&["list", "--status", "revoked", "--json"]));
     assert_eq!(listed.as_array().unwrap().len(), 2);
 
@@ -442,67 +539,88 @@ fn bad_requests_get_clear_4xx_and_store_nothing() {
         ),
     ];
     for (path, body, want, needle) in &cases {
-        let (code, answer) = srv.curl("POST", path, Some(body), &admin);
-        assert_eq!(code, *want, "{body}: {answer}");
-        let msg = json(&answer)["error"]["message"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        assert!(msg.contains(needle), "{body}: {msg}");
+        assert_error(
+            srv.curl("POST", path, Some(body), &admin),
+            *want,
+            "bad_request",
+            needle,
+        );
     }
     // Bodies over 64 KiB.
     let huge = format!(r#"{{"name":"web","csr":"{}"}}"#, "A".repeat(70_000));
-    let (code, answer) = srv.curl("POST", "/v1/sign", Some(&huge), &admin);
-    assert_eq!(code, 413, "{answer}");
-    assert!(
-        json(&answer)["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("65536")
+    assert_error(
+        srv.curl("POST", "/v1/sign", Some(&huge), &admin),
+        413,
+        "too_large",
+        "request bodies are limited to 65536 bytes",
     );
     // A workload asking for a name outside the (default) policy.
     let token = srv.cli_ok(&["token", "create", "web"]).trim().to_owned();
-    let (code, answer) = srv.curl(
-        "POST",
-        "/v1/sign",
-        Some(&format!(
-            r#"{{"name":"web","csr":{csr},"dns":["web.example.com"]}}"#
-        )),
-        &bearer(&token),
+    assert_error(
+        srv.curl(
+            "POST",
+            "/v1/sign",
+            Some(&format!(
+                r#"{{"name":"web","csr":{csr},"dns":["web.example.com"]}}"#
+            )),
+            &bearer(&token),
+        ),
+        403,
+        "policy",
+        "DNS name \"web.example.com\" is not allowed for default/web, by the default policy",
     );
-    assert_eq!(code, 403, "{answer}");
-    assert!(
-        answer.contains("web.example.com") && answer.contains("default policy"),
-        "{answer}"
+    // An expired token: used once past its own expiry time.
+    let short = json(&srv.cli_ok(&["token", "create", "db", "--ttl", "1s", "--json"]));
+    wait_past(rfc3339(&short["expires_at"]));
+    let short = short["token"].as_str().unwrap().to_owned();
+    assert_error(
+        srv.curl(
+            "POST",
+            "/v1/sign",
+            Some(&format!(r#"{{"name":"db","csr":{csr}}}"#)),
+            &bearer(&short),
+        ),
+        401,
+        "unauthenticated",
+        "the join token is unknown, expired or used up",
     );
-    // An expired token.
-    let short = srv
-        .cli_ok(&["token", "create", "db", "--ttl", "1s"])
-        .trim()
-        .to_owned();
-    std::thread::sleep(Duration::from_millis(1500));
-    let (code, _) = srv.curl(
-        "POST",
-        "/v1/sign",
-        Some(&format!(r#"{{"name":"db","csr":{csr}}}"#)),
-        &bearer(&short),
+    let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    let last_use = audit
+        .lines()
+        .rev()
+        .map(json)
+        .find(|l| l["action"] == "token-use")
+        .unwrap();
+    assert_eq!(
+        (last_use["outcome"].as_str(), last_use["reason"].as_str()),
+        (Some("refused"), Some("expired")),
+        "{last_use}"
     );
-    assert_eq!(code, 401);
     assert_eq!(count(), before, "a refused request stored a certificate");
     // Still serving.
     assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
 }
 
 fn tool_stdin(program: &str, args: &[&str], input: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
+    use std::io::{Read, Write};
+    let mut child = spawn_cmd(
+        std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    );
+    child.0.stdin.take().unwrap().write_all(input).unwrap();
+    let mut out = Vec::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut out)
         .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{program} {args:?}: {status}");
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[test]
@@ -514,19 +632,47 @@ fn one_use_token_used_twice_at_once_gives_one_certificate() {
         let token = srv.cli_ok(&["token", "create", "web"]).trim().to_owned();
         let (csr, _) = openssl_csr(tmp.path(), &format!("r{round}"), &[]);
         let body = format!(r#"{{"name":"web","csr":{csr}}}"#);
-        let codes: Vec<u16> = std::thread::scope(|s| {
+        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)).0))
+                .map(|_| s.spawn(|| srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token))))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert_eq!(
-            codes.iter().filter(|c| **c == 200).count(),
-            1,
-            "round {round}: {codes:?}"
+        let (won, lost): (Vec<_>, Vec<_>) = answers.into_iter().partition(|(c, _)| *c == 200);
+        assert_eq!(won.len(), 1, "round {round}: {won:?} {lost:?}");
+        assert!(
+            json(&won[0].1)["certificate"]
+                .as_str()
+                .is_some_and(|c| c.contains("BEGIN CERTIFICATE")),
+            "{won:?}"
         );
-        assert!(codes.iter().all(|c| *c == 200 || *c == 401), "{codes:?}");
+        // Each loser was told the token is spent, and was refused for
+        // exactly that (the audit log's reason), not for anything else.
+        for answer in lost {
+            assert_error(
+                answer,
+                401,
+                "unauthenticated",
+                "the join token is unknown, expired or used up",
+            );
+        }
+        let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+        let reasons: Vec<String> = audit
+            .lines()
+            .map(json)
+            .filter(|l| l["action"] == "token-use" && l["outcome"] == "refused")
+            .map(|l| l["reason"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(reasons, vec!["used_up"; 3 * (round + 1)], "{audit}");
     }
+    // One certificate per round, no more.
+    let webs = json(&srv.cli_ok(&["list", "--json"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "web")
+        .count();
+    assert_eq!(webs, 5);
 }
 
 #[test]
@@ -534,44 +680,20 @@ fn events_stream_and_resume() {
     let tmp = scratch();
     let d = tmp.path().join("data");
     let srv = Server::start(&d, &[]);
-    let listen = |extra: Vec<String>| {
-        let mut args = vec![
-            "-sS".to_string(),
-            "-N".into(),
-            "--max-time".into(),
-            "3".into(),
-            "--cacert".into(),
-            d.join("admin/ca.crt").to_str().unwrap().into(),
-        ];
-        args.extend(srv.admin());
-        args.extend(extra);
-        args.push(format!("{}/v1/events", srv.url()));
-        std::process::Command::new("curl")
-            .args(&args)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let first = listen(vec![]);
-    std::thread::sleep(Duration::from_millis(500));
+    let admin = srv.admin();
+    let issued = |name: &'static str| move |e: &Sse| e.kind == "issued" && e.data["name"] == name;
+    // A client with no event yet asks for everything after id 0: whether
+    // its stream is open before the issuance or only after, it gets it.
+    let first = EventStream::open(&srv, &admin, Some(0));
     srv.cli_ok(&[
         "issue",
         "web",
         "--out",
         tmp.path().join("w1").to_str().unwrap(),
     ]);
-    let text = String::from_utf8_lossy(&first.wait_with_output().unwrap().stdout).into_owned();
-    assert!(
-        text.contains("event: issued") && text.contains("\"name\":\"web\""),
-        "{text}"
-    );
-    let last_id: u64 = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .next_back()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let seen = events_only(first.read_until(Duration::from_secs(30), issued("web")));
+    let last_id = seen.last().unwrap().id;
+    drop(first);
     // While nobody listens, two more things happen; a client resuming from
     // its last id gets both.
     srv.cli_ok(&[
@@ -581,16 +703,15 @@ fn events_stream_and_resume() {
         tmp.path().join("w2").to_str().unwrap(),
     ]);
     srv.cli_ok(&["rotate", "db"]);
-    let resumed = listen(vec!["-H".into(), format!("Last-Event-ID: {last_id}")]);
-    let text = String::from_utf8_lossy(&resumed.wait_with_output().unwrap().stdout).into_owned();
+    let resumed = EventStream::open(&srv, &admin, Some(last_id));
+    let got = events_only(resumed.read_until(Duration::from_secs(30), |e| {
+        e.kind == "rotate" && e.data["name"] == "db"
+    }));
+    assert!(got.iter().any(issued("db")), "{got:?}");
     assert!(
-        text.contains("event: issued") && text.contains("\"name\":\"db\""),
-        "{text}"
-    );
-    assert!(text.contains("event: rotate"), "{text}");
-    assert!(
-        !text.contains("\"name\":\"web\""),
-        "replayed an event from before the id: {text}"
+        got.iter()
+            .all(|e| e.id > last_id && e.data["name"] != "web"),
+        "replayed an event from before the id: {got:?}"
     );
 }
 
@@ -631,9 +752,23 @@ fn restart_keeps_state() {
         srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)).0,
         200
     );
+    assert_error(
+        srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)),
+        401,
+        "unauthenticated",
+        "the join token is unknown, expired or used up",
+    );
+    let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    let last_use = audit
+        .lines()
+        .rev()
+        .map(json)
+        .find(|l| l["action"] == "token-use")
+        .unwrap();
     assert_eq!(
-        srv.curl("POST", "/v1/sign", Some(&body), &bearer(&token)).0,
-        401
+        (last_use["outcome"].as_str(), last_use["reason"].as_str()),
+        (Some("refused"), Some("used_up")),
+        "{last_use}"
     );
 }
 
@@ -664,11 +799,14 @@ fn policy_rules_from_the_config_file() {
         )
     };
     assert_eq!(ask(r#","dns":["api.shop.example.com"]"#).0, 200);
-    let (code, body) = ask(r#","dns":["api.bank.example.com"]"#);
-    assert_eq!(code, 403);
-    assert!(body.contains("policy rule #1"), "{body}");
+    assert_error(
+        ask(r#","dns":["api.bank.example.com"]"#),
+        403,
+        "policy",
+        "policy rule #1",
+    );
     let (code, body) = ask(r#","ttl":"72h""#);
-    assert_eq!(code, 403);
+    assert_error((code, body.clone()), 403, "policy", "policy rule #1");
     assert!(body.contains("48h"), "{body}");
 }
 
@@ -690,7 +828,8 @@ fn records_of_certificates_expired_longer_than_keep_expired_are_deleted() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("meshca.toml") && err.contains("keep_expired"),
+        out.status.code() == Some(1)
+            && err.contains("meshca.toml: line 1, keep_expired: invalid duration \"a week\""),
         "{err}"
     );
     std::fs::write(&toml, format!("keep_expired = \"1s\"\n{cfg}")).unwrap();
@@ -704,6 +843,7 @@ fn records_of_certificates_expired_longer_than_keep_expired_are_deleted() {
     );
     assert_eq!(code, 200, "{body}");
     let brief = serial_of(&body);
+    let brief_not_after = rfc3339(&json(&body)["not_after"]);
     let (code, body) = srv.curl(
         "POST",
         "/v1/issue",
@@ -712,24 +852,24 @@ fn records_of_certificates_expired_longer_than_keep_expired_are_deleted() {
     );
     assert_eq!(code, 200, "{body}");
     let lasting = serial_of(&body);
-    // Expired for over a second: the leader deletes it when it starts and
-    // every ten minutes after.
-    std::thread::sleep(Duration::from_secs(3));
+    // Expired for longer than keep_expired (1 s): the leader deletes it
+    // when it starts and every ten minutes after.
+    wait_past(brief_not_after + Duration::from_secs(1));
     srv.kill();
     let srv = Server::start(&d, &[]);
-    let gone = (0..100).any(|_| {
-        let (code, _) = srv.curl(
-            "GET",
-            &format!("/v1/certificates/{brief}"),
-            None,
-            &srv.admin(),
-        );
-        code == 404 || {
-            std::thread::sleep(Duration::from_millis(100));
-            false
-        }
-    });
-    assert!(gone, "the expired record is still there");
+    eventually(
+        "the expired record to be deleted",
+        Duration::from_secs(20),
+        || {
+            let (code, _) = srv.curl(
+                "GET",
+                &format!("/v1/certificates/{brief}"),
+                None,
+                &srv.admin(),
+            );
+            code == 404
+        },
+    );
     let (code, body) = srv.curl(
         "GET",
         &format!("/v1/certificates/{lasting}"),
@@ -770,9 +910,12 @@ fn a_store_that_cannot_write_refuses_issuance_and_keeps_serving() {
     // No file may grow past 512 KiB: the store (under 100 KiB) and the audit
     // log still take writes, the journal's first 1 MiB of space does not.
     let mut srv = Server::start_under(&d, "trap '' XFSZ; ulimit -f 512");
-    let (code, answer) = srv.curl("POST", "/v1/issue", Some(body), &srv.admin());
-    assert_eq!(code, 503, "{answer}");
-    assert!(answer.contains("journal could not be written"), "{answer}");
+    assert_error(
+        srv.curl("POST", "/v1/issue", Some(body), &srv.admin()),
+        503,
+        "unavailable",
+        "journal could not be written",
+    );
     // Still serving: health, the bundle, the listing without the refused one.
     assert_eq!(srv.curl("GET", "/healthz", None, &[]).0, 200);
     assert_eq!(srv.curl("GET", "/v1/bundle", None, &[]).0, 200);

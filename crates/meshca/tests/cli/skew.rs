@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
@@ -102,52 +103,25 @@ fn clocks_minutes_apart_still_work_and_a_day_ahead_is_detected() {
     // A CA three minutes ahead of its clients: what it issues is already
     // valid for them (notBefore backdated).
     let ahead_dir = tmp.path().join("ahead-ca");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut ahead_ca = Child(
-        Command::new("faketime")
-            .args([
-                "-f",
-                "+3m",
-                env!("CARGO_BIN_EXE_meshca"),
-                "serve",
-                "--dir",
-                ahead_dir.to_str().unwrap(),
-                "--listen",
-                &listen,
-            ])
+    // Started under faketime, in a process group of its own (ended with
+    // faketime's child, the server, when dropped), and ready once it
+    // answers /readyz over TLS with the certificate it made (so its admin
+    // credentials exist too).
+    let ahead_ca = Server::start_cmd(&ahead_dir, |port| {
+        let mut cmd = Command::new("faketime");
+        cmd.args(["-f", "+3m", env!("CARGO_BIN_EXE_meshca"), "serve", "--dir"])
+            .arg(&ahead_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(kept_log("skew"))
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(port);
+            .env_remove("MESHCA_DIR");
+        cmd
+    });
     let web = tmp.path().join("from-ahead");
-    let mut ok = false;
-    for _ in 0..50 {
-        let o = meshca()
-            .args([
-                "--server",
-                &format!("https://localhost:{port}"),
-                "--dir",
-                ahead_dir.to_str().unwrap(),
-                "issue",
-                "web",
-                "--out",
-                web.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        if o.status.success() {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let o = ahead_ca.cli(&["issue", "web", "--out", web.to_str().unwrap()]);
     assert!(
-        ok,
-        "a client on time could not use a CA three minutes ahead"
+        o.status.success(),
+        "a client on time could not use a CA three minutes ahead: {}",
+        String::from_utf8_lossy(&o.stderr)
     );
     tool(
         "openssl",
@@ -160,7 +134,7 @@ fn clocks_minutes_apart_still_work_and_a_day_ahead_is_detected() {
             web.join("tls.crt").to_str().unwrap(),
         ],
     );
-    let _ = ahead_ca.0.kill();
+    drop(ahead_ca);
 
     // An agent a day ahead: its one-day certificate looks expired; without
     // a token it says so and what to do. Back on time, it goes on with the
@@ -169,16 +143,44 @@ fn clocks_minutes_apart_still_work_and_a_day_ahead_is_detected() {
     let tok = token(&srv, "day");
     let o = agent_once(&srv, None, "day", &tok, true, &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let held = std::fs::read(out.join("tls.crt")).unwrap();
+    // A day ahead is past this certificate's end (so that is what the agent
+    // finds), and not past the CA's.
+    let (_, not_after) = validity(&out.join("tls.crt"));
+    let day_ahead = SystemTime::now() + Duration::from_secs(25 * 3600);
+    assert!(
+        SystemTime::now() < not_after && not_after < day_ahead,
+        "the certificate's notAfter {not_after:?} is not within the next 25 hours"
+    );
     let o = agent_once(&srv, Some("+25h"), "day", &tok, false, &out);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("token"),
-        "a day ahead: {err}"
+    keep_output("agent-stderr", &o.stderr);
+    let says = format!(
+        "no valid certificate in {} and no --token: create one with `meshca token create day --namespace default`",
+        out.display()
     );
-    let o = agent_once(&srv, None, "day", &tok, false, &out);
     assert!(
-        o.status.success(),
-        "back on time: {}",
-        String::from_utf8_lossy(&o.stderr)
+        o.status.code() == Some(1) && err.contains(&says),
+        "a day ahead: expected exit code 1 and {says:?}, got {:?}: {err}",
+        o.status.code()
+    );
+    assert_eq!(
+        std::fs::read(out.join("tls.crt")).unwrap(),
+        held,
+        "a day ahead, the agent changed the certificate it holds"
+    );
+    // Back on time, the certificate it holds is valid again: used, not
+    // replaced (there is no token to replace it with).
+    let o = agent_once(&srv, None, "day", &tok, false, &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    keep_output("agent-stderr", &o.stderr);
+    assert!(
+        o.status.success() && err.contains("reusing the certificate already in"),
+        "back on time: {err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("tls.crt")).unwrap(),
+        held,
+        "back on time, the agent replaced its certificate"
     );
 }

@@ -15,31 +15,38 @@ fn mtls_handshake_between_two_issued_certificates() {
     let chain = split_pem(&std::fs::read_to_string(server.join("tls.crt")).unwrap());
     std::fs::write(ca.path("server/chain.pem"), &chain[1]).unwrap();
 
-    let port = free_port();
-    let p = port.to_string();
-    let _srv = spawn(
-        "openssl",
-        &[
-            "s_server",
-            "-quiet",
-            "-accept",
-            &p,
-            "-www",
-            "-tls1_3",
-            "-cert",
-            server.join("tls.crt").to_str().unwrap(),
-            "-key",
-            server.join("tls.key").to_str().unwrap(),
-            "-cert_chain",
-            ca.path("server/chain.pem").to_str().unwrap(),
-            "-CAfile",
-            server.join("ca.crt").to_str().unwrap(),
-            "-Verify",
-            "2",
-            "-verify_return_error",
-        ],
+    // Waited for until it listens itself, started again on another port
+    // when its port was taken meanwhile.
+    let (_srv, ports) = start_listening(
+        1,
+        &ca.path("s_server.log"),
+        |ports| {
+            let mut cmd = Command::new("openssl");
+            cmd.args([
+                "s_server",
+                "-quiet",
+                "-accept",
+                &ports[0].to_string(),
+                "-www",
+                "-tls1_3",
+                "-cert",
+                server.join("tls.crt").to_str().unwrap(),
+                "-key",
+                server.join("tls.key").to_str().unwrap(),
+                "-cert_chain",
+                ca.path("server/chain.pem").to_str().unwrap(),
+                "-CAfile",
+                server.join("ca.crt").to_str().unwrap(),
+                "-Verify",
+                "2",
+                "-verify_return_error",
+            ])
+            .stdin(Stdio::null());
+            cmd
+        },
+        |_| true,
     );
-    wait_for_port(port);
+    let port = ports[0];
 
     // curl checks the server's name against the certificate's DNS SANs.
     let host = "web.default.svc.cluster.local";
@@ -50,6 +57,8 @@ fn mtls_handshake_between_two_issued_certificates() {
         &[
             "-sS",
             "--fail",
+            "--max-time",
+            "10",
             "--tlsv1.3",
             "--resolve",
             &resolve,
@@ -69,6 +78,8 @@ fn mtls_handshake_between_two_issued_certificates() {
         .args([
             "-sS",
             "--fail",
+            "--max-time",
+            "10",
             "--resolve",
             &resolve,
             "--cacert",
@@ -81,6 +92,11 @@ fn mtls_handshake_between_two_issued_certificates() {
         !out.status.success(),
         "a client without a certificate got through"
     );
+    assert_ne!(
+        out.status.code(),
+        Some(28),
+        "curl timed out rather than being refused"
+    );
 
     // A client certificate from another CA is refused too.
     let other = Ca::new(&[]);
@@ -89,6 +105,8 @@ fn mtls_handshake_between_two_issued_certificates() {
         .args([
             "-sS",
             "--fail",
+            "--max-time",
+            "10",
             "--resolve",
             &resolve,
             "--cacert",
@@ -105,10 +123,18 @@ fn mtls_handshake_between_two_issued_certificates() {
         !out.status.success(),
         "a certificate from another CA got through"
     );
+    assert_ne!(
+        out.status.code(),
+        Some(28),
+        "curl timed out rather than being refused"
+    );
 
-    // openssl s_client verifies the server and presents the client chain.
-    let out = Command::new("openssl")
+    // openssl s_client verifies the server and presents the client chain
+    // (its stdin closed: it ends after the handshake; `timeout` bounds it).
+    let out = Command::new("timeout")
         .args([
+            "30",
+            "openssl",
             "s_client",
             "-connect",
             &format!("127.0.0.1:{port}"),

@@ -9,6 +9,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::common::*;
+use crate::events::EventStream;
 use crate::import::{openssl_intermediate, openssl_root};
 
 fn error_of(body: &str) -> (String, String) {
@@ -240,25 +241,28 @@ fn clients_refuse_a_server_that_is_not_the_ca() {
         "--out",
         evil.to_str().unwrap(),
     ]);
-    let port = free_port();
-    let _impostor = spawn(
-        "openssl",
-        &[
-            "s_server",
-            "-quiet",
-            "-accept",
-            &format!("127.0.0.1:{port}"),
-            "-cert",
-            evil.join("tls.crt").to_str().unwrap(),
-            "-cert_chain",
-            evil.join("tls.crt").to_str().unwrap(),
-            "-key",
-            evil.join("tls.key").to_str().unwrap(),
-            "-www",
-        ],
+    // Up once it (not another process) listens on its port; started again
+    // on another one when the port was taken meanwhile.
+    let (_impostor, ports) = start_listening(
+        1,
+        &tmp.path().join("impostor.log"),
+        |ports| {
+            let mut cmd = Command::new("openssl");
+            cmd.args(["s_server", "-quiet", "-accept"])
+                .arg(format!("127.0.0.1:{}", ports[0]))
+                .arg("-cert")
+                .arg(evil.join("tls.crt"))
+                .arg("-cert_chain")
+                .arg(evil.join("tls.crt"))
+                .arg("-key")
+                .arg(evil.join("tls.key"))
+                .arg("-www")
+                .stdin(std::process::Stdio::null());
+            cmd
+        },
+        |_| true,
     );
-    wait_for_port(port);
-    let url = format!("https://localhost:{port}");
+    let url = format!("https://localhost:{}", ports[0]);
 
     let out = meshca()
         .args([
@@ -390,34 +394,31 @@ fn rules_that_can_never_match_are_refused() {
             format!("{base}\n[[policy]]\n{rule}\n"),
         )
         .unwrap();
-        let port = free_port().to_string();
-        let mut child = meshca()
-            .args([
-                "serve",
-                "--dir",
-                d.to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let port = free_port();
+        // Guarded: ended with the test, pass or fail (a server that took
+        // the rule would go on serving).
+        let mut child = spawn_cmd(
+            meshca()
+                .args(["serve", "--dir", d.to_str().unwrap(), "--listen"])
+                .arg(format!("127.0.0.1:{port}"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped()),
+        );
         // A server that takes the rule starts serving: stop it and fail.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
+            if let Some(st) = child.0.try_wait().unwrap() {
                 break Some(st);
             }
             if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                child.end();
                 break None;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         };
         let mut stderr = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
         assert!(
             status.is_some_and(|s| !s.success()),
             "{rule}: served with the rule: {stderr}"
@@ -482,7 +483,7 @@ fn a_pin_survives_every_stage_of_a_root_rotation() {
     let token = v["token"].as_str().unwrap().to_owned();
     let old_fp = v["ca_fingerprint"].as_str().unwrap().to_owned();
     let out = tmp.path().join("web");
-    let _agent = Child(
+    let _agent = spawn_cmd(
         meshca()
             .args([
                 "agent",
@@ -496,10 +497,9 @@ fn a_pin_survives_every_stage_of_a_root_rotation() {
                 "--out",
                 out.to_str().unwrap(),
             ])
+            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(kept_log("agent.log"))
-            .spawn()
-            .unwrap(),
+            .stderr(kept_log("agent.log")),
     );
     wait_for("the first certificate", 30, || out.join("tls.key").exists());
     let restart = |stage: &str| {
@@ -634,22 +634,27 @@ fn a_pin_trusts_the_pinned_root_and_nothing_else() {
     );
     let evil_root = std::fs::read_to_string(&evil.0).unwrap();
     std::fs::write(mitm.join("v1/bundle"), format!("{real_root}{evil_root}")).unwrap();
-    let port = free_port();
-    let mut s_server = Command::new("openssl");
-    s_server
-        .current_dir(&mitm)
-        .args(["s_server", "-quiet", "-WWW", "-accept"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args([
-            "-cert",
-            crt.to_str().unwrap(),
-            "-key",
-            key.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let _mitm = Child(s_server.spawn().unwrap());
-    wait_for_port(port);
+    // Up once it (not another process) listens on its port; started again
+    // on another one when the port was taken meanwhile.
+    let (_mitm, ports) = start_listening(
+        1,
+        &tmp.path().join("mitm.log"),
+        |ports| {
+            let mut s_server = Command::new("openssl");
+            s_server
+                .current_dir(&mitm)
+                .args(["s_server", "-quiet", "-WWW", "-accept"])
+                .arg(format!("127.0.0.1:{}", ports[0]))
+                .arg("-cert")
+                .arg(&crt)
+                .arg("-key")
+                .arg(&key)
+                .stdin(std::process::Stdio::null());
+            s_server
+        },
+        |_| true,
+    );
+    let port = ports[0];
 
     let out = tmp.path().join("web");
     let o = meshca()
@@ -704,6 +709,10 @@ fn a_pin_trusts_the_pinned_root_and_nothing_else() {
     still_serving(&srv);
 }
 
+/// How often the server authenticates an open event stream's caller again
+/// (`STREAM_REAUTH` in crates/meshca-server/src/api.rs).
+const STREAM_REAUTH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Property 5: an open event stream of a revoked certificate is closed
 /// (within STREAM_REAUTH of the revocation on this replica), and the
 /// certificate renews nothing.
@@ -714,27 +723,32 @@ fn a_revoked_callers_event_stream_is_closed() {
     let srv = Server::start(&d, &[]);
     let web = tmp.path().join("web");
     srv.cli_ok(&["issue", "web", "--out", web.to_str().unwrap()]);
-    let mut stream = Child(
-        Command::new("curl")
-            .args(["-sSN", "--cacert", d.join("admin/ca.crt").to_str().unwrap()])
-            .args(cert_args(&web))
-            .arg(format!("{}/v1/events", srv.url()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // The workload's own stream, from the start of the event log: once it
+    // has delivered the workload's own issuance, it is open and its caller
+    // authenticated.
+    let stream = EventStream::open(&srv, &cert_args(&web), Some(0));
+    stream.read_until(std::time::Duration::from_secs(30), |e| {
+        e.kind == "issued" && e.data["name"] == "web"
+    });
+    // Open, it stays open: through two re-authentications of its caller
+    // (an absence, so it is watched for a while: 2 x STREAM_REAUTH).
     assert!(
-        stream.0.try_wait().unwrap().is_none(),
-        "the stream ended by itself"
+        !stream.ends_within(2 * STREAM_REAUTH),
+        "the stream of a valid certificate ended by itself"
     );
     srv.cli_ok(&["revoke", &serial_hex(&web.join("tls.crt"))]);
     let revoked_at = std::time::Instant::now();
-    wait_for("the revoked caller's stream to close", 10, || {
-        stream.0.try_wait().unwrap().is_some()
-    });
-    assert!(revoked_at.elapsed() < std::time::Duration::from_secs(5));
+    // Closed at the next re-authentication: STREAM_REAUTH, and slack for
+    // a loaded machine.
+    let limit = STREAM_REAUTH + std::time::Duration::from_secs(5);
+    assert!(
+        stream.ends_within(limit),
+        "the revoked caller's stream was still open {limit:?} after the revocation"
+    );
+    println!(
+        "the revoked caller's stream closed {:?} after the revocation",
+        revoked_at.elapsed()
+    );
     let (csr, _) = openssl_csr(tmp.path(), "web", &[]);
     let body = format!(r#"{{"csr":{csr},"name":"web"}}"#);
     let (code, answer) = srv.curl("POST", "/v1/sign", Some(&body), &cert_args(&web));
@@ -759,7 +773,7 @@ fn rotation_waits_for_every_holder_not_every_identity() {
     let fp = v["ca_fingerprint"].as_str().unwrap().to_owned();
     let pod = |name: &str| {
         let out = tmp.path().join(name);
-        let child = Child(
+        let child = spawn_cmd(
             meshca()
                 .args([
                     "agent",
@@ -773,10 +787,9 @@ fn rotation_waits_for_every_holder_not_every_identity() {
                     "--out",
                     out.to_str().unwrap(),
                 ])
+                .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
-                .stderr(kept_log("agent.log"))
-                .spawn()
-                .unwrap(),
+                .stderr(kept_log("agent.log")),
         );
         wait_for("a pod's certificate", 30, || out.join("tls.key").exists());
         (out, child)
@@ -791,8 +804,7 @@ fn rotation_waits_for_every_holder_not_every_identity() {
     wait_for("both pods to be known", 10, || {
         status()["agents"]["alive"] == 2
     });
-    let _ = b.0.kill();
-    let _ = b.0.wait();
+    b.end();
 
     srv.cli_ok(&["ca", "rotate", "prepare"]);
     wait_for("the healthy pod to take the new bundle", 60, || {
@@ -817,8 +829,13 @@ fn rotation_waits_for_every_holder_not_every_identity() {
     wait_for("the healthy pod to renew", 60, || {
         serial_hex(&healthy.join("tls.crt")) != serial
     });
-    std::thread::sleep(std::time::Duration::from_secs(6)); // past SETTLE
-    let r = status();
+    // Once SETTLE (5 s) has passed since the renewal, the healthy pod's
+    // old certificate no longer counts: only the stuck one remains.
+    let mut r = Value::Null;
+    wait_for("only the stuck pod to hold the old root", 30, || {
+        r = status();
+        r["remaining_under_old"] == 1 && r["waiting_for"][0]["serial"] == stuck_serial.as_str()
+    });
     assert_eq!(r["remaining_under_old"], 1, "{r}");
     assert_eq!(r["waiting_for"][0]["serial"], stuck_serial.as_str(), "{r}");
     assert_eq!(r["waiting_for"][0]["identity"], "default/web", "{r}");

@@ -4,12 +4,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshca_testkit::Bao;
 use serde_json::Value;
 
 use crate::common::*;
+use crate::crl;
 
 /// `serve` flags for the Vault issuer with a token file: the role
 /// `meshca` for the service profile, and the roles `Bao::setup_pki` made
@@ -78,6 +80,22 @@ fn issue_status(srv: &Server, name: &str) -> (u16, String) {
         Some(&format!(r#"{{"name":"{name}"}}"#)),
         &srv.admin(),
     )
+}
+
+/// [`issue_status`] with curl giving up after `secs` (status 0 then).
+fn issue_within(srv: &Server, name: &str, secs: u32) -> (u16, String) {
+    let mut args = srv.admin();
+    args.extend(["--max-time".to_owned(), secs.to_string()]);
+    srv.curl(
+        "POST",
+        "/v1/issue",
+        Some(&format!(r#"{{"name":"{name}"}}"#)),
+        &args,
+    )
+}
+
+fn log_of(srv: &Server) -> String {
+    std::fs::read_to_string(&srv.log).unwrap_or_default()
 }
 
 #[test]
@@ -226,27 +244,10 @@ fn vault_signs_what_meshca_decides() {
         vault_view["data"]["revocation_time"].as_i64().unwrap_or(0) > 0,
         "{vault_view}"
     );
-    let crl = tmp.path().join("crl.der");
-    let out = std::process::Command::new("curl")
-        .args(["-sSf", "--cacert"])
-        .arg(d.join("admin/ca.crt"))
-        .arg(format!("{}/v1/crl", srv.url()))
-        .output()
-        .unwrap();
-    std::fs::write(&crl, &out.stdout).unwrap();
-    let crl_text = tool(
-        "openssl",
-        &[
-            "crl",
-            "-inform",
-            "DER",
-            "-in",
-            crl.to_str().unwrap(),
-            "-noout",
-            "-text",
-        ],
-    );
-    assert!(crl_text.to_lowercase().contains(&serial), "{crl_text}");
+    // Vault's CRL, signed by Vault's CA, revokes web's certificate (Vault's
+    // entries carry no reason code) and not api's, of the same CA.
+    let crl = crl::fetch(&srv, "/v1/crl", &tmp.path().join("crl.pem"));
+    crl::assert_checks(&web.join("tls.crt"), &cert, &vault_ca, &crl, None);
 
     // The agent works as with the built-in CA.
     let v: Value =
@@ -266,6 +267,12 @@ fn vault_signs_what_meshca_decides() {
         "--once",
     ]);
     verify(&out_dir.join("tls.crt"), &vault_ca);
+    // The agent's ca.crl (from /v1/crls) says the same, of its own
+    // certificate too.
+    let agent_crl = out_dir.join("ca.crl");
+    crl::assert_revoked(&web.join("tls.crt"), &vault_ca, &agent_crl, None);
+    crl::assert_good(&out_dir.join("tls.crt"), &vault_ca, &agent_crl);
+    crl::assert_good(&cert, &vault_ca, &agent_crl);
 
     // A new issuer in the mount is noticed: bundle-changed goes out, the
     // bundle holds both roots, and new leaves chain to the new default.
@@ -502,20 +509,26 @@ fn unsafe_or_missing_roles_and_bad_logins_are_refused_at_start() {
     let site = tmp.path().join("site");
     std::fs::create_dir_all(site.join("v1/auth/token")).unwrap();
     std::fs::write(site.join("v1/auth/token/lookup-self"), "<html>hello</html>").unwrap();
-    let port = free_port();
-    let _http = spawn(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            site.to_str().unwrap(),
-        ],
+    let (_http, ports) = start_listening(
+        1,
+        &tmp.path().join("site.log"),
+        |ports| {
+            let mut cmd = Command::new("python3");
+            cmd.args([
+                "-m",
+                "http.server",
+                &ports[0].to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                site.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null());
+            cmd
+        },
+        |_| true,
     );
-    wait_for_port(port);
+    let port = ports[0];
     let mut flags = vault_flags(&bao, &token, &[]);
     let at = flags.iter().position(|a| *a == bao.addr).unwrap();
     flags[at] = format!("http://127.0.0.1:{port}");
@@ -583,14 +596,14 @@ fn vault_sealed_hung_stopped_and_back() {
     wait_for("readiness after unseal", 15, || ready().0 == 200);
     assert_eq!(issue_status(&srv, "b").0, 200);
 
-    // Hung (the process frozen): the call times out, clearly, and soon.
+    // Hung (the process frozen): the call times out, clearly, and soon:
+    // meshca answers (its Vault timeout is 2 s) before curl gives up at
+    // 10 s, which would read as status 0.
     bao.pause();
-    let t = Instant::now();
-    let (code, body) = issue_status(&srv, "c");
+    let (code, body) = issue_within(&srv, "c", 10);
     bao.resume();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("timed out"), "{body}");
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     wait_for("readiness after the hang", 15, || ready().0 == 200);
 
     // Stopped, then restarted (sealed, as a real Vault restarts), unsealed.
@@ -699,20 +712,32 @@ path "pki/issuers" { capabilities = ["list"] }
     .collect();
     flags.extend(Bao::profile_role_flags("meshca"));
     let srv = start(&d, &flags);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The first token came before the server was ready: it is gone 6 s
+    // (its max TTL) from now at the latest, a second more for Vault's
+    // whole seconds.
+    let first_gone = SystemTime::now() + Duration::from_secs(7);
+    let logins = || log_of(&srv).matches("logged in to Vault").count();
+    // Issuance never stops working: until meshca has logged in again and
+    // the first token is gone, and once more after that.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut n = 0;
-    while Instant::now() < deadline {
+    loop {
+        let done = logins() >= 2 && SystemTime::now() > first_gone;
         let (code, body) = issue_status(&srv, &format!("w{n}"));
         assert_eq!(code, 200, "issuance {n} with AppRole: {body}");
         n += 1;
-        std::thread::sleep(Duration::from_millis(700));
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no second login within 60 s: {}",
+            log_of(&srv)
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(srv.curl("GET", "/readyz", None, &[]).0, 200);
-    let log = std::fs::read_to_string(&srv.log).unwrap();
-    assert!(
-        log.matches("logged in to Vault").count() >= 2,
-        "no second login: {log}"
-    );
+    let log = log_of(&srv);
     assert!(
         !log.contains(secret_id.trim()),
         "the secret id must never be logged"
@@ -728,11 +753,15 @@ path "pki/issuers" { capabilities = ["list"] }
         "-explicit-max-ttl=60s",
         "-field=token",
     ]);
+    // Made just now: its first TTL ends 3 s from now at the latest.
+    let first_ttl_end = SystemTime::now() + Duration::from_secs(3);
     let token_file = tmp.path().join("renewable");
     Bao::write_secret(&token_file, renewable.trim());
     let d = tmp.path().join("renewable-dir");
     let srv = start(&d, &vault_flags(&bao, &token_file, &[]));
-    std::thread::sleep(Duration::from_secs(7));
+    // Past twice its TTL: it still works only if meshca renewed it, more
+    // than once.
+    wait_past(first_ttl_end + Duration::from_secs(3));
     let (code, body) = issue_status(&srv, "late");
     assert_eq!(code, 200, "after the token's first TTL: {body}");
     drop(srv);
@@ -747,11 +776,13 @@ path "pki/issuers" { capabilities = ["list"] }
         "-renewable=false",
         "-field=token",
     ]);
+    // Made just now: it ends 4 s from now at the latest.
+    let short_end = SystemTime::now() + Duration::from_secs(4);
     let token_file = tmp.path().join("short");
     Bao::write_secret(&token_file, short.trim());
     let d = tmp.path().join("short-dir");
     let srv = start(&d, &vault_flags(&bao, &token_file, &[]));
-    std::thread::sleep(Duration::from_secs(5));
+    wait_past(short_end);
     let (code, body) = issue_status(&srv, "expired");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("refused meshca's token"), "{body}");
