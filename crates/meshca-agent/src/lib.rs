@@ -461,6 +461,12 @@ pub const CUSTODY_FILE: &str = "ca-custody.pem";
 /// the proxy check client certificates against).
 pub const CRL_FILE: &str = "ca.crl";
 
+/// The id of the last event the server had published when it issued the
+/// certificate of the set: an agent restarted from its files resumes its
+/// event stream there, so a `rotate` made while it was down (or before its
+/// stream opened) still reaches it.
+pub const EVENTS_FILE: &str = "events-from";
+
 /// How often the CRLs are fetched: with the CA's own CRL remade at once on
 /// a revocation and meshca-tls reloading within a second, a revoked peer
 /// is refused by the data plane within about this long.
@@ -775,10 +781,20 @@ impl Agent {
         // The pair of one set, read through one `..data`: an agent killed
         // and restarted around a switch never takes a key for the wrong
         // certificate.
-        let opened =
-            meshca_files::open_set(&[&self.cfg.out.join("tls.crt"), &self.cfg.out.join("tls.key")])
-                .ok()?;
-        let [cert, key] = <[meshca_files::SetFile; 2]>::try_from(opened).ok()?;
+        let opened = meshca_files::open_set(&[
+            &self.cfg.out.join("tls.crt"),
+            &self.cfg.out.join("tls.key"),
+            &self.cfg.out.join(EVENTS_FILE),
+        ])
+        .ok()?;
+        let [cert, key, events] = <[meshca_files::SetFile; 3]>::try_from(opened).ok()?;
+        // Absent (a set written before it existed, a server that gives no
+        // id): the stream starts live, as it did.
+        let events_from = events
+            .read(64)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|id| event_id(&id));
         let cert_pem = String::from_utf8(cert.read(1 << 20).ok()?).ok()?;
         let key_pem = String::from_utf8(key.read_secret(1 << 20).ok()?).ok()?;
         let chain = parse_certs(cert_pem.as_bytes()).ok()?;
@@ -817,7 +833,7 @@ impl Agent {
             serial: info.serial,
             start,
             not_after,
-            events_from: None,
+            events_from,
         })
     }
 
@@ -844,6 +860,10 @@ impl Agent {
         if !self.crl_pem.is_empty() {
             files.push((CRL_FILE, self.crl_pem.as_bytes(), meshca_files::PUBLIC_MODE));
         }
+        // The id goes with the certificate it came with; a certificate of a
+        // server that gave none must not keep its predecessor's.
+        let events = h.events_from.as_deref().unwrap_or("");
+        files.push((EVENTS_FILE, events.as_bytes(), meshca_files::PUBLIC_MODE));
         meshca_files::write_set_atomic(&self.cfg.out, &files)
             .map_err(|e| AgentError::Files(e.to_string()))
     }
@@ -999,11 +1019,15 @@ impl Agent {
 /// server makes them (decimal digits, a `u64`): it goes into a request
 /// header, so nothing else is taken.
 fn answer_event_id(answer: &Value) -> Option<String> {
-    answer["last_event_id"]
-        .as_str()
-        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-        .filter(|id| id.parse::<u64>().is_ok())
-        .map(str::to_owned)
+    answer["last_event_id"].as_str().and_then(event_id)
+}
+
+/// An event id as the server gives it: digits of a u64 (it goes into a
+/// request header, so nothing else passes).
+fn event_id(id: &str) -> Option<String> {
+    let id = id.trim();
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && id.parse::<u64>().is_ok())
+        .then(|| id.to_owned())
 }
 
 fn spiffe_td(uris: &[String]) -> Option<String> {

@@ -403,8 +403,18 @@ fn switch(dir: &Path, cur: Option<&str>, named: &[Entry<'_>]) -> Result<String, 
     }
     if let Some(old) = cur {
         let old = dir.join(old);
-        fs::remove_dir_all(&old)
-            .map_err(|e| io(&old, "remove the replaced set (the new one is in place)", e))?;
+        match fs::remove_dir_all(&old) {
+            Ok(()) => {}
+            // Gone already: nothing to clean up.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io(
+                    &old,
+                    "remove the replaced set (the new one is in place)",
+                    e,
+                ));
+            }
+        }
         sync_dir(dir)?;
     }
     sweep(dir, &gen_name);
@@ -449,6 +459,62 @@ fn sweep(dir: &Path, keep: &str) {
     }
 }
 
+/// The file writers of a directory lock (never removed: removing it would
+/// let two writers lock two different files).
+pub const LOCK_FILE: &str = "..lock";
+
+/// Refuses a directory that someone else could change under the writer:
+/// one not owned by the user writing, or writable by group or others. The
+/// writer creates files and links by path in it; another user able to swap
+/// a `..set-*` directory for a link between two steps would have it write
+/// (and chmod) wherever the link points.
+fn own_directory(dir: &Path, meta: &fs::Metadata) -> Result<(), FileError> {
+    use std::os::unix::fs::MetadataExt;
+    // The owner of /proc/self is the process's effective user.
+    let me = fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if let Some(me) = me
+        && meta.uid() != me
+    {
+        return Err(bad_set(
+            dir.to_owned(),
+            format!(
+                "belongs to uid {}, not to the user writing (uid {me}), who could be made to write wherever that user points it; write into a directory of your own",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(bad_set(
+            dir.to_owned(),
+            format!(
+                "is writable by {} (mode {:o}): another user could swap its entries while they are written; `chmod go-w` it, or write into a directory of your own",
+                if meta.permissions().mode() & 0o002 != 0 {
+                    "others"
+                } else {
+                    "its group"
+                },
+                meta.permissions().mode() & 0o777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes the writers' lock of `dir` (an advisory lock on [`LOCK_FILE`]).
+fn lock_directory(dir: &Path) -> Result<File, FileError> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| io(&path, "open the writers' lock", e))?;
+    f.lock()
+        .map_err(|e| io(&path, "take the writers' lock", e))?;
+    Ok(f)
+}
+
 /// Replaces files of one directory as one set: see the module docs for the
 /// layout (`..data` and a hidden directory per set, each name a symlink into
 /// `..data`). The files of the set in use that `files` does not name stay
@@ -461,10 +527,15 @@ pub fn write_set_atomic(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), 
     let _writer = WRITERS.lock().unwrap_or_else(PoisonError::into_inner);
     check_names(dir, files)?;
     match fs::metadata(dir) {
-        Ok(m) if m.is_dir() => {}
+        Ok(m) if m.is_dir() => own_directory(dir, &m)?,
         Ok(_) => return Err(FileError::NotADirectory(dir.to_owned())),
         Err(e) => return Err(io(dir, "open directory", e)),
     }
+    // Writers of other processes (two agents, the CLI and an agent on one
+    // directory) take turns: without it, one's cleanup removed the set the
+    // other had just made, or a CRL-only write carried an older pair over
+    // a newer one. Held until the switch and its cleanup are done.
+    let _lock = lock_directory(dir)?;
     let mut cur = current(dir)?;
     // Names held by files outside the set (the layout before sets, or a
     // file put there by hand) first become a set with the content they
@@ -579,7 +650,6 @@ pub fn open_set(paths: &[&Path]) -> Result<Vec<SetFile>, FileError> {
     for _ in 0..MAX_FLIPS {
         let links = generations(paths);
         let mut files = Vec::with_capacity(paths.len());
-        let mut missing = false;
         for p in paths {
             match File::open(real_path(p, &links)) {
                 Ok(f) => files.push(SetFile {
@@ -587,7 +657,6 @@ pub fn open_set(paths: &[&Path]) -> Result<Vec<SetFile>, FileError> {
                     file: Ok(f),
                 }),
                 Err(e) if e.kind() == ErrorKind::NotFound => {
-                    missing = true;
                     files.push(SetFile {
                         path: p.to_path_buf(),
                         file: Err(e),
@@ -596,7 +665,10 @@ pub fn open_set(paths: &[&Path]) -> Result<Vec<SetFile>, FileError> {
                 Err(e) => return Err(io(p, "read", e)),
             }
         }
-        if !missing || generations(paths) == links {
+        // Whatever was opened, `..data` must not have moved meanwhile (nor
+        // appeared: a directory converting from the layout before sets):
+        // else the files may be of two sets.
+        if generations(paths) == links {
             return Ok(files);
         }
     }
@@ -650,6 +722,7 @@ mod tests {
             .map(|f| (*f).to_owned())
             .collect();
         want.insert(SET_LINK.to_owned());
+        want.insert(LOCK_FILE.to_owned());
         want.insert(sdir.clone());
         assert_eq!(all, want, "entries of {}", dir.display());
         assert_eq!(fs::read_link(dir.join(SET_LINK)).unwrap(), Path::new(&sdir));
@@ -682,12 +755,50 @@ mod tests {
         assert_eq!(text(&d.join("tls.key")), "k2");
         assert_eq!(text(&d.join("tls.crt")), "c2");
         assert_eq!(mode_of(&d.join("tls.key")), 0o600);
-        // A directory its owner opened to others: they may read the set's
-        // directory as they could read the files before, never write to it.
-        fs::set_permissions(d, fs::Permissions::from_mode(0o775)).unwrap();
+        // A directory its owner opened to others for reading: they may read
+        // the set's directory as they could read the files before.
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
         write_set_atomic(d, &[("tls.crt", b"c3", 0o644)]).unwrap();
         let third = assert_layout(d, &["tls.key", "tls.crt"], &[]);
         assert_eq!(mode_of(&d.join(&third)), 0o755);
+        // One others may write to: refused, naming the directory and the
+        // rule, and nothing changes (another user could swap a `..set-*`
+        // for a link to anywhere between two steps of the writer).
+        for (mode, who) in [(0o775, "its group"), (0o777, "others"), (0o1777, "others")] {
+            fs::set_permissions(d, fs::Permissions::from_mode(mode)).unwrap();
+            let e = write_set_atomic(d, &[("tls.crt", b"c4", 0o644)]).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&d.display().to_string())
+                    && msg.contains(&format!("is writable by {who}")),
+                "{msg}"
+            );
+            assert_eq!(assert_layout(d, &["tls.key", "tls.crt"], &[]), third);
+            assert_eq!(text(&d.join("tls.crt")), "c3");
+        }
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700)).unwrap();
+    }
+
+    #[test]
+    fn writers_of_two_processes_take_turns() {
+        // The lock is a file lock: a second open file description of it
+        // (as another process has) waits while the first holds it.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_set_atomic(d, &[("tls.crt", b"c1", 0o644)]).unwrap();
+        let held = lock_directory(d).unwrap();
+        let other = File::open(d.join(LOCK_FILE)).unwrap();
+        assert!(other.try_lock().is_err(), "the lock is not held");
+        drop(held);
+        other.try_lock().unwrap();
+        drop(other);
+        // A lock file that is a link is never followed.
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("x");
+        fs::remove_file(d.join(LOCK_FILE)).unwrap();
+        symlink(&target, d.join(LOCK_FILE)).unwrap();
+        assert!(write_set_atomic(d, &[("tls.crt", b"c2", 0o644)]).is_err());
+        assert!(!target.exists());
     }
 
     #[test]
@@ -879,6 +990,7 @@ mod tests {
                 done.store(true, Ordering::SeqCst);
             });
             let (mut reads, mut last) = (0u32, 0u32);
+            let mut seen = BTreeSet::new();
             while !done.load(Ordering::SeqCst) {
                 let got: Vec<String> = open_set(&paths)
                     .unwrap()
@@ -892,11 +1004,15 @@ mod tests {
                 let n: u32 = got[0].parse().unwrap();
                 assert!(n >= last, "set {n} read after set {last}");
                 last = n;
+                seen.insert(n);
                 reads += 1;
             }
-            reads
+            (reads, seen.len())
         });
-        assert!(reads > 0);
+        // Evidence only if the reads raced the switches: many reads, of
+        // several sets (one set read 1,000 times proves nothing).
+        let (reads, sets) = reads;
+        assert!(reads >= 50 && sets >= 5, "{reads} reads of {sets} sets");
         assert_layout(d, &["tls.key", "tls.crt", "ca.crt"], &[]);
         assert_eq!(text(&d.join("tls.crt")), "200");
     }

@@ -289,7 +289,11 @@ pub fn end_child(child: &mut Child) {
         }
         _ => {
             // It has exited; what it started in its group may not have.
-            if grouped {
+            // Once reaped its pid may be reused, but Linux never hands out
+            // a pid still in use as a process group's id: a live process
+            // with that pid means our group is empty and the pid (and any
+            // group it leads) another's, never to be signalled.
+            if grouped && stat(pid).is_none() {
                 signal("KILL", &[format!("-{pid}")]);
             }
         }

@@ -335,6 +335,10 @@ mod tests {
             .collect();
         let live = dir.path().join("live");
         std::fs::create_dir(&live).unwrap();
+        // The writer refuses a directory others may write to, whatever
+        // the umask made of it.
+        std::fs::set_permissions(&live, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
         let switch = |i: usize| {
             let files: Vec<(&str, &[u8], u32)> = sets[i % 2]
                 .1
@@ -353,16 +357,23 @@ mod tests {
                 }
                 done.store(true, Ordering::SeqCst);
             });
-            let mut loads = 0u32;
+            let (mut loads, mut seen) = (0u32, std::collections::BTreeSet::new());
             while !done.load(Ordering::SeqCst) {
                 let set = CertSet::load(&paths)
                     .unwrap_or_else(|e| panic!("load {loads} read a broken set: {e}"));
                 assert!(sets.iter().any(|(serial, _)| *serial == set.serial));
+                seen.insert(set.serial.clone());
                 loads += 1;
             }
-            loads
+            (loads, seen.len())
         });
-        assert!(loads > 0);
+        // Evidence only if the loads raced the switches, seeing both sets.
+        assert!(
+            loads.0 >= 20 && loads.1 == 2,
+            "{} loads of {} sets",
+            loads.0,
+            loads.1
+        );
     }
 
     #[test]

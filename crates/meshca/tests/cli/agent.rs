@@ -680,7 +680,9 @@ fn a_full_disk_leaves_the_old_pair_intact() {
             "ca.crt",
             "ca-custody.pem",
             "ca.crl",
+            "events-from",
             "..data",
+            "..lock",
             sets[0].as_str()
         ]
         .contains(&n.as_str())),
