@@ -1066,46 +1066,46 @@ async fn follow_events(
             .and_then(|b| b.identity_pem(h.cert_pem.as_bytes(), h.key_pem.as_bytes()))
             .map(|b| b.header(BUNDLE_HEADER, &bundle_fingerprint_of(&pem)))
             .and_then(|b| b.build());
-        if let Ok(client) = client {
-            if let Ok(mut stream) = client.events(last.as_deref()).await {
-                backoff = Duration::from_secs(1);
-                let mut new_bundle = false;
-                loop {
-                    let ev = tokio::select! {
-                        ev = stream.next() => ev,
-                        // A new bundle: reconnect to report it (resuming
-                        // from the last event, so nothing is missed).
-                        changed = bundle.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                            new_bundle = true;
-                            break;
-                        }
-                    };
-                    let Some(Ok(ev)) = ev else { break };
-                    if ev.id.is_some() {
-                        last.clone_from(&ev.id);
-                    }
-                    let nudge = match ev.kind.as_str() {
-                        "rotate" => {
-                            let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
-                            let mine = v["namespace"] == cfg.namespace.as_str()
-                                && v["name"] == cfg.name.as_str();
-                            mine.then_some(Nudge::Rotate)
-                        }
-                        "bundle-changed" => Some(Nudge::Bundle),
-                        _ => None,
-                    };
-                    if let Some(n) = nudge {
-                        if tx.send(n).await.is_err() {
+        if let Ok(client) = client
+            && let Ok(mut stream) = client.events(last.as_deref()).await
+        {
+            backoff = Duration::from_secs(1);
+            let mut new_bundle = false;
+            loop {
+                let ev = tokio::select! {
+                    ev = stream.next() => ev,
+                    // A new bundle: reconnect to report it (resuming
+                    // from the last event, so nothing is missed).
+                    changed = bundle.changed() => {
+                        if changed.is_err() {
                             return;
                         }
+                        new_bundle = true;
+                        break;
                     }
+                };
+                let Some(Ok(ev)) = ev else { break };
+                if ev.id.is_some() {
+                    last.clone_from(&ev.id);
                 }
-                if new_bundle {
-                    continue;
+                let nudge = match ev.kind.as_str() {
+                    "rotate" => {
+                        let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                        let mine = v["namespace"] == cfg.namespace.as_str()
+                            && v["name"] == cfg.name.as_str();
+                        mine.then_some(Nudge::Rotate)
+                    }
+                    "bundle-changed" => Some(Nudge::Bundle),
+                    _ => None,
+                };
+                if let Some(n) = nudge
+                    && tx.send(n).await.is_err()
+                {
+                    return;
                 }
+            }
+            if new_bundle {
+                continue;
             }
         }
         tokio::time::sleep(backoff.mul_f64(0.5 + random_unit())).await;

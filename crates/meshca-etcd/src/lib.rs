@@ -536,10 +536,10 @@ impl Client {
         if timeout {
             req.set_timeout(self.inner.timeout);
         }
-        if let Some(t) = token {
-            if let Ok(v) = t.parse() {
-                req.metadata_mut().insert("token", v);
-            }
+        if let Some(t) = token
+            && let Ok(v) = t.parse()
+        {
+            req.metadata_mut().insert("token", v);
         }
         req
     }
@@ -569,15 +569,16 @@ impl Client {
                 }
             }
             let mut result = f(channel.clone(), token, timeout).await;
-            if let Err(s) = &result {
-                if s.code() == Code::Unauthenticated && self.inner.user.is_some() {
-                    // The token expired: once more with a fresh one.
-                    let token = self
-                        .authenticate(channel.clone())
-                        .await
-                        .map_err(|s| self.refused(&s))?;
-                    result = f(channel, token, timeout).await;
-                }
+            if let Err(s) = &result
+                && s.code() == Code::Unauthenticated
+                && self.inner.user.is_some()
+            {
+                // The token expired: once more with a fresh one.
+                let token = self
+                    .authenticate(channel.clone())
+                    .await
+                    .map_err(|s| self.refused(&s))?;
+                result = f(channel, token, timeout).await;
             }
             match result {
                 Ok(v) => {

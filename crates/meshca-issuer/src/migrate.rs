@@ -215,7 +215,7 @@ pub async fn copy_ca(
     while let Some(r) = inserts.next().await {
         r?;
         done += 1;
-        if done % 64 == 0 || done + records.len() as u64 == total {
+        if done.is_multiple_of(64) || done + records.len() as u64 == total {
             progress(done, total);
         }
     }

@@ -260,12 +260,13 @@ pub fn check_workload(rules: &[PolicyRule], req: &IssueRequest) -> Result<(), Is
             _ => {}
         }
     }
-    if let Some(max) = max_ttl {
-        if req.requested_ttl().is_none() && req.requested_profile().default_ttl() > max.get() {
-            return refuse(format!(
-                "the profile's default ttl is longer than the {max} allowed"
-            ));
-        }
+    if let Some(max) = max_ttl
+        && req.requested_ttl().is_none()
+        && req.requested_profile().default_ttl() > max.get()
+    {
+        return refuse(format!(
+            "the profile's default ttl is longer than the {max} allowed"
+        ));
     }
     if let Some(kts) = key_types {
         let kt = match req.key_source() {

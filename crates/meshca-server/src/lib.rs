@@ -185,10 +185,12 @@ impl AppState {
             FOLLOWER_CRL_CACHE
         };
         let bundle = meshca_pki::bundle_fingerprint(&self.authority.issuer().trust_bundle().await?);
-        if let Some((made, made_gen, made_for, ders)) = cached.as_ref() {
-            if made.elapsed() < max_age && *made_gen == generation && *made_for == bundle {
-                return Ok(ders.clone());
-            }
+        if let Some((made, made_gen, made_for, ders)) = cached.as_ref()
+            && made.elapsed() < max_age
+            && *made_gen == generation
+            && *made_for == bundle
+        {
+            return Ok(ders.clone());
         }
         let stored = self.stored_crl().await;
         let now = OffsetDateTime::now_utc();

@@ -769,12 +769,11 @@ impl EtcdStore {
     /// The lease events are written on: renewed every half retention, so
     /// each event lives between one and two retention periods.
     async fn event_lease(&self) -> Result<i64, StoreError> {
-        if let Ok(guard) = self.event_lease.lock() {
-            if let Some((id, at)) = *guard {
-                if at.elapsed() < EVENT_RETENTION {
-                    return Ok(id);
-                }
-            }
+        if let Ok(guard) = self.event_lease.lock()
+            && let Some((id, at)) = *guard
+            && at.elapsed() < EVENT_RETENTION
+        {
+            return Ok(id);
         }
         let ttl = i64::try_from(2 * EVENT_RETENTION.as_secs()).unwrap_or(3600);
         let id = self

@@ -124,10 +124,10 @@ async fn poll_loop(
                 // The files may be mid-update (one written, the next not yet):
                 // look again shortly before calling the set broken.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Ok(again) = read_raw(&paths) {
-                    if again != raw {
-                        continue;
-                    }
+                if let Ok(again) = read_raw(&paths)
+                    && again != raw
+                {
+                    continue;
                 }
                 tracing::error!("ignoring new TLS credentials, keeping the last good set: {e}");
                 last_bad = Some(raw);

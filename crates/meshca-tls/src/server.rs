@@ -280,17 +280,17 @@ impl TlsAcceptor {
                 detail: e.to_string(),
             })?;
         let conn = tls.get_ref().1;
-        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-            if let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) {
-                let now = time::OffsetDateTime::now_utc();
-                let valid = meshca_pki::cert_facts(leaf)
-                    .is_ok_and(|f| f.not_before <= now && now < f.not_after);
-                if !valid {
-                    return Err(TlsError::Handshake {
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+            && let Some(leaf) = conn.peer_certificates().and_then(|c| c.first())
+        {
+            let now = time::OffsetDateTime::now_utc();
+            let valid = meshca_pki::cert_facts(leaf)
+                .is_ok_and(|f| f.not_before <= now && now < f.not_after);
+            if !valid {
+                return Err(TlsError::Handshake {
                         reason: HandshakeFailure::Expired,
                         detail: "the client certificate of this resumed session is no longer valid (checked when the session began); the client must connect again with a valid certificate".into(),
                     });
-                }
             }
         }
         let identity = conn

@@ -20,10 +20,10 @@ pub async fn run(
     a: ServeArgs,
 ) -> anyhow::Result<ExitCode> {
     let data = meshca_issuer::DataDir::new(dir);
-    if !data.holds_ca() {
-        if let IssuerChoice::Vault(settings) = issuer_args.choose(None)? {
-            init_vault_dir(dir, store_args, *settings, &a).await?;
-        }
+    if !data.holds_ca()
+        && let IssuerChoice::Vault(settings) = issuer_args.choose(None)?
+    {
+        init_vault_dir(dir, store_args, *settings, &a).await?;
     }
     if !data.holds_ca() {
         let choice = store_args.choose(None)?;

@@ -658,15 +658,14 @@ impl Drop for Server {
     fn drop(&mut self) {
         // The metrics it ended with, its log, audit log and keys: for the
         // leak scan.
-        if self.child.is_some() {
-            if let Ok(out) = Command::new("curl")
+        if self.child.is_some()
+            && let Ok(out) = Command::new("curl")
                 .args(["-sS", "--max-time", "2", "--cacert"])
                 .arg(self.dir.join("admin/ca.crt"))
                 .arg(format!("{}/metrics", self.url()))
                 .output()
-            {
-                keep_output("metrics", &out.stdout);
-            }
+        {
+            keep_output("metrics", &out.stdout);
         }
         self.kill();
         if let Ok(log) = std::fs::read(&self.log) {

@@ -211,8 +211,7 @@ fn misused_certificates_and_chains_are_refused() {
     // unread: the race `refusal.rs` describes): never 7 (nothing listening:
     // a crashed proxy or server) or 28 (no answer). That each was a refusal
     // and not a crash is shown by the calls that follow it.
-    let tls_refused =
-        |out: &std::process::Output| matches!(out.status.code(), Some(35 | 55 | 56));
+    let tls_refused = |out: &std::process::Output| matches!(out.status.code(), Some(35 | 55 | 56));
     for (what, cert, key) in &cases {
         let out = curl(&format!("https://localhost:{port}/healthz"), cert, key);
         assert!(
