@@ -372,6 +372,39 @@ fn rotate_reaches_the_agent_through_events() {
 }
 
 #[test]
+fn a_rotate_made_while_the_agent_was_down_reaches_it_when_it_restarts() {
+    let tmp = scratch();
+    let srv = Server::start(&tmp.path().join("data"), &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let hooked = tmp.path().join("hooked");
+    let hook = format!(": > {}", hooked.display());
+    // 60 s lifetime: the scheduled renewal (about 40 s) is far; rotate's
+    // spread is a tenth of the lifetime (6 s).
+    let args = ["--ttl", "60s", "--on-rotate", hook.as_str()];
+    let mut agent =
+        start_agent(agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(kept_log("agent")));
+    wait_for("the first certificate", 10, || hooked.exists());
+    // It kept the id of the last event before its certificate.
+    let id = std::fs::read_to_string(out.join("events-from")).unwrap();
+    assert!(
+        !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
+        "{id:?}"
+    );
+    agent.end();
+    let before = serial_of(&out);
+    srv.cli_ok(&["rotate", "web"]);
+    // Restarted with its files (the token is spent): it resumes its event
+    // stream from that id and so gets the rotate it missed.
+    let _agent =
+        start_agent(agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(kept_log("agent")));
+    wait_for("the renewal the missed rotate asked for", 20, || {
+        serial_of(&out) != before
+    });
+    verify(&out);
+}
+
+#[test]
 fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
     let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
