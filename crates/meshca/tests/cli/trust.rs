@@ -154,6 +154,34 @@ fn a_certificate_with_the_admins_serial_from_another_ca_under_the_root_is_refuse
         &cert_args(&forged),
     );
     assert_eq!(code, 401, "the forgery minted a token: {body}");
+    // A certificate of that CA with a serial this CA never recorded: the
+    // same refusal (not a 404 of the store's lookup).
+    let unknown = tmp.path().join("unknown");
+    std::fs::create_dir_all(&unknown).unwrap();
+    let leaf = unknown.join("leaf.crt");
+    openssl_leaf(
+        &unknown,
+        &int,
+        "/CN=web",
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\nsubjectAltName=URI:spiffe://cluster.local/ns/default/sa/web",
+        &["-set_serial", "0x7e57ab1e"],
+        &leaf,
+    );
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(&leaf).unwrap(),
+        std::fs::read_to_string(&int.0).unwrap()
+    );
+    std::fs::write(unknown.join("tls.crt"), chain).unwrap();
+    let (code, body) = srv.curl(
+        "GET",
+        "/v1/identities/default/web",
+        None,
+        &cert_args(&unknown),
+    );
+    let (ecode, msg) = error_of(&body);
+    assert_eq!((code, ecode.as_str()), (401, "unauthenticated"), "{body}");
+    assert!(msg.contains("7e57ab1e was not issued by this CA"), "{body}");
     still_serving(&srv);
     let log = std::fs::read_to_string(&srv.log).unwrap();
     assert!(log.contains("whose contents do not"), "not logged: {log}");
