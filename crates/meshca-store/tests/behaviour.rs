@@ -5,53 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshca_pki::{KeyType, Profile, Serial};
+use meshca_pki::Serial;
 use meshca_store::*;
 use time::OffsetDateTime;
 
-fn cert(serial: &Serial, name: &str, not_after: OffsetDateTime) -> CertificateRecord {
-    CertificateRecord {
-        serial: serial.clone(),
-        namespace: "default".into(),
-        name: name.into(),
-        profile: Profile::Service,
-        spiffe_id: format!("spiffe://cluster.local/ns/default/sa/{name}"),
-        dns_names: vec![name.into()],
-        ip_addresses: vec![],
-        key_type: KeyType::EcdsaP256,
-        hierarchy_id: "h1".into(),
-        issued_at: OffsetDateTime::now_utc(),
-        not_before: OffsetDateTime::now_utc(),
-        not_after,
-        fingerprint: "00".into(),
-        status: CertStatus::Active,
-        revoked_at: None,
-        revocation_reason: None,
-        certificate_pem: String::new(),
-        renewed_from: None,
-    }
-}
+mod fixtures;
+use fixtures::{cert, hierarchy};
 
 /// The seal key the etcd stores of these tests authenticate their records with.
 fn seal() -> meshca_pki::SealKey {
     meshca_pki::SealKey::from_file_content("42".repeat(32).as_bytes()).unwrap()
-}
-
-fn hierarchy(id: &str) -> HierarchyRecord {
-    let now = OffsetDateTime::now_utc();
-    HierarchyRecord {
-        id: id.into(),
-        status: HierarchyStatus::Active,
-        root_pem: String::new(),
-        intermediate_pem: String::new(),
-        key_type: KeyType::EcdsaP256,
-        has_root_key: true,
-        created_at: now,
-        root_not_after: now,
-        intermediate_not_after: now,
-        sealed_keys: None,
-        custody_pem: Vec::new(),
-    }
 }
 
 async fn check_all(store: Arc<dyn Store>) {

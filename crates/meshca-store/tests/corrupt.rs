@@ -11,10 +11,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use meshca_pki::{KeyType, Profile, Serial};
+use meshca_pki::Serial;
 use meshca_store::*;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use time::OffsetDateTime;
+
+mod fixtures;
+use fixtures::hierarchy;
 
 /// The store's tables, as embedded.rs defines them.
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
@@ -22,27 +25,11 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const HIERARCHIES: TableDefinition<&str, &[u8]> = TableDefinition::new("hierarchies");
 
 fn cert(serial: &Serial, name: &str) -> CertificateRecord {
-    let now = OffsetDateTime::now_utc();
-    CertificateRecord {
-        serial: serial.clone(),
-        namespace: "default".into(),
-        name: name.into(),
-        profile: Profile::Service,
-        spiffe_id: format!("spiffe://cluster.local/ns/default/sa/{name}"),
-        dns_names: vec![],
-        ip_addresses: vec![],
-        key_type: KeyType::EcdsaP256,
-        hierarchy_id: "h1".into(),
-        issued_at: now,
-        not_before: now,
-        not_after: now + Duration::from_secs(3600),
-        fingerprint: "00".into(),
-        status: CertStatus::Active,
-        revoked_at: None,
-        revocation_reason: None,
-        certificate_pem: String::new(),
-        renewed_from: None,
-    }
+    fixtures::cert(
+        serial,
+        name,
+        OffsetDateTime::now_utc() + Duration::from_secs(3600),
+    )
 }
 
 fn token(id: &str) -> TokenRecord {
@@ -56,23 +43,6 @@ fn token(id: &str) -> TokenRecord {
         expires_at: now + Duration::from_secs(3600),
         uses_allowed: 1,
         uses: 0,
-    }
-}
-
-fn hierarchy(id: &str) -> HierarchyRecord {
-    let now = OffsetDateTime::now_utc();
-    HierarchyRecord {
-        id: id.into(),
-        status: HierarchyStatus::Active,
-        root_pem: String::new(),
-        intermediate_pem: String::new(),
-        key_type: KeyType::EcdsaP256,
-        has_root_key: true,
-        created_at: now,
-        root_not_after: now,
-        intermediate_not_after: now,
-        sealed_keys: None,
-        custody_pem: Vec::new(),
     }
 }
 

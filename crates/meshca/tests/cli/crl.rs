@@ -252,10 +252,10 @@ fn issuer_crl(crls: &Path, issuer: &Issuer, work: &Path) -> Result<PathBuf, Stri
     }
 }
 
-/// openssl's verdict: `verify -crl_check` of the chain under the bundle
-/// with every CRL of the file.
-fn openssl_verdict(chain: &Path, bundle: &Path, crls: &Path) -> Result<Verdict, String> {
-    let out = run_tool(
+/// `openssl verify -crl_check` of the chain's leaf under `bundle`, its
+/// intermediates from the chain, with every CRL of `crls`.
+fn openssl_verify_crl(chain: &Path, bundle: &Path, crls: &Path) -> Output {
+    run_tool(
         "openssl",
         &[
             "verify",
@@ -268,7 +268,13 @@ fn openssl_verdict(chain: &Path, bundle: &Path, crls: &Path) -> Result<Verdict, 
             crls.to_str().unwrap(),
             chain.to_str().unwrap(),
         ],
-    );
+    )
+}
+
+/// openssl's verdict: `verify -crl_check` of the chain under the bundle
+/// with every CRL of the file.
+fn openssl_verdict(chain: &Path, bundle: &Path, crls: &Path) -> Result<Verdict, String> {
+    let out = openssl_verify_crl(chain, bundle, crls);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() && stdout.trim() == format!("{}: OK", chain.display()) {
@@ -544,20 +550,7 @@ pub fn assert_forgeries_refused(chain: &Path, bundle: &Path) {
     ];
     for (same_name, openssl_error, gnutls_error) in cases {
         let forged = forge(&issuer, same_name, work.path());
-        let out = run_tool(
-            "openssl",
-            &[
-                "verify",
-                "-crl_check",
-                "-CAfile",
-                bundle.to_str().unwrap(),
-                "-untrusted",
-                chain.to_str().unwrap(),
-                "-CRLfile",
-                forged.to_str().unwrap(),
-                chain.to_str().unwrap(),
-            ],
-        );
+        let out = openssl_verify_crl(chain, bundle, &forged);
         assert!(
             out.status.code() == Some(2)
                 && String::from_utf8_lossy(&out.stderr).contains(openssl_error),
