@@ -317,6 +317,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     agent.refresh_bundle().await;
                     false
                 }
+                Nudge::Resync => {
+                    agent.refresh_bundle().await;
+                    // Spread like a rotation: a reset may reach many agents.
+                    let window = ((held.not_after - held.start).as_seconds_f64() / 10.0).clamp(0.0, 30.0);
+                    tokio::time::sleep(Duration::from_secs_f64(window * random_unit())).await;
+                    true
+                }
             },
             _ = bundle_poll.tick() => {
                 agent.refresh_bundle().await;
@@ -386,6 +393,9 @@ fn next_step(now: OffsetDateTime, due: OffsetDateTime) -> Duration {
 enum Nudge {
     Rotate,
     Bundle,
+    /// The server said this agent missed events (`reset`): whatever it
+    /// missed, fetching the bundle and renewing now covers it.
+    Resync,
 }
 
 fn check_writable(out: &Path) -> Result<(), AgentError> {
@@ -1096,6 +1106,14 @@ async fn follow_events(
                         mine.then_some(Nudge::Rotate)
                     }
                     "bundle-changed" => Some(Nudge::Bundle),
+                    "reset" => {
+                        let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                        tracing::warn!(
+                            "the CA says this agent missed events (reset: {}): fetching the bundle again and renewing",
+                            v["reason"].as_str().unwrap_or("no reason given")
+                        );
+                        Some(Nudge::Resync)
+                    }
                     _ => None,
                 };
                 if let Some(n) = nudge

@@ -693,6 +693,45 @@ impl Client {
         }
     }
 
+    /// Up to `limit` keys starting with `prefix` and strictly after `after`
+    /// (`None`: from the prefix on), in key order, and whether more such
+    /// keys follow (etcd's `more`). One page of a listing walked with a
+    /// cursor: each call is one range read at the current revision, so
+    /// pages are not one snapshot.
+    pub async fn get_page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: i64,
+    ) -> Result<(Vec<KeyValue>, bool), EtcdError> {
+        let end = prefix_end(prefix);
+        // The first key after `after` is `after` + 0x00; a cursor before
+        // the prefix (not one of its keys) starts at the prefix.
+        let from = match after {
+            Some(after) if after >= prefix => {
+                let mut from = after.to_vec();
+                from.push(0);
+                from
+            }
+            _ => prefix.to_vec(),
+        };
+        // A cursor past the prefix: nothing follows. (An end of `[0]` is
+        // etcd's "to the end of the key space", never passed.)
+        if end != [0] && from >= end {
+            return Ok((Vec::new(), false));
+        }
+        let r = self
+            .range(rpc::RangeRequest {
+                key: from,
+                range_end: end,
+                limit: limit.max(1),
+                ..Default::default()
+            })
+            .await?;
+        let more = r.more;
+        Ok((r.kvs.into_iter().map(KeyValue::from).collect(), more))
+    }
+
     /// Sets `key`; returns the new revision.
     pub async fn put(
         &self,

@@ -225,6 +225,11 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     tracker: Arc<Tracker>,
 ) {
+    // The limits every meshca listener shares (meshca-tls): the handshake
+    // limit, and a connection cap so that a flood of connections cannot
+    // use up the proxy's files (one past the cap is closed at once).
+    let limits = meshca_tls::ConnLimits::default();
+    let gate = limits.gate();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -240,13 +245,19 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(slot) = gate.admit() else {
+            tracing::debug!(route = %r.route.name, peer_addr = %from, "connection closed: the route is at its connection limit ({})", limits.max_connections);
+            drop(tcp);
+            continue;
+        };
         tracker.open.fetch_add(1, Ordering::SeqCst);
         let guard = Guard(tracker.clone());
         let r = r.clone();
         tokio::spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             match &r.tls {
-                Tls::Server(acceptor) => serve_one(&r, acceptor, tcp, from).await,
+                Tls::Server(acceptor) => serve_one(&r, acceptor, tcp, from, limits.handshake).await,
                 Tls::Client(connector) => originate_one(&r, connector, tcp, from).await,
             }
         });
@@ -267,9 +278,15 @@ fn refuse(r: &Running, from: SocketAddr, reason: HandshakeFailure, detail: &str)
 
 /// A server route's connection: handshake (identity checked inside it),
 /// target, optional PROXY header, bytes.
-async fn serve_one(r: &Running, acceptor: &TlsAcceptor, tcp: TcpStream, from: SocketAddr) {
+async fn serve_one(
+    r: &Running,
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    from: SocketAddr,
+    handshake: Duration,
+) {
     let local = tcp.local_addr().unwrap_or(r.route.listen);
-    let (conn, peer) = match acceptor.accept(tcp).await {
+    let (conn, peer) = match acceptor.accept_within(tcp, handshake).await {
         Ok(c) => c,
         Err(TlsError::Handshake { reason, detail }) => return refuse(r, from, reason, &detail),
         Err(e) => return refuse(r, from, HandshakeFailure::Io, &e.to_string()),

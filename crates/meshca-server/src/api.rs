@@ -212,6 +212,16 @@ async fn certificate(
                 ))));
             }
             check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
+            if let Err(refused) = state.issuances.take(&identity_text) {
+                state.metrics.issuance("rate_limited");
+                return Err(state.limited(
+                    refused,
+                    action,
+                    &who.describe(),
+                    Some(&identity_text),
+                    "too many certificates for this identity",
+                ));
+            }
             // The holder of this certificate renews into the new one.
             if let Some(serial) = peer
                 .identity()
@@ -222,6 +232,18 @@ async fn certificate(
         }
         Caller::Token { id, secret } => {
             check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
+            // Before the store is asked: a token used in a loop (or guessed
+            // at) costs a lookup of memory, not a transaction.
+            if let Err(refused) = state.token_uses.take(id) {
+                state.metrics.issuance("rate_limited");
+                return Err(state.limited(
+                    refused,
+                    "token-use",
+                    &who.describe(),
+                    Some(&identity_text),
+                    "this join token is used too often",
+                ));
+            }
             let hash = sha256(secret.as_bytes());
             let token = match state
                 .store
@@ -249,6 +271,18 @@ async fn certificate(
                     "this join token is for {}/{}, not {identity_text}",
                     token.namespace, token.name
                 ))));
+            }
+            // Charged to the identity only once the token proved it.
+            if let Err(refused) = state.issuances.take(&identity_text) {
+                refund(state, id).await;
+                state.metrics.issuance("rate_limited");
+                return Err(state.limited(
+                    refused,
+                    action,
+                    &who.describe(),
+                    Some(&identity_text),
+                    "too many certificates for this identity",
+                ));
             }
             token_used = Some(id.clone());
         }
@@ -330,8 +364,19 @@ pub struct ListQuery {
     identity: Option<String>,
     status: Option<String>,
     expiring_within: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
 }
 
+/// Records per page of `GET /v1/certificates` when none is asked for.
+pub const DEFAULT_PAGE: usize = 500;
+/// The most records one page may ask for.
+pub const MAX_PAGE: usize = 5000;
+
+/// `GET /v1/certificates`: one page, in serial order; `next` is the cursor
+/// for the next page (`after`), null when the listing is complete. A page
+/// costs what it returns (and the records its filter skips), never the
+/// whole store.
 pub async fn list(
     State(s): S,
     Extension(peer): Extension<Peer>,
@@ -341,6 +386,25 @@ pub async fn list(
     caller(&s, &peer, &headers).await?.require_admin()?;
     let Query(q) = q.map_err(query_error)?;
     let now = OffsetDateTime::now_utc();
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "limit {text:?} must be a number from 1 to {MAX_PAGE}"
+                )));
+            }
+        },
+    };
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(text) => Some(text.parse::<Serial>().map_err(|e| {
+            ApiError::bad_request(format!(
+                "after {text:?} must be a serial (the `next` of the previous page): {e}"
+            ))
+        })?),
+    };
     let mut filter = CertFilter::default();
     if let Some(id) = &q.identity {
         let (ns, name) = id.split_once('/').ok_or_else(|| {
@@ -349,7 +413,6 @@ pub async fn list(
         filter.namespace = Some(ns.to_owned());
         filter.name = Some(name.to_owned());
     }
-    let mut only_expired = false;
     match q.status.as_deref() {
         None => {}
         Some("active") => {
@@ -359,7 +422,7 @@ pub async fn list(
         Some("revoked") => filter.status = Some(CertStatus::Revoked),
         Some("expired") => {
             filter.status = Some(CertStatus::Active);
-            only_expired = true;
+            filter.not_after_before = Some(now);
         }
         Some(other) => {
             return Err(ApiError::bad_request(format!(
@@ -373,13 +436,14 @@ pub async fn list(
         filter.not_after_before = Some(now + d);
         filter.exclude_expired_before = Some(now);
     }
-    let mut records = s.store.list_certificates(&filter).await?;
-    if only_expired {
-        records.retain(|r| r.not_after <= now);
-    }
-    Ok(Json(
-        json!({"certificates": records.iter().map(|r| record_json(r, false)).collect::<Vec<_>>()}),
-    ))
+    let page = s
+        .store
+        .list_certificates_page(&filter, after.as_ref(), limit)
+        .await?;
+    Ok(Json(json!({
+        "certificates": page.records.iter().map(|r| record_json(r, false)).collect::<Vec<_>>(),
+        "next": page.next.map(|n| n.to_hex()),
+    })))
 }
 
 fn parse_serial(text: &str) -> Result<Serial, ApiError> {
@@ -1010,6 +1074,27 @@ pub async fn events(
             ));
         }
     };
+    // A few streams per certificate, and a bound per identity: streams are
+    // requests in flight, never closed as idle.
+    let slot = match &who {
+        Caller::Workload(id) => {
+            let serial = peer.identity().map_or("", |p| p.serial.as_str());
+            let identity = format!("{}/{}", id.namespace(), id.name());
+            match s.streams.open(&identity, serial) {
+                Ok(slot) => Some(slot),
+                Err(refused) => {
+                    return Err(s.limited(
+                        refused,
+                        "events",
+                        &who.describe(),
+                        Some(&identity),
+                        "too many event streams open",
+                    ));
+                }
+            }
+        }
+        _ => None,
+    };
     let last: Option<u64> = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -1021,7 +1106,10 @@ pub async fn events(
         }
         _ => None,
     };
-    let (backlog, rx) = s.events.subscribe(last);
+    let sub = s.events.subscribe(
+        last,
+        filter.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
+    );
     let visible =
         move |e: &crate::events::Event| filter.as_ref().is_none_or(|(ns, n)| e.visible_to(ns, n));
     let to_sse = |e: crate::events::Event| {
@@ -1033,12 +1121,17 @@ pub async fn events(
                 .unwrap_or_default(),
         )
     };
-    let vis2 = visible.clone();
-    let past =
-        futures_util::stream::iter(backlog.into_iter().filter(move |e| visible(e)).map(to_sse));
-    let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| {
-        let _held = &guard;
-        let keep = e.ok().filter(|e| vis2(e));
+    let past = futures_util::stream::iter(sub.reset.into_iter().chain(sub.backlog).map(to_sse));
+    let events = s.events.clone();
+    let live = tokio_stream::wrappers::BroadcastStream::new(sub.live).filter_map(move |e| {
+        let _held = (&guard, &slot);
+        let keep = match e {
+            Ok(e) => visible(&e).then_some(e),
+            // Behind the broadcast: said, so that the client fetches again.
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(_)) => Some(
+                crate::events::Event::reset(events.last_id(), crate::events::Missed::Lagged),
+            ),
+        };
         async move { keep.map(to_sse) }
     });
     // The stream lives only as long as its caller's certificate: it is
@@ -1064,11 +1157,29 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// How long a store check answers `/readyz` (anonymous: a flood of probes
+/// asks the store, etcd, at most once a second).
+const READY_STALE: Duration = Duration::from_secs(1);
+
 pub async fn readyz(State(s): S) -> Result<&'static str, ApiError> {
-    s.store
-        .check()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("store not ready: {e}")))?;
+    let arrived = Instant::now();
+    let checked = {
+        let mut last = s.ready.lock().await;
+        match last.as_ref() {
+            // A check made while this one waited for the lock answers it
+            // (concurrent probes share one); a success stays good a second;
+            // a failure is checked again by the next probe to come.
+            Some((at, r)) if *at >= arrived || (r.is_ok() && at.elapsed() < READY_STALE) => {
+                r.clone()
+            }
+            _ => {
+                let r = s.store.check().await.map_err(|e| e.to_string());
+                *last = Some((Instant::now(), r.clone()));
+                r
+            }
+        }
+    };
+    checked.map_err(|e| ApiError::unavailable(format!("store not ready: {e}")))?;
     let issuer = s.authority.issuer();
     issuer.health().map_err(|p| {
         ApiError::unavailable(format!("issuer not ready ({}): {p}", issuer.describe()))
@@ -1076,19 +1187,16 @@ pub async fn readyz(State(s): S) -> Result<&'static str, ApiError> {
     Ok("ready\n")
 }
 
+/// Anonymous: nothing here scans the store per request. The figures over
+/// every record come from memory, at most `GAUGES_STALE` old; the
+/// hierarchies are a handful of records.
 pub async fn metrics(State(s): S) -> Result<Response, ApiError> {
     let now = OffsetDateTime::now_utc();
-    let all = s.store.list_certificates(&CertFilter::default()).await?;
-    let mut by_status = std::collections::BTreeMap::new();
-    let mut earliest_leaf: Option<f64> = None;
-    for r in &all {
-        let status = r.status_at(now);
-        if status == "active" {
-            let left = (r.not_after - now).as_seconds_f64();
-            earliest_leaf = Some(earliest_leaf.map_or(left, |e| e.min(left)));
-        }
-        *by_status.entry(status).or_insert(0u64) += 1;
-    }
+    let gauges = s.gauges().await?;
+    let by_status = gauges.by_status;
+    let earliest_leaf = gauges
+        .earliest_leaf
+        .map(|t| (t - now).as_seconds_f64().max(0.0));
     let hs = s.store.list_hierarchies().await?;
     let live = hs.iter().filter(|h| h.status.in_bundle());
     let root = live

@@ -16,6 +16,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// What happened and what to do.
     pub message: String,
+    /// Seconds after which a refused caller may try again (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -37,6 +39,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request",
             message: message.into(),
+            retry_after: None,
         }
     }
     /// A 401.
@@ -45,6 +48,7 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             code: "unauthenticated",
             message: message.into(),
+            retry_after: None,
         }
     }
     /// A 403.
@@ -53,6 +57,7 @@ impl ApiError {
             status: StatusCode::FORBIDDEN,
             code: "forbidden",
             message: message.into(),
+            retry_after: None,
         }
     }
     /// A 404.
@@ -61,6 +66,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             message: message.into(),
+            retry_after: None,
         }
     }
     /// A 413.
@@ -69,6 +75,24 @@ impl ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             code: "too_large",
             message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// A 429 from one of the [`Limits`](crate::limits::Limits): the message
+    /// names the setting; `Retry-After` says when to come back.
+    pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message: message.into(),
+            retry_after: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+        }
+    }
+    /// A 503 with `Retry-After` (a full listener, a busy server).
+    pub fn unavailable_for(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            ..Self::unavailable(message)
         }
     }
     /// A 500.
@@ -77,6 +101,7 @@ impl ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal",
             message: message.into(),
+            retry_after: None,
         }
     }
     /// A 503.
@@ -85,6 +110,7 @@ impl ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "unavailable",
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -96,12 +122,14 @@ impl From<IssuerError> for ApiError {
                 status: StatusCode::FORBIDDEN,
                 code: "policy",
                 message: e.to_string(),
+                retry_after: None,
             },
             IssuerError::Store(s) => ApiError::from_store(s),
             IssuerError::Rotation(_) => Self {
                 status: StatusCode::CONFLICT,
                 code: "conflict",
                 message: e.to_string(),
+                retry_after: None,
             },
             _ if e.upstream_problem().is_some() => ApiError::unavailable(e.to_string()),
             _ if e.is_bad_input() => ApiError::bad_request(e.to_string()),
@@ -121,6 +149,7 @@ impl ApiError {
                 status: StatusCode::CONFLICT,
                 code: "conflict",
                 message: e.to_string(),
+                retry_after: None,
             }
         } else {
             ApiError::internal(e.to_string())
@@ -158,10 +187,15 @@ impl From<meshca_pki::PkiError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             Json(json!({"error": {"code": self.code, "message": self.message}})),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        resp
     }
 }

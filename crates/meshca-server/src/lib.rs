@@ -23,6 +23,7 @@ pub mod audit;
 pub mod auth;
 mod error;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod views;
 
@@ -95,6 +96,8 @@ pub struct AppState {
     pub server_cert_stale: std::sync::atomic::AtomicBool,
     /// How long records of expired certificates are kept.
     pub keep_expired: Duration,
+    /// How long records of superseded expired certificates are kept.
+    pub keep_superseded: Duration,
     /// When made, the revocation generation and trust bundle it was made
     /// for (a new hierarchy adds a CRL), and the CRLs.
     crl: tokio::sync::Mutex<Option<CachedCrls>>,
@@ -103,6 +106,43 @@ pub struct AppState {
     pub custody: tokio::sync::Mutex<Option<(Instant, String, String)>>,
     crl_generation: AtomicU64,
     crl_number: AtomicU64,
+    /// The `[limits]` settings.
+    pub limits: limits::Limits,
+    /// Issuances per identity (workloads, join tokens).
+    pub issuances: limits::Rates,
+    /// Uses per join token.
+    pub token_uses: limits::Rates,
+    /// Open event streams.
+    pub streams: Arc<limits::Streams>,
+    /// Which limit refusals are audited.
+    pub limit_audit: limits::AuditGate,
+    /// The store-wide figures of `/metrics`, made at most every
+    /// [`GAUGES_STALE`] and never while a scrape waits.
+    gauges: std::sync::Mutex<GaugeCache>,
+    gauges_made: tokio::sync::watch::Sender<u64>,
+    /// The last store check of `/readyz`, and when.
+    pub(crate) ready: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+/// How old the store-wide figures of `/metrics` (certificates by status,
+/// the earliest leaf expiry) may be: a scrape is answered from memory, and
+/// one that finds them older starts one refresh in the background.
+pub const GAUGES_STALE: Duration = Duration::from_secs(30);
+
+/// The certificates by status and the earliest leaf expiry, as last counted.
+#[derive(Debug, Clone)]
+pub struct Gauges {
+    /// Records by status (`active`, `expired`, `revoked`).
+    pub by_status: std::collections::BTreeMap<&'static str, u64>,
+    /// When the first live leaf expires.
+    pub earliest_leaf: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Default)]
+struct GaugeCache {
+    /// The last count (or why it failed) and when it was made.
+    value: Option<(Instant, Result<Gauges, String>)>,
+    refreshing: bool,
 }
 
 impl AppState {
@@ -131,18 +171,134 @@ impl AppState {
             seal: None,
             server_cert_stale: std::sync::atomic::AtomicBool::new(false),
             keep_expired: DEFAULT_KEEP_EXPIRED,
+            keep_superseded: DEFAULT_KEEP_SUPERSEDED,
             crl: tokio::sync::Mutex::new(None),
             custody: tokio::sync::Mutex::new(None),
             crl_generation: AtomicU64::new(0),
             crl_number: AtomicU64::new(
                 u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1),
             ),
-        })
+            limits: limits::Limits::default(),
+            issuances: limits::Rates::new(limits::Limit::IssuancesPerMinute, 120, MINUTE),
+            token_uses: limits::Rates::new(limits::Limit::TokenUsesPerSecond, 20, SECOND),
+            streams: Arc::new(limits::Streams::new(&limits::Limits::default())),
+            limit_audit: limits::AuditGate::default(),
+            gauges: std::sync::Mutex::new(GaugeCache::default()),
+            gauges_made: tokio::sync::watch::channel(0).0,
+            ready: tokio::sync::Mutex::new(None),
+        }
+        .with_limits(limits::Limits::default()))
+    }
+
+    /// Sets the `[limits]` (before serving: the event rings are made anew).
+    pub fn with_limits(mut self, l: limits::Limits) -> Self {
+        self.issuances = limits::Rates::new(
+            limits::Limit::IssuancesPerMinute,
+            l.issuances_per_minute,
+            MINUTE,
+        );
+        self.token_uses = limits::Rates::new(
+            limits::Limit::TokenUsesPerSecond,
+            l.token_uses_per_second,
+            SECOND,
+        );
+        self.streams = Arc::new(limits::Streams::new(&l));
+        self.events = Arc::new(events::Events::with_retention(
+            self.store.clone(),
+            l.events_per_identity,
+            l.events_shared,
+        ));
+        self.limits = l;
+        self
+    }
+
+    /// The answer to a caller refused by a limit: a 429 naming the setting,
+    /// with `Retry-After`; counted, and audited once per limit and caller
+    /// per [`limits::AUDIT_EVERY`].
+    pub fn limited(
+        &self,
+        refused: limits::Refused,
+        action: &str,
+        caller: &str,
+        identity: Option<&str>,
+        what: &str,
+    ) -> ApiError {
+        let wait = refused.retry_after.as_secs_f64().ceil().max(1.0);
+        let message = format!(
+            "{}: {what} ({caller}); retry in {wait}s",
+            refused.limit.setting()
+        );
+        self.metrics.limited(refused.limit);
+        if let Some(quiet) = self.limit_audit.admit(refused.limit, caller) {
+            let reason = if quiet > 0 {
+                format!("{message}; {quiet} more refused by this limit since the last line")
+            } else {
+                message.clone()
+            };
+            self.audit
+                .record(action, caller, identity, None, "refused", Some(&reason));
+        }
+        if refused.limit == limits::Limit::MaxConnections {
+            ApiError::unavailable_for(message, refused.retry_after)
+        } else {
+            ApiError::rate_limited(message, refused.retry_after)
+        }
+    }
+
+    /// The store-wide figures of `/metrics`: from memory, at most
+    /// [`GAUGES_STALE`] old; an older copy is served while one refresh runs
+    /// in the background. Only the very first scrape waits for a count.
+    pub async fn gauges(self: &Arc<Self>) -> Result<Gauges, ApiError> {
+        let mut made = self.gauges_made.subscribe();
+        loop {
+            let start = {
+                let mut cache = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+                let stale = cache
+                    .value
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= GAUGES_STALE);
+                let start = stale && !cache.refreshing;
+                if start {
+                    cache.refreshing = true;
+                }
+                if let Some((_, v)) = &cache.value {
+                    if start {
+                        self.refresh_gauges();
+                    }
+                    return v.clone().map_err(ApiError::internal);
+                }
+                start
+            };
+            if start {
+                self.refresh_gauges();
+            }
+            // The first count is on its way.
+            if made.changed().await.is_err() {
+                return Err(ApiError::internal("the metrics are not being counted"));
+            }
+        }
+    }
+
+    fn refresh_gauges(self: &Arc<Self>) {
+        let st = self.clone();
+        tokio::spawn(async move {
+            let counted = count_gauges(&st).await.map_err(|e| e.message);
+            let mut cache = st.gauges.lock().unwrap_or_else(|e| e.into_inner());
+            cache.value = Some((Instant::now(), counted));
+            cache.refreshing = false;
+            st.gauges_made.send_modify(|n| *n += 1);
+        });
     }
 
     /// Sets how long records of expired certificates are kept.
     pub fn with_keep_expired(mut self, keep: Duration) -> Self {
         self.keep_expired = keep;
+        self
+    }
+
+    /// Sets how long records of superseded expired certificates are kept.
+    pub fn with_keep_superseded(mut self, keep: Duration) -> Self {
+        self.keep_superseded = keep;
         self
     }
 
@@ -273,6 +429,45 @@ impl AppState {
     }
 }
 
+/// Records read per store call when counting.
+const GAUGE_PAGE: usize = 1000;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Counts the records by status and finds the earliest leaf expiry: one
+/// scan of the store, made by [`AppState::gauges`] in the background.
+async fn count_gauges(s: &AppState) -> Result<Gauges, ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let mut by_status = std::collections::BTreeMap::new();
+    let mut earliest_leaf: Option<OffsetDateTime> = None;
+    // Page by page: the memory of a page, not of the store.
+    let mut after: Option<meshca_pki::Serial> = None;
+    loop {
+        let page = s
+            .store
+            .list_certificates_page(&CertFilter::default(), after.as_ref(), GAUGE_PAGE)
+            .await?;
+        for r in &page.records {
+            let status = r.status_at(now);
+            if status == "active" {
+                earliest_leaf = Some(earliest_leaf.map_or(r.not_after, |e| e.min(r.not_after)));
+            }
+            *by_status.entry(status).or_insert(0u64) += 1;
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+        // Leave room for the requests that wait (a single-threaded runtime).
+        tokio::task::yield_now().await;
+    }
+    Ok(Gauges {
+        by_status,
+        earliest_leaf,
+    })
+}
+
 /// The blob under which the leader shares the CRL it made.
 const CRL_BLOB: &str = "crl";
 /// How long a follower serves the shared CRL before reading it again.
@@ -345,7 +540,42 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let response = if plaintext {
+    let reserve =
+        req.extensions().get::<meshca_tls::Admission>() == Some(&meshca_tls::Admission::Reserve);
+    let response = if reserve && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+        // Past the ordinary share of connections: only the admin (and the
+        // probes above) is served, so that it can still act on a flood.
+        let who = match req.extensions().get::<Peer>() {
+            Some(peer) => auth::authenticate(&state, peer, req.headers()).await.ok(),
+            None => None,
+        };
+        if matches!(who, Some(auth::Caller::Admin)) {
+            next.run(req).await
+        } else {
+            let caller = who
+                .as_ref()
+                .map_or_else(|| "anonymous".to_owned(), |w| w.describe());
+            let refused = limits::Refused {
+                limit: limits::Limit::MaxConnections,
+                retry_after: Duration::from_secs(1),
+            };
+            let mut resp = state
+                .limited(
+                    refused,
+                    "connect",
+                    &caller,
+                    None,
+                    "the API port is at its connection limit; only the admin and /healthz, /readyz are served until connections close",
+                )
+                .into_response();
+            // This connection holds a reserved place: give it back.
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            resp
+        }
+    } else if plaintext {
         ApiError::bad_request(
             "this port speaks HTTPS only: use https:// (a plain HTTP request reached the TLS port)",
         )
@@ -657,15 +887,26 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// a large backlog never holds up issuance for long.
 const PRUNE_BATCH: usize = 1000;
 
+/// How long the record of a superseded certificate (its identity has a
+/// newer one: renewed, or issued again in a flood) is kept after it expired,
+/// by default: the newest of each identity is kept for `keep_expired`.
+pub const DEFAULT_KEEP_SUPERSEDED: Duration = Duration::from_secs(3600);
+
 /// Deletes the records of certificates that expired over
-/// [`AppState::keep_expired`] ago; returns how many.
+/// [`AppState::keep_expired`] ago, and those of superseded ones that expired
+/// over [`AppState::keep_superseded`] ago; returns how many.
 pub async fn prune_expired(state: &AppState) -> Result<usize, meshca_store::StoreError> {
-    let cutoff = OffsetDateTime::now_utc() - state.keep_expired;
+    let now = OffsetDateTime::now_utc();
+    let rule = meshca_store::PruneRule {
+        expired_before: now - state.keep_expired,
+        // Never later than the other: a superseded record is kept no longer.
+        superseded_expired_before: now - state.keep_superseded.min(state.keep_expired),
+    };
     let mut gone = 0;
     loop {
         let n = state
             .store
-            .delete_expired_certificates(cutoff, PRUNE_BATCH)
+            .delete_expired_certificates(&rule, PRUNE_BATCH)
             .await?;
         gone += n;
         if n < PRUNE_BATCH {
@@ -745,6 +986,13 @@ async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
         .await
         .map_err(|e| ServeError::Listen(format!("leader election: {e}")))?;
     let _ = state.leader.set(leadership);
+    // The CRL is made now, not by the first caller that asks for it.
+    let st = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = st.crls().await {
+            tracing::warn!("making the CRL failed (will retry): {e}");
+        }
+    });
     let st = state.clone();
     tokio::spawn(async move {
         loop {
@@ -756,8 +1004,9 @@ async fn start_background(state: &Arc<AppState>) -> Result<(), ServeError> {
                 Ok(0) => {}
                 Ok(n) => {
                     let done = format!(
-                        "deleted {n} certificate record(s) expired over {} ago",
-                        meshca_pki::GoDuration(st.keep_expired)
+                        "deleted {n} certificate record(s) expired over {} ago (over {} ago for those superseded by a newer one of their identity)",
+                        meshca_pki::GoDuration(st.keep_expired),
+                        meshca_pki::GoDuration(st.keep_superseded.min(st.keep_expired))
                     );
                     tracing::info!("{done}");
                     st.audit.record(
@@ -886,10 +1135,15 @@ pub async fn run(opts: ServeOptions, state: Arc<AppState>) -> Result<(), ServeEr
         let plain = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| ServeError::Listen(format!("cannot listen on {addr}: {e}")))?;
-        tokio::spawn(meshca_tls::serve_redirect(plain, port));
+        tokio::spawn(meshca_tls::serve_redirect_with(
+            plain,
+            port,
+            meshca_tls::ConnLimits::default(),
+        ));
     }
     tracing::info!("meshca serving on https://{}", opts.listen);
-    meshca_tls::serve(listener, acceptor, router(state))
+    let limits = state.limits.connections().map_err(ServeError::Listen)?;
+    meshca_tls::serve_with(listener, acceptor, router(state), limits)
         .await
         .map_err(|e| ServeError::Listen(e.to_string()))
 }

@@ -10,7 +10,8 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Counters and a latency histogram; gauges are computed at scrape time.
+/// Counters and a latency histogram; the store-wide gauges are counted in
+/// the background (`AppState::gauges`) and given to [`Metrics::render`].
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<String, u64>>,
@@ -18,6 +19,7 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; 12],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    limited: [AtomicU64; crate::limits::Limit::ALL.len()],
 }
 
 impl Metrics {
@@ -40,6 +42,13 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry(outcome.to_owned())
             .or_default() += 1;
+    }
+
+    /// Counts a refusal by a limit.
+    pub fn limited(&self, limit: crate::limits::Limit) {
+        if let Some(i) = crate::limits::Limit::ALL.iter().position(|l| *l == limit) {
+            self.limited[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Records how long an issuance took.
@@ -110,6 +119,18 @@ impl Metrics {
             self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "meshca_issuance_duration_seconds_count {count}");
+        let _ = writeln!(
+            out,
+            "# HELP meshca_limited_total Requests refused by a limit, by its [limits] key.\n# TYPE meshca_limited_total counter"
+        );
+        for (i, limit) in crate::limits::Limit::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "meshca_limited_total{{limit=\"{}\"}} {}",
+                limit.key(),
+                self.limited[i].load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP meshca_certificates Recorded certificates by status.\n# TYPE meshca_certificates gauge"

@@ -13,6 +13,7 @@
 //! checkpoint of everything answered before them.
 
 use std::collections::HashSet;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -29,8 +30,9 @@ use crate::events::MemoryLog;
 use crate::journal::{self, Entry, Files, Pending, Shared};
 use crate::record::{Expiry, IDENTITY_INDEX_MARKER, identity_key, identity_prefix};
 use crate::{
-    CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
-    RevocationReason, RevokeOutcome, Store, StoreError, TokenRecord, TokenRefusal,
+    CertFilter, CertPage, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus,
+    Leadership, PruneRule, RevocationReason, RevokeOutcome, Store, StoreError, TokenRecord,
+    TokenRefusal,
 };
 
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
@@ -794,9 +796,10 @@ impl Store for EmbeddedStore {
 
     async fn delete_expired_certificates(
         &self,
-        expired_before: OffsetDateTime,
+        rule: &PruneRule,
         limit: usize,
     ) -> Result<usize, StoreError> {
+        let rule = *rule;
         self.settle().await?;
         self.blocking(move |s| {
             // Found in a read snapshot, so that the scan never holds up the
@@ -806,14 +809,41 @@ impl Store for EmbeddedStore {
             {
                 let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
                 let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
+                let index = txn.open_table(IDENTITIES).map_err(|e| s.fail(e))?;
                 for item in t.iter().map_err(|e| s.fail(e))? {
                     if expired.len() >= limit {
                         break;
                     }
                     let (k, v) = item.map_err(|e| s.fail(e))?;
                     let rec: Expiry = decode(k.value(), v.value())?;
-                    if rec.not_after < expired_before {
-                        let indexed = identity_key(&rec.namespace, &rec.name, k.value());
+                    let indexed = identity_key(&rec.namespace, &rec.name, k.value());
+                    let (if_newest, if_superseded) = (
+                        rule.deletes(rec.not_after, false),
+                        rule.deletes(rec.not_after, true),
+                    );
+                    let delete = if if_newest == if_superseded {
+                        if_newest
+                    } else {
+                        // Superseded: the identity has a newer record, i.e.
+                        // a key after this one under its prefix in the
+                        // index (one lookup, not a first pass over the
+                        // store, so the scan still stops at `limit`). The
+                        // index is in this snapshot, and every record is
+                        // in it: inserts and deletions write both.
+                        let prefix = identity_prefix(&rec.namespace, &rec.name);
+                        let mut later = index
+                            .range::<&str>((Bound::Excluded(indexed.as_str()), Bound::Unbounded))
+                            .map_err(|e| s.fail(e))?;
+                        let superseded = match later.next() {
+                            Some(item) => {
+                                let (next, _) = item.map_err(|e| s.fail(e))?;
+                                next.value().starts_with(prefix.as_str())
+                            }
+                            None => false,
+                        };
+                        rule.deletes(rec.not_after, superseded)
+                    };
+                    if delete {
                         expired.push((k.value().to_owned(), indexed));
                     }
                 }
@@ -879,6 +909,101 @@ impl Store for EmbeddedStore {
             }
             decide::sort_certificates(&mut out);
             Ok(out)
+        })
+        .await
+    }
+
+    async fn list_certificates_page(
+        &self,
+        filter: &CertFilter,
+        after: Option<&Serial>,
+        limit: usize,
+    ) -> Result<CertPage, StoreError> {
+        let filter = filter.clone();
+        let after = after.map(Serial::to_hex);
+        let limit = limit.max(1);
+        self.settle().await?;
+        self.blocking(move |s| {
+            let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
+            let t = txn.open_table(CERTS).map_err(|e| s.fail(e))?;
+            let mut page = CertPage {
+                records: Vec::new(),
+                next: None,
+            };
+            // The last serial returned once the page is full.
+            let mut full: Option<Serial> = None;
+            if let (Some(ns), Some(name)) = (&filter.namespace, &filter.name) {
+                // One identity: its keys in the index, not every record.
+                // They are the identity's prefix and the serial key, so
+                // within the prefix they are in serial key order too.
+                let index = txn.open_table(IDENTITIES).map_err(|e| s.fail(e))?;
+                let prefix = identity_prefix(ns, name);
+                let cursor = after.as_deref().map(|k| identity_key(ns, name, k));
+                let from = match &cursor {
+                    Some(k) => Bound::Excluded(k.as_str()),
+                    None => Bound::Included(prefix.as_str()),
+                };
+                let mut keys = index
+                    .range::<&str>((from, Bound::Unbounded))
+                    .map_err(|e| s.fail(e))?;
+                for item in keys.by_ref() {
+                    let (k, _) = item.map_err(|e| s.fail(e))?;
+                    let Some(serial) = k.value().strip_prefix(prefix.as_str()) else {
+                        break;
+                    };
+                    let Some(v) = t.get(serial).map_err(|e| s.fail(e))? else {
+                        continue;
+                    };
+                    let rec: CertificateRecord = decode(serial, v.value())?;
+                    if filter.matches(&rec) {
+                        let last = rec.serial.clone();
+                        page.records.push(rec);
+                        if page.records.len() >= limit {
+                            full = Some(last);
+                            break;
+                        }
+                    }
+                }
+                // More may follow when the identity has another key.
+                if let Some(last) = full {
+                    let more = match keys.next() {
+                        Some(Ok((k, _))) => k.value().starts_with(prefix.as_str()),
+                        Some(Err(_)) => true,
+                        None => false,
+                    };
+                    if more {
+                        page.next = Some(last);
+                    }
+                }
+                return Ok(page);
+            }
+            let from = match &after {
+                Some(k) => Bound::Excluded(k.as_str()),
+                None => Bound::Unbounded,
+            };
+            let mut items = t
+                .range::<&str>((from, Bound::Unbounded))
+                .map_err(|e| s.fail(e))?;
+            for item in items.by_ref() {
+                let (k, v) = item.map_err(|e| s.fail(e))?;
+                let rec: CertificateRecord = decode(k.value(), v.value())?;
+                if filter.matches(&rec) {
+                    let last = rec.serial.clone();
+                    page.records.push(rec);
+                    if page.records.len() >= limit {
+                        full = Some(last);
+                        break;
+                    }
+                }
+            }
+            // More may follow when any record does (whether it matches is
+            // the next page's to find out).
+            if let Some(last) = full
+                && items.next().is_some()
+            {
+                page.next = Some(last);
+            }
+            Ok(page)
         })
         .await
     }

@@ -54,6 +54,7 @@
 //! a marker removed from a store whose records are authenticated is written
 //! again (and authenticates nothing), with an `ERROR` in the log.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,8 +70,9 @@ use crate::decide::{self, Decision};
 use crate::mac::{self, RecordKey, Refusal};
 use crate::record::{Expiry, IDENTITY_INDEX_MARKER, identity_key, identity_prefix};
 use crate::{
-    CertFilter, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus, Leadership,
-    RevocationReason, RevokeOutcome, Store, StoreError, StoredEvent, TokenRecord, TokenRefusal,
+    CertFilter, CertPage, CertificateRecord, EventFeed, HierarchyRecord, HierarchyStatus,
+    Leadership, PruneRule, RevocationReason, RevokeOutcome, Store, StoreError, StoredEvent,
+    TokenRecord, TokenRefusal,
 };
 
 /// The default key prefix.
@@ -86,6 +88,10 @@ const CAS_TRIES: usize = 50;
 /// identity index or reading one identity's records (etcd allows 128 by
 /// default).
 const OPS_PER_TXN: usize = 100;
+/// Most keys read per range request of a certificate listing page: a page
+/// asks for what it still needs, doubling while the filter skips records,
+/// up to this.
+const PAGE_KEYS: usize = 256;
 /// Most writes grouped into one transaction (etcd allows 128 operations
 /// per transaction by default; a certificate is two puts, the record and
 /// its index key, and the batch's events one more).
@@ -642,6 +648,33 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// The certificate records the index keys `kvs` (under `prefix`, one
+    /// identity's) lead to, in their order, read in transactions of many
+    /// gets (one round trip per batch, not per record). An index key
+    /// whose record is gone leads nowhere and is left out.
+    async fn records_of_index(
+        &self,
+        prefix: &[u8],
+        kvs: &[KeyValue],
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let keys: Vec<Vec<u8>> = kvs
+            .iter()
+            .map(|kv| {
+                let serial = kv.key.get(prefix.len()..).unwrap_or_default();
+                self.key("certs", &String::from_utf8_lossy(serial))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(OPS_PER_TXN) {
+            let txn = batch
+                .iter()
+                .fold(Txn::new(), |txn, key| txn.then(Op::get(key)));
+            let r = self.client.txn(&txn).await.map_err(|e| self.fail(e))?;
+            out.extend(r.ranges.into_iter().flatten());
+        }
+        Ok(out)
+    }
+
     /// The index key of the certificate record `kv` (`certs/<serial>`).
     fn index_key_of(&self, kv: &KeyValue, rec: &Expiry) -> Vec<u8> {
         let serial = kv.key.rsplit(|b| *b == b'/').next().unwrap_or_default();
@@ -873,27 +906,41 @@ impl Store for EtcdStore {
 
     async fn delete_expired_certificates(
         &self,
-        expired_before: OffsetDateTime,
+        rule: &PruneRule,
         limit: usize,
     ) -> Result<usize, StoreError> {
-        let mut expired = Vec::new();
+        // First pass: every record's expiry and identity, and the newest
+        // record (greatest key: serials are time-ordered) of each identity.
+        // A record that fails its check is left alone (its expiry is not to
+        // be believed), and logged at every sweep; nor does it count as a
+        // newer record, so a forged one supersedes nothing. (The identity
+        // index is not authenticated, hence not asked.)
+        let mut records: Vec<(KeyValue, Expiry)> = Vec::new();
         for kv in self
             .client
             .get_prefix(&self.dir("certs"))
             .await
             .map_err(|e| self.fail(e))?
         {
+            if let Some(rec) = skip_refused(self.decode::<Expiry>(&kv))? {
+                records.push((kv, rec));
+            }
+        }
+        // In key order, so the last record seen of an identity is its newest.
+        let mut newest: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, (_, rec)) in records.iter().enumerate() {
+            newest.insert((rec.namespace.as_str(), rec.name.as_str()), i);
+        }
+        let mut expired = Vec::new();
+        for (i, (kv, rec)) in records.iter().enumerate() {
             if expired.len() >= limit {
                 break;
             }
-            // A record that fails its check is left alone (its expiry is
-            // not to be believed), and logged at every sweep.
-            let Some(rec) = skip_refused(self.decode::<Expiry>(&kv))? else {
-                continue;
-            };
-            if rec.not_after < expired_before {
-                let indexed = self.index_key_of(&kv, &rec);
-                expired.push((kv.key, indexed));
+            let superseded = newest
+                .get(&(rec.namespace.as_str(), rec.name.as_str()))
+                .is_some_and(|n| *n != i);
+            if rule.deletes(rec.not_after, superseded) {
+                expired.push((kv.key.clone(), self.index_key_of(kv, rec)));
             }
         }
         // A record's notAfter never changes, so no comparison is needed;
@@ -954,6 +1001,75 @@ impl Store for EtcdStore {
             .collect();
         decide::sort_certificates(&mut out);
         Ok(out)
+    }
+
+    async fn list_certificates_page(
+        &self,
+        filter: &CertFilter,
+        after: Option<&Serial>,
+        limit: usize,
+    ) -> Result<CertPage, StoreError> {
+        let limit = limit.max(1);
+        // One identity: its keys in the index (not authenticated: each
+        // record they lead to is checked and must match the filter, which
+        // names the identity). Else the records themselves. Either way
+        // the keys end in the serial key, so they come in its order.
+        let index = match (&filter.namespace, &filter.name) {
+            (Some(ns), Some(name)) => Some(self.key("ids", &identity_prefix(ns, name))),
+            _ => None,
+        };
+        let prefix = index.clone().unwrap_or_else(|| self.dir("certs"));
+        let mut cursor: Option<Vec<u8>> = after.map(|serial| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(serial.to_hex().as_bytes());
+            key
+        });
+        let mut page = CertPage {
+            records: Vec::new(),
+            next: None,
+        };
+        // What is still needed, then twice as much each time the filter
+        // left records out, up to PAGE_KEYS: a page whose records mostly
+        // match reads about what it returns.
+        let mut ask = limit.min(PAGE_KEYS);
+        loop {
+            let (kvs, more) = self
+                .client
+                .get_page(&prefix, cursor.as_deref(), i64::try_from(ask).unwrap_or(1))
+                .await
+                .map_err(|e| self.fail(e))?;
+            let Some(last) = kvs.last() else {
+                return Ok(page);
+            };
+            cursor = Some(last.key.clone());
+            let found = match &index {
+                None => kvs,
+                Some(_) => self.records_of_index(&prefix, &kvs).await?,
+            };
+            let total = found.len();
+            for (i, kv) in found.iter().enumerate() {
+                let Some(rec) = skip_refused(self.decode::<CertificateRecord>(kv))? else {
+                    continue;
+                };
+                if !filter.matches(&rec) {
+                    continue;
+                }
+                let serial = rec.serial.clone();
+                page.records.push(rec);
+                if page.records.len() >= limit {
+                    // More may follow when any key does (whether it
+                    // matches is the next page's to find out).
+                    if i + 1 < total || more {
+                        page.next = Some(serial);
+                    }
+                    return Ok(page);
+                }
+            }
+            if !more {
+                return Ok(page);
+            }
+            ask = ask.saturating_mul(2).min(PAGE_KEYS);
+        }
     }
 
     async fn create_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
@@ -1637,8 +1753,12 @@ mod tests {
         };
         assert!(store.list_certificates(&web).await.unwrap().is_empty());
         let later = now + Duration::from_secs(400 * 86400);
+        let rule = PruneRule {
+            expired_before: later,
+            superseded_expired_before: later,
+        };
         assert_eq!(
-            store.delete_expired_certificates(later, 100).await.unwrap(),
+            store.delete_expired_certificates(&rule, 100).await.unwrap(),
             0
         );
         assert!(store.serial_exists(&other).await.unwrap());
@@ -2006,8 +2126,12 @@ mod corrupt_records {
             .unwrap_err();
         assert_eq!(corrupt_key(e), key);
         let later = now + Duration::from_secs(400 * 86_400);
+        let rule = PruneRule {
+            expired_before: later,
+            superseded_expired_before: later,
+        };
         let e = store
-            .delete_expired_certificates(later, 100)
+            .delete_expired_certificates(&rule, 100)
             .await
             .unwrap_err();
         assert_eq!(corrupt_key(e), key);

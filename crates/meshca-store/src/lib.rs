@@ -47,8 +47,9 @@ pub use error::StoreError;
 pub use etcd::{AuthenticateReport, EtcdStore, EtcdStoreConfig};
 pub use events::RETENTION as EMBEDDED_EVENT_RETENTION;
 pub use record::{
-    CertFilter, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus,
-    IntermediateUpdate, RevocationReason, RevokeOutcome, SealedKeys, TokenRecord, TokenRefusal,
+    CertFilter, CertPage, CertStatus, CertificateRecord, HierarchyRecord, HierarchyStatus,
+    IntermediateUpdate, PruneRule, RevocationReason, RevokeOutcome, SealedKeys, TokenRecord,
+    TokenRefusal,
 };
 
 /// An event as the store keeps it: an id that only grows (the SSE `id:`)
@@ -108,13 +109,14 @@ pub trait Store: std::fmt::Debug + Send + Sync {
     /// One certificate record; [`StoreError::NotFound`] when unknown.
     async fn get_certificate(&self, serial: &Serial) -> Result<CertificateRecord, StoreError>;
 
-    /// Deletes up to `limit` certificate records whose notAfter is before
-    /// `expired_before` and returns how many it deleted (fewer than `limit`:
-    /// none is left). The records are the CA's working state; the audit log
-    /// keeps the history of every issuance.
+    /// Deletes up to `limit` expired certificate records that `rule`
+    /// deletes ([`PruneRule::deletes`]: a record superseded by a newer one
+    /// of its identity sooner than the newest) and returns how many it
+    /// deleted (fewer than `limit`: none is left). The records are the CA's
+    /// working state; the audit log keeps the history of every issuance.
     async fn delete_expired_certificates(
         &self,
-        expired_before: OffsetDateTime,
+        rule: &PruneRule,
         limit: usize,
     ) -> Result<usize, StoreError>;
 
@@ -123,6 +125,23 @@ pub trait Store: std::fmt::Debug + Send + Sync {
         &self,
         filter: &CertFilter,
     ) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Up to `limit` certificate records matching `filter`, in key (serial)
+    /// order, after the serial `after` (exclusive; `None`: from the start;
+    /// a serial not in the store is a position all the same). `next` is the
+    /// last serial returned when more records may follow (pass it as
+    /// `after` for the next page), `None` when the listing is complete. A
+    /// page costs what it returns plus the non-matching records skipped,
+    /// never a scan of the whole store when the filter matches often. Each
+    /// page is read on its own: records inserted or deleted between pages
+    /// show or not by where they fall, and none is returned twice. A
+    /// `limit` of 0 counts as 1.
+    async fn list_certificates_page(
+        &self,
+        filter: &CertFilter,
+        after: Option<&Serial>,
+        limit: usize,
+    ) -> Result<CertPage, StoreError>;
 
     /// Records a new join token; [`StoreError::Conflict`] when its id exists.
     async fn create_token(&self, record: &TokenRecord) -> Result<(), StoreError>;

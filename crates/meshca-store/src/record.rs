@@ -222,7 +222,8 @@ pub struct CertificateRecord {
 }
 
 /// What a sweep for expired records reads of a certificate record (its
-/// expiry, and its identity for the index), without decoding the rest.
+/// expiry, and its identity: for the index, and to tell whether a newer
+/// record supersedes it), without decoding the rest.
 #[derive(Deserialize)]
 pub(crate) struct Expiry {
     pub(crate) namespace: String,
@@ -283,6 +284,54 @@ impl CertFilter {
             && self.status.is_none_or(|s| s == r.status)
             && self.not_after_before.is_none_or(|t| r.not_after < t)
             && self.exclude_expired_before.is_none_or(|t| r.not_after >= t)
+    }
+}
+
+/// One page of a certificate listing ([`crate::Store::list_certificates_page`]):
+/// records in key (serial) order, and where the next page starts.
+#[derive(Debug, Clone)]
+pub struct CertPage {
+    /// The records of this page, in key order.
+    pub records: Vec<CertificateRecord>,
+    /// The last serial of `records` when more records may follow (the
+    /// `after` of the next page); `None` when the listing is complete.
+    pub next: Option<Serial>,
+}
+
+/// Which expired records the leader's sweep deletes
+/// ([`crate::Store::delete_expired_certificates`]).
+///
+/// A record is *superseded* when its identity (namespace and name) has a
+/// newer record (a greater serial key: serials are time-ordered): its holder
+/// renewed, or the identity was issued again and again (a flood, a crash
+/// loop). Nobody presents a superseded certificate any more, so its record
+/// is only history, which the audit log keeps; it goes once it expired
+/// before `superseded_expired_before`. The newest record of an identity is
+/// what an operator looks at to see why a workload stopped renewing, so it
+/// is kept longer, until it expired before `expired_before`.
+///
+/// Superseded records are kept the shorter time, so
+/// `superseded_expired_before` (now − keep superseded) is normally the
+/// *later* instant and `expired_before` (now − keep expired) the earlier.
+/// Both equal: every record expired before that instant goes, superseded or
+/// not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneRule {
+    /// The newest record of an identity goes once its notAfter is before this.
+    pub expired_before: OffsetDateTime,
+    /// A superseded record goes once its notAfter is before this.
+    pub superseded_expired_before: OffsetDateTime,
+}
+
+impl PruneRule {
+    /// Whether a record whose notAfter is `not_after` is deleted,
+    /// `superseded` saying whether its identity has a newer record.
+    pub fn deletes(&self, not_after: OffsetDateTime, superseded: bool) -> bool {
+        if superseded {
+            not_after < self.superseded_expired_before
+        } else {
+            not_after < self.expired_before
+        }
     }
 }
 
@@ -354,6 +403,53 @@ impl TokenRefusal {
             TokenRefusal::WrongSecret => "wrong_secret",
             TokenRefusal::Expired => "expired",
             TokenRefusal::UsedUp => "used_up",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prune_rule_keeps_the_newest_record_longer() {
+        let now = OffsetDateTime::now_utc();
+        let hour = time::Duration::hours(1);
+        let week = time::Duration::days(7);
+        let rule = PruneRule {
+            expired_before: now - week,
+            superseded_expired_before: now - hour,
+        };
+        // Expired two hours ago: superseded goes, newest stays.
+        let two_hours = time::Duration::hours(2);
+        assert!(rule.deletes(now - two_hours, true));
+        assert!(!rule.deletes(now - two_hours, false));
+        // Expired eight days ago: both go.
+        let eight_days = time::Duration::days(8);
+        assert!(rule.deletes(now - eight_days, true));
+        assert!(rule.deletes(now - eight_days, false));
+        // Expired half an hour ago, or not yet: neither goes.
+        for not_after in [now - time::Duration::minutes(30), now + hour] {
+            assert!(!rule.deletes(not_after, true));
+            assert!(!rule.deletes(not_after, false));
+        }
+        // The cut-offs are exclusive: a notAfter at the instant stays.
+        assert!(!rule.deletes(now - hour, true));
+        assert!(!rule.deletes(now - week, false));
+        assert!(rule.deletes(now - week, true));
+    }
+
+    #[test]
+    fn a_prune_rule_with_one_instant_is_the_plain_expiry_cut_off() {
+        let t = OffsetDateTime::now_utc();
+        let rule = PruneRule {
+            expired_before: t,
+            superseded_expired_before: t,
+        };
+        for superseded in [false, true] {
+            assert!(rule.deletes(t - time::Duration::seconds(1), superseded));
+            assert!(!rule.deletes(t, superseded));
+            assert!(!rule.deletes(t + time::Duration::seconds(1), superseded));
         }
     }
 }

@@ -232,6 +232,8 @@ async fn check_all(store: Arc<dyn Store>) {
     check_events(store.clone()).await;
     check_blobs_and_leadership(store.clone()).await;
     check_expired_sweep(store.clone()).await;
+    check_paging(store.clone()).await;
+    check_prune_rule(store.clone()).await;
     check_group_commit(store).await;
 }
 
@@ -442,22 +444,21 @@ async fn check_expired_sweep(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let cutoff = now - 5 * day;
+    // One cut-off for all: superseded or not, a record expired before it goes.
+    let rule = PruneRule {
+        expired_before: cutoff,
+        superseded_expired_before: cutoff,
+    };
     assert_eq!(
-        store.delete_expired_certificates(cutoff, 2).await.unwrap(),
+        store.delete_expired_certificates(&rule, 2).await.unwrap(),
         2
     );
     assert_eq!(
-        store
-            .delete_expired_certificates(cutoff, 100)
-            .await
-            .unwrap(),
+        store.delete_expired_certificates(&rule, 100).await.unwrap(),
         3
     );
     assert_eq!(
-        store
-            .delete_expired_certificates(cutoff, 100)
-            .await
-            .unwrap(),
+        store.delete_expired_certificates(&rule, 100).await.unwrap(),
         0
     );
     for serial in &old {
@@ -480,6 +481,259 @@ async fn check_expired_sweep(store: Arc<dyn Store>) {
         .unwrap();
     assert!(everything.iter().all(|r| r.not_after >= cutoff));
     assert!(everything.iter().any(|r| r.serial == recent));
+}
+
+/// Every page of the listing of `filter`, `limit` records at a time, from
+/// the start: the size of each page and the serials in the order returned.
+/// Each page holds only matching records; a page with a `next` is full and
+/// its `next` is its last serial.
+async fn walk(store: &dyn Store, filter: &CertFilter, limit: usize) -> (Vec<usize>, Vec<Serial>) {
+    let mut sizes = Vec::new();
+    let mut serials: Vec<Serial> = Vec::new();
+    let mut after: Option<Serial> = None;
+    for _ in 0..10_000 {
+        let page = store
+            .list_certificates_page(filter, after.as_ref(), limit)
+            .await
+            .unwrap();
+        assert!(
+            page.records.len() <= limit.max(1),
+            "{} records in a page of {limit}",
+            page.records.len()
+        );
+        assert!(page.records.iter().all(|r| filter.matches(r)), "{filter:?}");
+        sizes.push(page.records.len());
+        serials.extend(page.records.iter().map(|r| r.serial.clone()));
+        match page.next {
+            Some(next) => {
+                assert_eq!(
+                    page.records.len(),
+                    limit.max(1),
+                    "a page with a next is full"
+                );
+                assert_eq!(
+                    Some(&next),
+                    page.records.last().map(|r| &r.serial),
+                    "next is the page's last serial"
+                );
+                after = Some(next);
+            }
+            None => return (sizes, serials),
+        }
+    }
+    panic!("the listing of {filter:?} did not end");
+}
+
+/// The keys (serial hex) of `serials`, as given.
+fn hexes<'a>(serials: impl IntoIterator<Item = &'a Serial>) -> Vec<String> {
+    serials.into_iter().map(Serial::to_hex).collect()
+}
+
+/// Paged listing: key (serial) order, each record once, a cursor that is
+/// any serial (in the store or not), filters applied before the limit.
+async fn check_paging(store: Arc<dyn Store>) {
+    let now = OffsetDateTime::now_utc();
+    let later = now + Duration::from_secs(3600);
+    // Seven records in a namespace of their own: four of paging/a, three
+    // of paging/b; one of each revoked.
+    let mut inserted: Vec<(Serial, &str)> = Vec::new();
+    for i in 0..7 {
+        let name = if i < 4 { "a" } else { "b" };
+        let serial = Serial::random().unwrap();
+        let mut rec = cert(&serial, name, later);
+        rec.namespace = "paging".into();
+        store.insert_certificate(&rec).await.unwrap();
+        inserted.push((serial, name));
+    }
+    for i in [1, 5] {
+        store
+            .revoke_certificate(&inserted[i].0, RevocationReason::KeyCompromise, now)
+            .await
+            .unwrap();
+    }
+    let sorted = |mut keys: Vec<String>| {
+        keys.sort();
+        keys
+    };
+    let all_seven = sorted(inserted.iter().map(|(s, _)| s.to_hex()).collect());
+    let a_four = sorted(
+        inserted
+            .iter()
+            .filter(|(_, name)| *name == "a")
+            .map(|(s, _)| s.to_hex())
+            .collect(),
+    );
+    let revoked_two = sorted([1, 5].iter().map(|i| inserted[*i].0.to_hex()).collect());
+
+    // One namespace, three at a time: pages of 3, 3 and 1, each record
+    // once, in key order, the last page without a next.
+    let paging = CertFilter {
+        namespace: Some("paging".into()),
+        ..Default::default()
+    };
+    let (sizes, serials) = walk(&*store, &paging, 3).await;
+    assert_eq!(sizes, [3, 3, 1]);
+    assert_eq!(hexes(&serials), all_seven);
+
+    // Revoked ones of the namespace only, one at a time.
+    let revoked = CertFilter {
+        status: Some(CertStatus::Revoked),
+        ..paging.clone()
+    };
+    let (sizes, serials) = walk(&*store, &revoked, 1).await;
+    assert_eq!(hexes(&serials), revoked_two);
+    assert!(
+        sizes.iter().take(2).all(|n| *n == 1) && sizes.iter().skip(2).all(|n| *n == 0),
+        "{sizes:?}"
+    );
+
+    // One identity (through the identity index): its four, 3 then 1.
+    let of_a = CertFilter {
+        namespace: Some("paging".into()),
+        name: Some("a".into()),
+        ..Default::default()
+    };
+    let (sizes, serials) = walk(&*store, &of_a, 3).await;
+    assert_eq!(sizes, [3, 1]);
+    assert_eq!(hexes(&serials), a_four);
+
+    // The whole store: what a full listing holds, each record once, in
+    // key order.
+    let mut everything = hexes(
+        &store
+            .list_certificates(&CertFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.serial)
+            .collect::<Vec<_>>(),
+    );
+    everything.sort();
+    let (_, serials) = walk(&*store, &CertFilter::default(), 3).await;
+    assert_eq!(hexes(&serials), everything);
+
+    // A serial that is not in the store is a position all the same.
+    let probe = Serial::random().unwrap();
+    assert!(!store.serial_exists(&probe).await.unwrap());
+    let after_probe = |keys: &[String]| -> Vec<String> {
+        keys.iter()
+            .filter(|k| k.as_str() > probe.to_hex().as_str())
+            .cloned()
+            .collect()
+    };
+    for (filter, keys) in [(&paging, &all_seven), (&of_a, &a_four)] {
+        let page = store
+            .list_certificates_page(filter, Some(&probe), 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            hexes(page.records.iter().map(|r| &r.serial)),
+            after_probe(keys.as_slice()),
+            "{filter:?}"
+        );
+        assert!(page.next.is_none(), "{filter:?}");
+    }
+    // Before every key, after every key.
+    let first: Serial = "00".parse().unwrap();
+    let page = store
+        .list_certificates_page(&paging, Some(&first), 100)
+        .await
+        .unwrap();
+    assert_eq!(hexes(page.records.iter().map(|r| &r.serial)), all_seven);
+    assert!(page.next.is_none());
+    let last: Serial = "ff".repeat(16).parse().unwrap();
+    for filter in [&paging, &of_a, &CertFilter::default()] {
+        let page = store
+            .list_certificates_page(filter, Some(&last), 3)
+            .await
+            .unwrap();
+        assert!(page.records.is_empty() && page.next.is_none(), "{filter:?}");
+    }
+    // A limit of 0 counts as 1.
+    let page = store
+        .list_certificates_page(&paging, None, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        hexes(page.records.iter().map(|r| &r.serial)),
+        all_seven[..1].to_vec()
+    );
+    assert_eq!(
+        page.next.as_ref().map(Serial::to_hex),
+        Some(all_seven[0].clone())
+    );
+}
+
+/// A record superseded by a newer one of its identity goes once it expired
+/// before the (later) superseded cut-off; the newest record of an identity
+/// stays until the expiry cut-off. One per call with a limit of 1.
+async fn check_prune_rule(store: Arc<dyn Store>) {
+    let now = OffsetDateTime::now_utc();
+    let hour = Duration::from_secs(3600);
+    let week = Duration::from_secs(7 * 86_400);
+    let expired = now - 2 * hour;
+    // Three records of prune-a (the last in key order is its newest), one
+    // of prune-b, all expired two hours ago.
+    let mut a: Vec<Serial> = (0..3).map(|_| Serial::random().unwrap()).collect();
+    a.sort_by_key(Serial::to_hex);
+    for serial in &a {
+        store
+            .insert_certificate(&cert(serial, "prune-a", expired))
+            .await
+            .unwrap();
+    }
+    let b = Serial::random().unwrap();
+    store
+        .insert_certificate(&cert(&b, "prune-b", expired))
+        .await
+        .unwrap();
+    // Superseded records kept three hours: none of these goes yet.
+    let early = PruneRule {
+        expired_before: now - week,
+        superseded_expired_before: now - 3 * hour,
+    };
+    assert_eq!(
+        store
+            .delete_expired_certificates(&early, 100)
+            .await
+            .unwrap(),
+        0
+    );
+    // Kept one hour: prune-a's two older records go, one per call.
+    let rule = PruneRule {
+        expired_before: now - week,
+        superseded_expired_before: now - hour,
+    };
+    for expected in [1, 1, 0] {
+        assert_eq!(
+            store.delete_expired_certificates(&rule, 1).await.unwrap(),
+            expected
+        );
+    }
+    assert_eq!(
+        store.delete_expired_certificates(&rule, 100).await.unwrap(),
+        0
+    );
+    for serial in &a[..2] {
+        let gone = store.get_certificate(serial).await.unwrap_err();
+        assert!(gone.is_not_found(), "{gone}");
+    }
+    assert_eq!(store.get_certificate(&a[2]).await.unwrap().name, "prune-a");
+    assert_eq!(store.get_certificate(&b).await.unwrap().name, "prune-b");
+    // Their index keys went with them.
+    let of_a = CertFilter {
+        namespace: Some("default".into()),
+        name: Some("prune-a".into()),
+        ..Default::default()
+    };
+    let left: Vec<Serial> = store
+        .list_certificates(&of_a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert_eq!(left, [a[2].clone()]);
 }
 
 /// Many concurrent inserts (committed in groups) are all durable and all distinct.

@@ -135,8 +135,12 @@ fn a_certificate_record_that_does_not_decode_is_named_and_only_what_reads_it_fai
         assert_eq!(corrupt_key(e), web.to_hex());
         // The sweep of expired records stops at it, having deleted nothing.
         let later = now + Duration::from_secs(400 * 86_400);
+        let rule = PruneRule {
+            expired_before: later,
+            superseded_expired_before: later,
+        };
         let e = store
-            .delete_expired_certificates(later, 100)
+            .delete_expired_certificates(&rule, 100)
             .await
             .unwrap_err();
         assert_eq!(corrupt_key(e), web.to_hex());

@@ -2,6 +2,7 @@
 //! listener that redirects to HTTPS.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,26 +14,31 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
 use crate::TlsAcceptor;
+use crate::limits::{Admission, ConnLimits, Gate, Slot};
 
-/// How long a client may take to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves `app` on `listener` through `acceptor`, forever. Each request
-/// carries the connection's [`Peer`](crate::Peer) in its extensions (in axum:
+/// Serves `app` on `listener` through `acceptor`, forever, with the
+/// default [`ConnLimits`]. Each request carries the connection's
+/// [`Peer`](crate::Peer) and [`Admission`] in its extensions (in axum:
 /// `Extension<Peer>`). A failed handshake closes that connection only.
-/// The send buffer of each HTTP connection (the kernel doubles it).
-const SEND_BUFFER: usize = 128 * 1024;
-
 pub async fn serve(
     listener: TcpListener,
     acceptor: Arc<TlsAcceptor>,
     app: Router,
 ) -> std::io::Result<()> {
+    serve_with(listener, acceptor, app, ConnLimits::default()).await
+}
+
+/// The send buffer of each HTTP connection (the kernel doubles it).
+const SEND_BUFFER: usize = 128 * 1024;
+
+/// Accepts the next connection the gate admits; one past the cap is closed
+/// at once (it costs the process a file only for that moment).
+async fn next_admitted(listener: &TcpListener, gate: &Gate) -> (TcpStream, SocketAddr, Slot) {
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -43,6 +49,26 @@ pub async fn serve(
                 continue;
             }
         };
+        match gate.admit() {
+            Some(slot) => return (tcp, remote, slot),
+            None => {
+                tracing::debug!(%remote, "connection closed: the listener is at its connection limit");
+                drop(tcp);
+            }
+        }
+    }
+}
+
+/// [`serve`] with the limits given.
+pub async fn serve_with(
+    listener: TcpListener,
+    acceptor: Arc<TlsAcceptor>,
+    app: Router,
+    limits: ConnLimits,
+) -> std::io::Result<()> {
+    let gate = limits.gate();
+    loop {
+        let (tcp, remote, slot) = next_admitted(&listener, &gate).await;
         // What a client that sends requests and never reads the answers
         // can make the server produce before backpressure stops it: the
         // kernel's autotuned buffers (megabytes with a large tcp_rmem on the
@@ -55,66 +81,77 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let (conn, peer) = match acceptor.accept(tcp).await {
+            let (conn, peer) = match acceptor.accept_within(tcp, limits.handshake).await {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::info!(%remote, "connection refused: {e}");
                     return;
                 }
             };
-            // A connection with no request in flight for IDLE_TIMEOUT is
-            // closed, whatever its protocol: hyper's HTTP/1 header timeout
-            // starts only with a request's first byte, and HTTP/2 has none,
-            // so one that never asks would be held forever (10,000 of them
-            // use up the server's files). A streamed answer (events) is a
-            // request in flight until it ends.
-            let activity = Activity::default();
-            let tracker = activity.clone();
-            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let in_flight = tracker.begin();
-                req.extensions_mut().insert(peer.clone());
-                let answer = app.clone().oneshot(req);
-                async move {
-                    let resp = answer.await?;
-                    Ok::<_, Infallible>(resp.map(|body| {
-                        axum::body::Body::new(Tracked {
-                            inner: body,
-                            _in_flight: in_flight,
-                        })
-                    }))
-                }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            // A client that never finishes its request headers is cut off.
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(conn), svc);
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                r = conn.as_mut() => r,
-                () = activity.idle_for(IDLE_TIMEOUT) => {
-                    // HTTP/1: closed now. HTTP/2: GOAWAY and a PING; a client
-                    // that never answers the PING is not waited for long
-                    // (nothing is in flight, so nothing is cut short).
-                    conn.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(Duration::from_secs(1), conn).await {
-                        Ok(r) => r,
-                        Err(_) => Ok(()),
-                    }
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(%remote, "connection ended: {e}");
-            }
+            let admission = slot.admission;
+            serve_connection(TokioIo::new(conn), app, (peer, admission), &limits, remote).await;
+            drop(slot);
         });
     }
 }
 
-/// How long a connection may have no request in flight before it is closed
-/// (the first request included).
-pub const IDLE_TIMEOUT: Duration = HEADER_TIMEOUT;
+/// Serves one connection under `limits`: the header timeout, and the idle
+/// timeout, whatever the protocol. A connection with no request in flight
+/// for `limits.idle` is closed: hyper's HTTP/1 header timeout starts only
+/// with a request's first byte, and HTTP/2 has none, so one that never asks
+/// would be held forever (10,000 of them use up the server's files). A
+/// streamed answer (events) is a request in flight until it ends.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    (peer, admission): (crate::Peer, Admission),
+    limits: &ConnLimits,
+    remote: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let activity = Activity::default();
+    let tracker = activity.clone();
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let in_flight = tracker.begin();
+        req.extensions_mut().insert(peer.clone());
+        req.extensions_mut().insert(admission);
+        let answer = app.clone().oneshot(req);
+        async move {
+            let resp = answer.await?;
+            Ok::<_, Infallible>(resp.map(|body| {
+                axum::body::Body::new(Tracked {
+                    inner: body,
+                    _in_flight: in_flight,
+                })
+            }))
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that never finishes its request headers is cut off.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header);
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = activity.idle_for(limits.idle) => {
+            // HTTP/1: closed now. HTTP/2: GOAWAY and a PING; a client
+            // that never answers the PING is not waited for long
+            // (nothing is in flight, so nothing is cut short).
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(Duration::from_secs(1), conn).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%remote, "connection ended: {e}");
+    }
+}
 
 /// The requests in flight on one connection.
 #[derive(Clone, Default)]
@@ -218,47 +255,46 @@ pub fn redirect_location(host: &str, https_port: u16, path_and_query: &str) -> O
 }
 
 /// Answers every request on `listener` with `301 Moved Permanently` to the
-/// same path on the HTTPS port (host from the request's Host header).
+/// same path on the HTTPS port (host from the request's Host header), under
+/// the default [`ConnLimits`].
 pub async fn serve_redirect(listener: TcpListener, https_port: u16) -> std::io::Result<()> {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    serve_redirect_with(listener, https_port, ConnLimits::default()).await
+}
+
+/// [`serve_redirect`] with the limits given: the same handshake (none:
+/// plain HTTP), header and idle limits as every other listener, and a
+/// connection cap of its own.
+pub async fn serve_redirect_with(
+    listener: TcpListener,
+    https_port: u16,
+    limits: ConnLimits,
+) -> std::io::Result<()> {
+    let plain = TlsAcceptor::new(&crate::TlsConfig::default())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let app = Router::new().fallback(move |req: Request<axum::body::Body>| async move {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().host().map(str::to_owned))
+            .unwrap_or_default();
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut resp = Response::new(axum::body::Body::empty());
+        match redirect_location(&host, https_port, pq).and_then(|l| HeaderValue::from_str(&l).ok())
+        {
+            Some(loc) => {
+                *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+                resp.headers_mut().insert(header::LOCATION, loc);
             }
-        };
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-                    .or_else(|| req.uri().host().map(str::to_owned))
-                    .unwrap_or_default();
-                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                let mut resp = Response::new(String::new());
-                match redirect_location(&host, https_port, pq)
-                    .and_then(|l| HeaderValue::from_str(&l).ok())
-                {
-                    Some(loc) => {
-                        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
-                        resp.headers_mut().insert(header::LOCATION, loc);
-                    }
-                    None => {
-                        *resp.status_mut() = StatusCode::BAD_REQUEST;
-                        *resp.body_mut() = "a Host header is needed to redirect to HTTPS\n".into();
-                    }
-                }
-                Ok::<_, Infallible>(resp)
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
+            None => {
+                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                *resp.body_mut() = "a Host header is needed to redirect to HTTPS\n".into();
+            }
+        }
+        resp
+    });
+    serve_with(listener, Arc::new(plain), app, limits).await
 }
 
 #[cfg(test)]

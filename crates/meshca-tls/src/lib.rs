@@ -38,6 +38,7 @@ mod creds;
 mod error;
 mod http;
 mod identity;
+mod limits;
 mod reload;
 mod server;
 mod verify;
@@ -46,8 +47,12 @@ pub use client::{TlsConnector, client_config};
 pub use config::{PeerMatcher, Revocation, TlsConfig, TlsMode, TlsVersion};
 pub use creds::{CertPaths, CertSet};
 pub use error::{HandshakeFailure, TlsError};
-pub use http::{redirect_location, serve, serve_redirect};
+pub use http::{redirect_location, serve, serve_redirect, serve_redirect_with, serve_with};
 pub use identity::{NoPeerIdentity, Peer, PeerIdentity};
+pub use limits::{
+    Admission, ConnLimits, Gate, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, Slot,
+    default_max_connections, default_reserved,
+};
 pub use reload::{CertSource, DEFAULT_POLL};
-pub use server::{Conn, HANDSHAKE_TIMEOUT, TlsAcceptor, server_config};
+pub use server::{Conn, TlsAcceptor, server_config};
 pub use verify::ServerIdentity;

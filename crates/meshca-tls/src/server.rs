@@ -18,8 +18,7 @@ use crate::reload::{CertSource, DEFAULT_POLL};
 use crate::verify::AllowListVerifier;
 use crate::{HandshakeFailure, TlsConfig, TlsError, TlsMode, TlsVersion};
 
-/// How long a client may take to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::limits::HANDSHAKE_TIMEOUT;
 
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -241,6 +240,16 @@ impl TlsAcceptor {
     /// `off`, a TLS handshake for `tls`/`mtls`, and for `permissive` a look at
     /// the first byte (0x16 opens a TLS handshake) to pick one or the other.
     pub async fn accept(&self, tcp: TcpStream) -> Result<(Conn, Peer), TlsError> {
+        self.accept_within(tcp, HANDSHAKE_TIMEOUT).await
+    }
+
+    /// [`TlsAcceptor::accept`] with the handshake limit given (a listener's
+    /// [`ConnLimits::handshake`](crate::ConnLimits)).
+    pub async fn accept_within(
+        &self,
+        tcp: TcpStream,
+        limit: Duration,
+    ) -> Result<(Conn, Peer), TlsError> {
         let _ = tcp.set_nodelay(true);
         let Some(configs) = &self.configs else {
             return Ok((
@@ -253,7 +262,7 @@ impl TlsAcceptor {
         };
         if self.mode == TlsMode::Permissive {
             let mut first = [0u8; 1];
-            let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first))
+            let n = tokio::time::timeout(limit, tcp.peek(&mut first))
                 .await
                 .map_err(|_| TlsError::Io("client sent nothing".into()))?
                 .map_err(|e| TlsError::Io(e.to_string()))?;
@@ -269,11 +278,11 @@ impl TlsAcceptor {
         }
         let config = configs.borrow().clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        let tls = tokio::time::timeout(limit, acceptor.accept(tcp))
             .await
             .map_err(|_| TlsError::Handshake {
                 reason: HandshakeFailure::Timeout,
-                detail: format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                detail: format!("no handshake within {limit:?}"),
             })?
             .map_err(|e| TlsError::Handshake {
                 reason: HandshakeFailure::of(&e),

@@ -37,6 +37,30 @@ pub struct Config {
         skip_serializing_if = "is_default_keep_expired"
     )]
     pub keep_expired: GoDuration,
+    /// How long the record of a superseded certificate (its identity has a
+    /// newer one) stays after it expired: renewals and floods do not keep
+    /// a record each for `keep_expired`.
+    #[serde(
+        default = "default_keep_superseded",
+        skip_serializing_if = "is_default_keep_superseded"
+    )]
+    pub keep_superseded: GoDuration,
+    /// What one caller may take (`[limits]`): issuances per identity,
+    /// join-token uses, event streams, connections, event retention.
+    #[serde(default, skip_serializing_if = "is_default_limits")]
+    pub limits: meshca_server::limits::Limits,
+}
+
+fn default_keep_superseded() -> GoDuration {
+    GoDuration(meshca_server::DEFAULT_KEEP_SUPERSEDED)
+}
+
+fn is_default_keep_superseded(d: &GoDuration) -> bool {
+    *d == default_keep_superseded()
+}
+
+fn is_default_limits(l: &meshca_server::limits::Limits) -> bool {
+    *l == meshca_server::limits::Limits::default()
 }
 
 fn default_keep_expired() -> GoDuration {
@@ -83,6 +107,8 @@ impl Config {
             store: None,
             issuer: None,
             keep_expired: default_keep_expired(),
+            keep_superseded: default_keep_superseded(),
+            limits: meshca_server::limits::Limits::default(),
         }
     }
 
@@ -111,6 +137,9 @@ impl Config {
                 .validate()
                 .map_err(|e| anyhow::anyhow!("{}: [issuer.vault] {e}", path.display()))?;
         }
+        self.limits
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         for (i, rule) in self.policy.iter().enumerate() {
             rule.validate(i)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;

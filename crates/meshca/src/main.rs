@@ -432,6 +432,13 @@ struct ListArgs {
     /// Only this status: active, revoked.
     #[arg(long)]
     status: Option<String>,
+    /// At most this many, in serial order (the rest: `--after` the last one).
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Only those after this serial, in serial order (the cursor a limited
+    /// listing prints).
+    #[arg(long, value_name = "SERIAL")]
+    after: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,

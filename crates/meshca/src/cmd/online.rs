@@ -105,6 +105,9 @@ pub async fn issue(t: &Target, a: IssueArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Records asked for per page when listing (the API's maximum).
+const PAGE: usize = 5000;
+
 pub async fn list(t: &Target, a: ListArgs) -> anyhow::Result<ExitCode> {
     let mut query = Vec::new();
     if let (Some(ns), Some(n)) = (&a.namespace, &a.name) {
@@ -116,11 +119,37 @@ pub async fn list(t: &Target, a: ListArgs) -> anyhow::Result<ExitCode> {
     if let Some(w) = &a.expiring_within {
         query.push(format!("expiring_within={w}"));
     }
-    let v = client(t)?
-        .get(&format!("/v1/certificates?{}", query.join("&")))
-        .await?;
-    let empty = Vec::new();
-    let rows = v["certificates"].as_array().unwrap_or(&empty);
+    if a.limit == Some(0) {
+        anyhow::bail!("--limit must be at least 1");
+    }
+    // Page after page (the API's pages are bounded), up to --limit.
+    let c = client(t)?;
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let mut after = a.after.clone();
+    let more = loop {
+        let want = a.limit.map_or(PAGE, |l| (l - rows.len()).min(PAGE));
+        let mut q = query.clone();
+        q.push(format!("limit={want}"));
+        if let Some(s) = &after {
+            q.push(format!("after={s}"));
+        }
+        let v = c.get(&format!("/v1/certificates?{}", q.join("&"))).await?;
+        if let Some(page) = v["certificates"].as_array() {
+            rows.extend(page.iter().cloned());
+        }
+        after = v["next"].as_str().map(str::to_owned);
+        if after.is_none() || a.limit.is_some_and(|l| rows.len() >= l) {
+            break after;
+        }
+    };
+    // A whole listing reads as the offline one: soonest expiry first.
+    if a.limit.is_none() && a.after.is_none() {
+        rows.sort_by(|x, y| x["not_after"].as_str().cmp(&y["not_after"].as_str()));
+    }
+    if let Some(next) = &more {
+        eprintln!("more certificates follow: --after {next}");
+    }
+    let rows = &rows;
     if a.json {
         super::print_json(rows)?;
     } else {

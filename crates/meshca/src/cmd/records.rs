@@ -40,7 +40,26 @@ pub async fn list(dir: &Path, store_args: &StoreArgs, a: ListArgs) -> anyhow::Re
         exclude_expired_before: within.map(|_| now),
     };
     let (_, store, _) = super::open_store(dir, store_args).await?;
-    let records = store.list_certificates(&filter).await?;
+    let after = a
+        .after
+        .as_deref()
+        .map(str::parse::<meshca_pki::Serial>)
+        .transpose()
+        .map_err(|e| anyhow!("--after: {e}"))?;
+    let records = match (a.limit, &after) {
+        (None, None) => store.list_certificates(&filter).await?,
+        (Some(0), _) => return Err(anyhow!("--limit must be at least 1")),
+        // As online: in serial order, a page at a time.
+        (limit, _) => {
+            let page = store
+                .list_certificates_page(&filter, after.as_ref(), limit.unwrap_or(usize::MAX))
+                .await?;
+            if let (Some(next), Some(_)) = (&page.next, limit) {
+                eprintln!("more certificates follow: --after {next}");
+            }
+            page.records
+        }
+    };
     if a.json {
         let rows: Vec<_> = records.iter().map(super::record_json).collect();
         super::print_json(&rows)?;
@@ -89,6 +108,7 @@ pub async fn revoke(
             name: Some(record.name.clone()),
             serial: Some(record.serial.to_hex()),
             at: rfc3339(now),
+            reason: None,
         };
         store.append_event(&serde_json::to_vec(&event)?).await?;
     }

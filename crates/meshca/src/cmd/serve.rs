@@ -78,7 +78,9 @@ pub async fn run(
     let state = Arc::new(
         AppState::new(dir, authority, config.policy.clone(), config.key_type)?
             .with_seal(seal)
-            .with_keep_expired(config.keep_expired.get()),
+            .with_keep_expired(config.keep_expired.get())
+            .with_keep_superseded(config.keep_superseded.get())
+            .with_limits(config.limits),
     );
     let opts = ServeOptions {
         dir: dir.to_owned(),

@@ -405,6 +405,49 @@ fn a_rotate_made_while_the_agent_was_down_reaches_it_when_it_restarts() {
 }
 
 #[test]
+fn an_agent_told_it_missed_events_fetches_again_and_renews() {
+    let tmp = scratch();
+    let data = tmp.path().join("data");
+    ok(&["init", "--dir", data.to_str().unwrap()]);
+    let mut config = std::fs::read_to_string(data.join("meshca.toml")).unwrap();
+    config.push_str("\n[limits]\nevents_per_identity = 3\n");
+    std::fs::write(data.join("meshca.toml"), config).unwrap();
+    let srv = Server::start(&data, &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let log = tmp.path().join("agent.log");
+    // 10 min lifetime: neither the schedule (about 6 min) nor a rotate's
+    // spread (a tenth, capped at 30 s) is what renews it below.
+    let args = ["--ttl", "10m"];
+    let mut agent = start_agent(
+        agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(std::fs::File::create(&log).unwrap()),
+    );
+    wait_for("the first certificate", 10, || {
+        out.join("events-from").exists()
+    });
+    agent.end();
+    let before = serial_of(&out);
+    // While it is away, more of its identity's events than its ring keeps
+    // (certificates the admin issues for default/web: events it ignores).
+    for _ in 0..5 {
+        let (code, body) = srv.curl("POST", "/v1/issue", Some(r#"{"name":"web"}"#), &srv.admin());
+        assert_eq!(code, 200, "{body}");
+    }
+    // Restarted with its files, it resumes from its id: the ring dropped
+    // events after it, so the server says `reset`, and the agent renews.
+    let _agent = start_agent(
+        agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(std::fs::File::create(&log).unwrap()),
+    );
+    wait_for("the renewal the reset asked for", 45, || {
+        serial_of(&out) != before
+    });
+    let said = log_of(&log);
+    keep_output("agent", said.as_bytes());
+    assert!(said.contains("missed events (reset: ring)"), "{said}");
+    verify(&out);
+}
+
+#[test]
 fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
     let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);

@@ -760,3 +760,46 @@ pub fn assert_about(got: Duration, want: Duration, what: &str) {
         "{what}: {got:?}, expected {want:?}"
     );
 }
+
+/// `text` as JSON, or a panic quoting it.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// An RFC 3339 time of an API answer (`expires_at`, `not_after`).
+pub fn rfc3339(v: &serde_json::Value) -> std::time::SystemTime {
+    let at = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{at:?}: {e}"))
+        .into()
+}
+
+/// How long after `opened` the server closed `s` (EOF, or a reset; what it
+/// sends before, a 408 say, is read and dropped); `None` when it was still
+/// open `limit` after `opened`. One look at least: with no time left, an
+/// already closed socket counts.
+pub fn closed_after(
+    s: &mut std::net::TcpStream,
+    opened: std::time::Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(opened.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(opened.elapsed()),
+        }
+        if opened.elapsed() >= limit {
+            return None;
+        }
+    }
+}

@@ -1,20 +1,9 @@
 //! The event stream when a client has missed events: it resumes from an id
-//! older than the ring keeps, or it fell behind the live broadcast.
-//!
-//! What the client is told today (crates/meshca-server/src/events.rs and
-//! `events` in api.rs): nothing. `Events::subscribe` answers a
-//! `Last-Event-ID` with whatever the ring (`RETENTION`, 10,000 events) still
-//! holds after that id, so a client resuming from an id the ring has dropped
-//! gets the oldest event kept next, and the ids jump; a subscriber that falls
-//! more than the broadcast's capacity (`broadcast::channel(4096)` in
-//! `Events::new`) behind has the `Lagged` error dropped (`e.ok()` in the
-//! stream) and goes on with the oldest event the broadcast still holds. No
-//! event, field or comment says that anything was missed, and the stream
-//! stays open.
-//!
-//! Issue #21 changes this to an explicit `reset` event (or the stream closed
-//! with a reason): these tests pin today's silence, and are to be changed
-//! with it.
+//! older than a ring it can see still keeps, or it fell behind the live
+//! broadcast. Either way it is told so with a `reset` event (reason `ring`
+//! or `lagged`, crates/meshca-server/src/events.rs), so that it fetches the
+//! bundle and its certificate again instead of going on as if nothing had
+//! been missed; and the stream goes on.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
@@ -215,10 +204,9 @@ pub(crate) fn rotate(srv: &Server, name: &str) {
     assert_eq!(code, 200, "{body}");
 }
 
-/// Makes many events: one `issued` per name (the issuances go through one
-/// curl, on one connection), then `rounds` times `POST /v1/rotate`, a
-/// `rotate` per live identity. Returns how many events that published.
-fn flood(srv: &Server, dir: &Path, names: &[String], rounds: usize) -> u64 {
+/// The admin issues a certificate for each of `names` (default namespace),
+/// all through one curl on one connection: hundreds in a second or two.
+pub(crate) fn issue_many(srv: &Server, dir: &Path, names: &[String]) {
     let admin = srv.dir.join("admin");
     let mut config = String::new();
     for (i, name) in names.iter().enumerate() {
@@ -233,7 +221,7 @@ fn flood(srv: &Server, dir: &Path, names: &[String], rounds: usize) -> u64 {
             admin.join("tls.key").display(),
         ));
     }
-    let file = dir.join("flood.curlrc");
+    let file = dir.join("issue-many.curlrc");
     std::fs::write(&file, config).unwrap();
     let out = Command::new("curl").arg("-K").arg(file).output().unwrap();
     let codes = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -244,6 +232,13 @@ fn flood(srv: &Server, dir: &Path, names: &[String], rounds: usize) -> u64 {
         names.len(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Makes many events: one `issued` per name (the issuances go through one
+/// curl, on one connection), then `rounds` times `POST /v1/rotate`, a
+/// `rotate` per live identity. Returns how many events that published.
+fn flood(srv: &Server, dir: &Path, names: &[String], rounds: usize) -> u64 {
+    issue_many(srv, dir, names);
     let mut events = names.len() as u64;
     for _ in 0..rounds {
         let (code, body) = srv.curl("POST", "/v1/rotate", None, &srv.admin());
@@ -254,72 +249,72 @@ fn flood(srv: &Server, dir: &Path, names: &[String], rounds: usize) -> u64 {
     events
 }
 
+/// A `reset` event with `reason`.
+fn reset_for(reason: &'static str) -> impl Fn(&Sse) -> bool {
+    move |e: &Sse| e.kind == "reset" && e.data["reason"] == reason
+}
+
 #[test]
-fn resuming_from_an_id_the_ring_dropped_starts_at_the_oldest_kept_event_unannounced() {
-    let ring = meshca_server::events::RETENTION;
-    let tmp = scratch();
-    let srv = Server::start(&tmp.path().join("data"), &[]);
+fn resuming_from_an_id_the_ring_dropped_is_told_with_a_reset() {
+    const RING: u64 = 20;
+    let ca = Ca::new(&[]);
+    let mut config = std::fs::read_to_string(ca.dir.join("meshca.toml")).unwrap();
+    config.push_str(&format!("\n[limits]\nevents_per_identity = {RING}\n"));
+    std::fs::write(ca.dir.join("meshca.toml"), config).unwrap();
+    let srv = Server::start(&ca.dir, &[]);
     let admin = srv.admin();
     // The client's last event.
-    rotate(&srv, "before");
+    let names = ["busy".to_owned(), "quiet".to_owned()];
+    flood(&srv, &ca.dir, &names, 0);
+    rotate(&srv, "quiet");
     let seen = events_only(
         EventStream::open(&srv, &admin, Some(0))
-            .read_until(Duration::from_secs(30), rotate_of("before")),
+            .read_until(Duration::from_secs(30), rotate_of("quiet")),
     );
     let last_seen = seen.last().unwrap().id;
+    // Nothing was dropped yet: no reset before it.
+    assert!(seen.iter().all(|e| e.kind != "reset"), "{seen:?}");
 
-    // While it is away, more happens than the ring keeps.
-    let names: Vec<String> = (0..500).map(|i| format!("e{i}")).collect();
-    let mut published = flood(&srv, tmp.path(), &names, 20);
-    rotate(&srv, "after");
-    published += 1;
-    assert!(
-        published > ring as u64,
-        "{published} events do not pass the ring of {ring}: the test tests nothing"
-    );
-    // Once a client has the last of them, the ring has it too (ids grow by
-    // one per event: the last one is `published` after the client's).
-    EventStream::open(&srv, &admin, Some(last_seen + published - 1))
-        .read_until(Duration::from_secs(60), rotate_of("after"));
+    // While it is away, one identity has more events than its ring keeps.
+    for _ in 0..RING + 5 {
+        rotate(&srv, "busy");
+    }
+    rotate(&srv, "quiet");
+    let published = RING + 6;
 
-    // The client resumes from its last event.
+    // The client resumes from its last event: first it is told.
     let stream = EventStream::open(&srv, &admin, Some(last_seen));
-    let got = events_only(stream.read_until(Duration::from_secs(120), rotate_of("after")));
-    // It gets exactly what the ring holds: the last RETENTION events, in
-    // order and without a gap among them, ending with the last one...
+    let got = events_only(stream.read_until(Duration::from_secs(60), rotate_of("quiet")));
+    assert!(reset_for("ring")(&got[0]), "the first event: {:?}", got[0]);
     assert_eq!(
-        got.len(),
-        ring,
-        "first {:?}, last {:?}",
-        got.first(),
-        got.last()
-    );
-    assert!(
-        got.windows(2).all(|w| w[1].id == w[0].id + 1),
-        "the ring's events are not consecutive"
-    );
-    let last_id = got.last().unwrap().id;
-    assert_eq!(
-        last_id,
+        got[0].id,
         last_seen + published,
-        "events were published meanwhile"
+        "the reset's id: level with the newest"
     );
-    // ...so the ones between its last event and the oldest kept are gone,
-    // and nothing in the stream says so: the first event it reads is simply
-    // the oldest the ring kept (issue #21: a `reset` event instead).
-    let missed = got[0].id - last_seen - 1;
-    assert_eq!(missed, published - ring as u64);
-    assert!(
-        got.iter().all(|e| e.kind == "issued" || e.kind == "rotate"),
-        "an event of another kind: {:?}",
-        got.iter()
-            .find(|e| e.kind != "issued" && e.kind != "rotate")
+    assert!(got[1..].iter().all(|e| e.kind == "rotate"), "{got:?}");
+    // Then what the rings kept after its id, in order: busy's last RING
+    // and quiet's rotate (quiet's ring dropped nothing).
+    let kept = &got[1..];
+    assert_eq!(kept.len() as u64, RING + 1, "{kept:?}");
+    assert!(kept.windows(2).all(|w| w[1].id > w[0].id), "{kept:?}");
+    assert_eq!(kept.last().unwrap().id, last_seen + published);
+    assert_eq!(
+        kept[0].id,
+        last_seen + published - RING,
+        "busy's oldest kept"
     );
-    // And the stream goes on as if nothing had been missed.
+
+    // A client that resumes from an id none of whose later events were
+    // dropped is not told anything.
+    let fresh = EventStream::open(&srv, &admin, Some(last_seen + published - RING));
+    let read = events_only(fresh.read_until(Duration::from_secs(30), rotate_of("quiet")));
+    assert!(read.iter().all(|e| e.kind == "rotate"), "{read:?}");
+
+    // And the stream goes on.
     rotate(&srv, "later");
     let next = events_only(stream.read_until(Duration::from_secs(30), rotate_of("later")));
     assert_eq!(next.len(), 1, "{next:?}");
-    assert_eq!(next[0].id, last_id + 1);
+    assert_eq!(next[0].id, last_seen + published + 1);
 }
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
@@ -472,8 +467,8 @@ impl Reader {
 }
 
 #[test]
-fn a_subscriber_that_falls_behind_the_broadcast_loses_events_unannounced() {
-    // tokio's broadcast in `Events::new` (crates/meshca-server/src/events.rs).
+fn a_subscriber_that_falls_behind_the_broadcast_is_told_with_a_reset() {
+    // tokio's broadcast in `Events::with_retention` (crates/meshca-server/src/events.rs).
     const BROADCAST: u64 = 4096;
     let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
@@ -494,50 +489,63 @@ fn a_subscriber_that_falls_behind_the_broadcast_loses_events_unannounced() {
 
     // Now the subscriber reads again, up to the last event.
     let mut reader = Reader::new(stalled, &head_rest);
-    let got = events_only(reader.until(Duration::from_secs(120), rotate_of("after")));
-    // Nothing but events of the kinds published: no notice of what it missed.
+    let items = events_only(reader.until(Duration::from_secs(120), rotate_of("after")));
     assert!(
-        got.iter().all(|e| e.kind == "issued" || e.kind == "rotate"),
+        items
+            .iter()
+            .all(|e| ["issued", "rotate", "reset"].contains(&e.kind.as_str())),
         "an event of another kind: {:?}",
-        got.iter()
-            .find(|e| e.kind != "issued" && e.kind != "rotate")
+        items
+            .iter()
+            .find(|e| !["issued", "rotate", "reset"].contains(&e.kind.as_str()))
     );
     // It read from the first event published after it subscribed...
-    assert_eq!(got[0].kind, "issued", "{:?}", got[0]);
-    assert_eq!(got[0].data["name"], names[0].as_str(), "{:?}", got[0]);
+    assert_eq!(items[0].kind, "issued", "{:?}", items[0]);
+    assert_eq!(items[0].data["name"], names[0].as_str(), "{:?}", items[0]);
+    let got: Vec<&Sse> = items.iter().filter(|e| e.kind != "reset").collect();
     assert!(
         got.windows(2).all(|w| w[1].id > w[0].id),
         "ids out of order"
     );
     let (first, last) = (got[0].id, got.last().unwrap().id);
     assert_eq!(last - first + 1, published, "ids grow by one per event");
-    // ...and where it fell behind, the ids jump, with nothing in between,
-    // to the oldest event the broadcast still held: BROADCAST before the
-    // newest then, so never later than BROADCAST before the last event.
-    let jumps: Vec<usize> = (1..got.len())
-        .filter(|&i| got[i].id != got[i - 1].id + 1)
+    // Where it fell behind, the ids jump to the oldest event the broadcast
+    // still held, and right before the jump it is told: a `reset` with
+    // reason `lagged`, whose id is at least as new as what it skipped to.
+    let resets: Vec<usize> = (0..items.len())
+        .filter(|&i| items[i].kind == "reset")
         .collect();
     let missed = published - got.len() as u64;
     assert!(
-        !jumps.is_empty() && missed > 0,
+        !resets.is_empty() && missed > 0,
         "the subscriber never fell behind ({} of {published} events read): the test tests nothing",
         got.len()
     );
-    for &i in &jumps {
+    for &i in &resets {
+        assert!(reset_for("lagged")(&items[i]), "{:?}", items[i]);
+        let (before, after) = (&items[i - 1], &items[i + 1]);
         assert!(
-            got[i].id <= last + 1 - BROADCAST,
-            "after a jump the stream went on at {}, less than {BROADCAST} before the last event {last}",
-            got[i].id
+            after.id > before.id + 1,
+            "a reset where nothing was missed: {before:?} {:?} {after:?}",
+            items[i]
         );
+        assert!(
+            after.id <= last + 1 - BROADCAST,
+            "after a reset the stream went on at {}, less than {BROADCAST} before the last event {last}",
+            after.id
+        );
+        assert!(items[i].id >= after.id, "{:?} {after:?}", items[i]);
     }
-    // The last time it fell behind, it went on with at least the
-    // broadcast's worth of events, up to the last one.
-    let tail = got.len() - jumps[jumps.len() - 1];
-    assert!(
-        tail as u64 >= BROADCAST,
-        "{tail} events after the last jump"
-    );
-    // And it goes on as if nothing had been missed.
+    // Every jump is announced.
+    let jumps = (1..items.len())
+        .filter(|&i| {
+            items[i].kind != "reset"
+                && items[i - 1].kind != "reset"
+                && items[i].id != items[i - 1].id + 1
+        })
+        .count();
+    assert_eq!(jumps, 0, "ids jumped without a reset");
+    // And it goes on.
     rotate(&srv, "later");
     let more = events_only(reader.until(Duration::from_secs(30), rotate_of("later")));
     assert_eq!(more.len(), 1, "{more:?}");

@@ -342,26 +342,7 @@ fn assert_alive(server: &mut Server, what: &str) {
 /// Waits until the server closes `s` (EOF, reset, or a final answer then EOF);
 /// returns how long that took, or None if it stayed open past `limit`.
 fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    // One look at least: with no time left, an already closed socket counts.
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Some(started.elapsed()),
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return Some(started.elapsed()),
-        }
-        if started.elapsed() >= limit {
-            return None;
-        }
-    }
+    closed_after(s, Instant::now(), limit)
 }
 
 fn start_server() -> (Scratch, Server) {

@@ -19,6 +19,7 @@ mod impostor;
 mod init;
 mod issue;
 mod leaks;
+mod limits;
 mod lint;
 mod misuse;
 mod proxy;

@@ -88,10 +88,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
 fn status(s: &Server) -> Value {
     json(&s.cli_ok(&["ca", "status", "--json"]))
 }

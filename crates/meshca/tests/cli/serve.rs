@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -11,18 +11,6 @@ use crate::common::*;
 use crate::crl;
 use crate::events::{EventStream, Sse, events_only};
 use crate::refusal::{UNKNOWN_CA, curl_alert};
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
-/// An RFC 3339 time of an API answer (`expires_at`, `not_after`).
-fn rfc3339(v: &Value) -> SystemTime {
-    let at = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
-    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|e| panic!("{at:?}: {e}"))
-        .into()
-}
 
 /// Asserts that an answer is the API error `status` with `code`, its
 /// message containing `needle`.

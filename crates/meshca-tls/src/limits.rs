@@ -1,0 +1,206 @@
+//! The limits every listener meshca opens shares: how long a client may take
+//! for its handshake, for its request headers, and how long a connection may
+//! sit with nothing in flight; and how many connections may be open at once,
+//! with a reserve that only some callers may use.
+//!
+//! # Design
+//! One [`ConnLimits`] per listener, from one place ([`ConnLimits::default`]),
+//! so that the API, the redirect listener, the proxy and the agent's health
+//! port cannot drift apart (the redirect listener once had none of them).
+//! A [`Gate`] counts open connections. Up to `max - reserved` are admitted
+//! as [`Admission::Normal`]; the next `reserved` are admitted as
+//! [`Admission::Reserve`], which the application sees in each request's
+//! extensions and may serve only for callers that must always get through
+//! (meshca's API: the admin and the health probes); past `max` a connection
+//! is closed at once, before any handshake, so that the process never runs
+//! out of files (an accept that fails for want of a file descriptor leaves
+//! the connection in the kernel's backlog, where it waits and retries).
+//! The default `max` follows the process's open-files limit, less what the
+//! process needs besides connections.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// How long a client may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may have no request in flight before it is closed
+/// (the first request included).
+pub const IDLE_TIMEOUT: Duration = HEADER_TIMEOUT;
+/// Files a process needs besides its connections (store, logs, etcd
+/// channels, certificate files being read): kept out of the default cap.
+const FILES_BESIDES_CONNECTIONS: usize = 64;
+/// The default cap when the open-files limit cannot be read or is huge.
+const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
+/// The limits of one listener. See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Time for the TLS handshake (or, in permissive mode, the first byte).
+    pub handshake: Duration,
+    /// Time for a request's headers, from its first byte (HTTP/1).
+    pub header: Duration,
+    /// Time a connection may have no request in flight.
+    pub idle: Duration,
+    /// Connections open at once; past this a new one is closed at once.
+    pub max_connections: usize,
+    /// Of `max_connections`, how many only [`Admission::Reserve`] may use.
+    pub reserved: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        let max = default_max_connections();
+        ConnLimits {
+            handshake: HANDSHAKE_TIMEOUT,
+            header: HEADER_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+            max_connections: max,
+            reserved: default_reserved(max),
+        }
+    }
+}
+
+/// The open-files soft limit, less what the process needs besides
+/// connections (at least 16), capped at a generous default.
+pub fn default_max_connections() -> usize {
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, _)) => usize::try_from(soft)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(FILES_BESIDES_CONNECTIONS)
+            .clamp(16, DEFAULT_MAX_CONNECTIONS.max(16)),
+        Err(_) => DEFAULT_MAX_CONNECTIONS,
+    }
+}
+
+/// The reserve kept out of `max`: a sixteenth, between 4 and 64.
+pub fn default_reserved(max: usize) -> usize {
+    (max / 16).clamp(4, 64).min(max / 2)
+}
+
+impl ConnLimits {
+    /// These limits with a connection cap and reserve (a setting), checked:
+    /// the reserve must leave room for ordinary connections.
+    pub fn with_connections(
+        mut self,
+        max: usize,
+        reserved: usize,
+    ) -> Result<Self, crate::TlsError> {
+        if max == 0 || reserved >= max {
+            return Err(crate::TlsError::Config(format!(
+                "the connection limit needs max_connections >= 1 and reserved_connections below it (got {max} and {reserved})"
+            )));
+        }
+        self.max_connections = max;
+        self.reserved = reserved;
+        Ok(self)
+    }
+
+    /// A gate counting this listener's connections.
+    pub fn gate(&self) -> Gate {
+        Gate {
+            open: Arc::new(AtomicUsize::new(0)),
+            max: self.max_connections,
+            normal: self.max_connections - self.reserved.min(self.max_connections),
+        }
+    }
+}
+
+/// How a connection was let in: see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Within the ordinary share.
+    Normal,
+    /// Within the reserve: the application serves only callers that must
+    /// always get through, and asks the others to come back.
+    Reserve,
+}
+
+/// Counts one listener's open connections.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    open: Arc<AtomicUsize>,
+    max: usize,
+    normal: usize,
+}
+
+/// One admitted connection, until dropped.
+#[derive(Debug)]
+pub struct Slot {
+    open: Arc<AtomicUsize>,
+    /// How it was admitted.
+    pub admission: Admission,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    /// Admits one more connection, or `None` at the cap.
+    pub fn admit(&self) -> Option<Slot> {
+        let before = self
+            .open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot {
+            open: self.open.clone(),
+            admission: if before < self.normal {
+                Admission::Normal
+            } else {
+                Admission::Reserve
+            },
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_comes_after_the_ordinary_share_and_the_cap_is_hard() {
+        let limits = ConnLimits::default().with_connections(4, 1).unwrap();
+        let gate = limits.gate();
+        let normal: Vec<Slot> = (0..3).map(|_| gate.admit().unwrap()).collect();
+        assert!(normal.iter().all(|s| s.admission == Admission::Normal));
+        let reserve = gate.admit().unwrap();
+        assert_eq!(reserve.admission, Admission::Reserve);
+        assert!(gate.admit().is_none(), "past the cap");
+        assert_eq!(gate.open(), 4);
+        drop(reserve);
+        assert_eq!(gate.admit().unwrap().admission, Admission::Reserve);
+        drop(normal);
+        assert_eq!(gate.open(), 0);
+        assert_eq!(gate.admit().unwrap().admission, Admission::Normal);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(ConnLimits::default().with_connections(0, 0).is_err());
+        assert!(ConnLimits::default().with_connections(8, 8).is_err());
+        assert!(ConnLimits::default().with_connections(8, 0).is_ok());
+    }
+
+    #[test]
+    fn default_reserve_leaves_most_for_ordinary_connections() {
+        assert_eq!(default_reserved(16), 4);
+        assert_eq!(default_reserved(4096), 64);
+        assert_eq!(default_reserved(200), 12);
+        assert_eq!(default_reserved(6), 3);
+        let d = ConnLimits::default();
+        assert!(d.reserved < d.max_connections && d.max_connections >= 16);
+    }
+}
