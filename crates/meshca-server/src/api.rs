@@ -119,6 +119,26 @@ fn cert_json(issued: &Issued, last_event_id: u64) -> Response {
     Json(answer).into_response()
 }
 
+/// Takes one of `identity`'s issuances (`limits.issuances_per_minute`),
+/// once the caller is known to be entitled to it; the 429 otherwise.
+fn charge_identity(
+    state: &AppState,
+    action: &str,
+    who: &Caller,
+    identity: &str,
+) -> Result<(), ApiError> {
+    state.issuances.take(identity).map_err(|refused| {
+        state.metrics.issuance("rate_limited");
+        state.limited(
+            refused,
+            action,
+            &who.describe(),
+            Some(identity),
+            "too many certificates for this identity",
+        )
+    })
+}
+
 /// `POST /v1/sign` and `POST /v1/issue`.
 async fn certificate(
     state: &AppState,
@@ -212,16 +232,7 @@ async fn certificate(
                 ))));
             }
             check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
-            if let Err(refused) = state.issuances.take(&identity_text) {
-                state.metrics.issuance("rate_limited");
-                return Err(state.limited(
-                    refused,
-                    action,
-                    &who.describe(),
-                    Some(&identity_text),
-                    "too many certificates for this identity",
-                ));
-            }
+            charge_identity(state, action, &who, &identity_text)?;
             // The holder of this certificate renews into the new one.
             if let Some(serial) = peer
                 .identity()
@@ -273,16 +284,9 @@ async fn certificate(
                 ))));
             }
             // Charged to the identity only once the token proved it.
-            if let Err(refused) = state.issuances.take(&identity_text) {
+            if let Err(e) = charge_identity(state, action, &who, &identity_text) {
                 refund(state, id).await;
-                state.metrics.issuance("rate_limited");
-                return Err(state.limited(
-                    refused,
-                    action,
-                    &who.describe(),
-                    Some(&identity_text),
-                    "too many certificates for this identity",
-                ));
+                return Err(e);
             }
             token_used = Some(id.clone());
         }

@@ -408,10 +408,7 @@ fn a_rotate_made_while_the_agent_was_down_reaches_it_when_it_restarts() {
 fn an_agent_told_it_missed_events_fetches_again_and_renews() {
     let tmp = scratch();
     let data = tmp.path().join("data");
-    ok(&["init", "--dir", data.to_str().unwrap()]);
-    let mut config = std::fs::read_to_string(data.join("meshca.toml")).unwrap();
-    config.push_str("\n[limits]\nevents_per_identity = 3\n");
-    std::fs::write(data.join("meshca.toml"), config).unwrap();
+    init_with(&data, "", "events_per_identity = 3\n");
     let srv = Server::start(&data, &[]);
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("web");

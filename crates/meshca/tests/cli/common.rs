@@ -803,3 +803,34 @@ pub fn closed_after(
         }
     }
 }
+
+/// A data directory made by `meshca init` at `dir` whose meshca.toml has
+/// `top` (top-level settings) before what init wrote, and, when `limits` is
+/// not empty, a `[limits]` table of those lines at the end.
+pub fn init_with(dir: &Path, top: &str, limits: &str) {
+    ok(&["init", "--dir", dir.to_str().unwrap()]);
+    let toml = dir.join("meshca.toml");
+    let written = std::fs::read_to_string(&toml).unwrap();
+    let mut text = format!("{top}{written}");
+    if !limits.is_empty() {
+        text.push_str(&format!("\n[limits]\n{limits}"));
+    }
+    std::fs::write(&toml, text).unwrap();
+}
+
+/// Asserts that the `--http-redirect` listener on `redirect` sends a
+/// request to the same path on `srv`'s HTTPS port.
+pub fn assert_redirects(srv: &Server, redirect: u16) {
+    let out = tool(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            &format!("http://localhost:{redirect}/v1/ca?x=1"),
+        ],
+    );
+    assert_eq!(out, format!("301 https://localhost:{}/v1/ca?x=1", srv.port));
+}

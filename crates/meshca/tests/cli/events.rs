@@ -257,15 +257,14 @@ fn reset_for(reason: &'static str) -> impl Fn(&Sse) -> bool {
 #[test]
 fn resuming_from_an_id_the_ring_dropped_is_told_with_a_reset() {
     const RING: u64 = 20;
-    let ca = Ca::new(&[]);
-    let mut config = std::fs::read_to_string(ca.dir.join("meshca.toml")).unwrap();
-    config.push_str(&format!("\n[limits]\nevents_per_identity = {RING}\n"));
-    std::fs::write(ca.dir.join("meshca.toml"), config).unwrap();
-    let srv = Server::start(&ca.dir, &[]);
+    let tmp = scratch();
+    let data = tmp.path().join("data");
+    init_with(&data, "", &format!("events_per_identity = {RING}\n"));
+    let srv = Server::start(&data, &[]);
     let admin = srv.admin();
     // The client's last event.
     let names = ["busy".to_owned(), "quiet".to_owned()];
-    flood(&srv, &ca.dir, &names, 0);
+    flood(&srv, tmp.path(), &names, 0);
     rotate(&srv, "quiet");
     let seen = events_only(
         EventStream::open(&srv, &admin, Some(0))

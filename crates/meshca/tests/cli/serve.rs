@@ -125,18 +125,7 @@ fn serve_alone_gives_a_working_ca() {
         "speaks HTTPS only",
     );
     // The redirect listener.
-    let out = tool(
-        "curl",
-        &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{redirect_url}",
-            &format!("http://localhost:{redirect}/v1/ca?x=1"),
-        ],
-    );
-    assert_eq!(out, format!("301 https://localhost:{}/v1/ca?x=1", srv.port));
+    assert_redirects(&srv, redirect);
     // The CRL, DER and PEM: one CRL, the intermediate's, signed by it;
     // the admin's certificate passes the check against it.
     let from_der = crl::fetch(&srv, "/v1/crl", &tmp.path().join("crl.pem"));

@@ -243,10 +243,7 @@ fn a_token_of_k_uses_used_by_many_at_once_buys_exactly_k_certificates() {
     let data = tmp.path().join("data");
     // Ten uses of one token at once: above the default rate per token
     // (limits/rates.rs tests that), which this test is not about.
-    ok(&["init", "--dir", data.to_str().unwrap()]);
-    let mut config = std::fs::read_to_string(data.join("meshca.toml")).unwrap();
-    config.push_str("\n[limits]\ntoken_uses_per_second = 100\n");
-    std::fs::write(data.join("meshca.toml"), config).unwrap();
+    init_with(&data, "", "token_uses_per_second = 100\n");
     let srv = Server::start(&data, &[]);
     let (csr, _key) = openssl_csr(tmp.path(), "web", &[]);
     let body = sign_body(&csr, "web", "");

@@ -222,18 +222,7 @@ fn the_redirect_listener_cuts_off_unfinished_and_idle_connections() {
             closed_after(&mut c, opened, limit)
         });
         // Meanwhile a whole request is answered as ever.
-        let out = tool(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code} %{redirect_url}",
-                &format!("http://localhost:{redirect}/v1/ca?x=1"),
-            ],
-        );
-        assert_eq!(out, format!("301 https://localhost:{}/v1/ca?x=1", srv.port));
+        assert_redirects(&srv, redirect);
         (
             unfinished.join().unwrap(),
             idle.join().unwrap(),

@@ -33,19 +33,11 @@ use serde_json::Value;
 use crate::common::*;
 use crate::refusal::api_error;
 
-/// A data directory made by `meshca init` in `tmp/data` whose meshca.toml
-/// has `top` (top-level settings) before what init wrote, and, when
-/// `limits` is not empty, a `[limits]` table of those lines at the end.
+/// A data directory made by `meshca init` in `tmp/data` with these
+/// settings (see [`init_with`]).
 pub(super) fn data_dir(tmp: &Scratch, top: &str, limits: &str) -> PathBuf {
     let d = tmp.path().join("data");
-    ok(&["init", "--dir", d.to_str().unwrap()]);
-    let toml = d.join("meshca.toml");
-    let written = std::fs::read_to_string(&toml).unwrap();
-    let mut text = format!("{top}{written}");
-    if !limits.is_empty() {
-        text.push_str(&format!("\n[limits]\n{limits}"));
-    }
-    std::fs::write(&toml, text).unwrap();
+    init_with(&d, top, limits);
     d
 }
 
