@@ -56,7 +56,9 @@ pub(crate) async fn serve(
         .with_state((held, renewals));
     match meshca_tls::TlsAcceptor::new(&meshca_tls::TlsConfig::default()) {
         Ok(acceptor) => {
-            if let Err(e) = meshca_tls::serve(listener, Arc::new(acceptor), app).await {
+            let limits = meshca_tls::ConnLimits::small();
+            if let Err(e) = meshca_tls::serve_with(listener, Arc::new(acceptor), app, limits).await
+            {
                 tracing::error!("the health listener stopped: {e}");
             }
         }

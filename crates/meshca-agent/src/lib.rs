@@ -1076,9 +1076,19 @@ async fn follow_events(
             .and_then(|b| b.identity_pem(h.cert_pem.as_bytes(), h.key_pem.as_bytes()))
             .map(|b| b.header(BUNDLE_HEADER, &bundle_fingerprint_of(&pem)))
             .and_then(|b| b.build());
-        if let Ok(client) = client
-            && let Ok(mut stream) = client.events(last.as_deref()).await
-        {
+        let opened = match client {
+            Ok(client) => client
+                .events(last.as_deref())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = &opened {
+            // A refusal (429: too many streams of this identity) is said, so
+            // that a missed rotate has a trace; the schedule still renews.
+            tracing::warn!("the event stream is not open (retrying in about {backoff:?}): {e}");
+        }
+        if let Ok(mut stream) = opened {
             backoff = Duration::from_secs(1);
             let mut new_bundle = false;
             loop {

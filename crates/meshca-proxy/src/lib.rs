@@ -173,6 +173,18 @@ pub async fn run(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = Arc::new(Tracker::default());
+    // One budget of files for every route (meshca-tls's limits): a proxied
+    // connection holds two (the client's and the target's), so half the
+    // connection cap, shared, so that routes together cannot exceed it.
+    let limits = meshca_tls::ConnLimits::default();
+    let shared = limits
+        .with_connections((limits.max_connections / 2).max(2), 0)
+        .map_err(|e| ProxyError::Listen {
+            route: "all".into(),
+            addr: String::new(),
+            reason: e.to_string(),
+        })?;
+    let gate = shared.gate();
     let mut loops = Vec::new();
     for (r, listener) in ready.iter().zip(listeners) {
         tracing::info!(
@@ -187,6 +199,7 @@ pub async fn run(
             listener,
             stop_rx.clone(),
             tracker.clone(),
+            (shared, gate.clone()),
         )));
     }
     shutdown.await;
@@ -224,12 +237,12 @@ async fn accept_loop(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     tracker: Arc<Tracker>,
+    (limits, gate): (meshca_tls::ConnLimits, meshca_tls::Gate),
 ) {
     // The limits every meshca listener shares (meshca-tls): the handshake
-    // limit, and a connection cap so that a flood of connections cannot
-    // use up the proxy's files (one past the cap is closed at once).
-    let limits = meshca_tls::ConnLimits::default();
-    let gate = limits.gate();
+    // limit, and a connection cap (shared by the routes) so that a flood of
+    // connections cannot use up the proxy's files (one past the cap is
+    // closed at once).
     loop {
         let accepted = tokio::select! {
             biased;
@@ -245,7 +258,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(slot) = gate.admit() else {
+        let Some(slot) = gate.admit(from.ip()) else {
             tracing::debug!(route = %r.route.name, peer_addr = %from, "connection closed: the route is at its connection limit ({})", limits.max_connections);
             drop(tcp);
             continue;
@@ -469,7 +482,14 @@ async fn health(listener: TcpListener, routes: Vec<Arc<Running>>, metrics: Arc<M
         .route("/metrics", get(move || async move { metrics.render() }));
     match TlsAcceptor::new(&TlsConfig::default()) {
         Ok(acceptor) => {
-            if let Err(e) = meshca_tls::serve(listener, Arc::new(acceptor), app).await {
+            let served = meshca_tls::serve_with(
+                listener,
+                Arc::new(acceptor),
+                app,
+                meshca_tls::ConnLimits::small(),
+            )
+            .await;
+            if let Err(e) = served {
                 tracing::error!("the health listener stopped: {e}");
             }
         }

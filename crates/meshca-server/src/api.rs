@@ -19,6 +19,7 @@ use meshca_issuer::{IssueRequest, Issued, check_workload};
 use meshca_pki::{Serial, parse_duration, rfc3339, sha256};
 use meshca_store::{
     CertFilter, CertStatus, CertificateRecord, RevocationReason, RevokeOutcome, TokenRecord,
+    TokenRefusal,
 };
 use meshca_tls::Peer;
 use serde::Deserialize;
@@ -119,6 +120,17 @@ fn cert_json(issued: &Issued, last_event_id: u64) -> Response {
     Json(answer).into_response()
 }
 
+/// Whom a refusal's audit line is throttled for: a verified certificate
+/// names its holder; a token's id is only claimed until the store checked
+/// it, so all token callers are one, as are anonymous ones.
+fn refusal_key(who: &Caller) -> String {
+    match who {
+        Caller::Admin | Caller::Workload(_) => who.describe(),
+        Caller::Token { .. } => "token".to_owned(),
+        Caller::Anonymous => "anonymous".to_owned(),
+    }
+}
+
 /// Takes one of `identity`'s issuances (`limits.issuances_per_minute`),
 /// once the caller is known to be entitled to it; the 429 otherwise.
 fn charge_identity(
@@ -153,14 +165,7 @@ async fn certificate(
     let who = match caller(state, peer, headers).await {
         Ok(w) => w,
         Err(e) => {
-            state.audit.record(
-                action,
-                "unauthenticated",
-                None,
-                None,
-                "refused",
-                Some(&e.message),
-            );
+            state.audit_refusal(action, "unauthenticated", "unauthenticated", None, &e);
             state.metrics.issuance(e.code);
             return Err(e);
         }
@@ -169,28 +174,47 @@ async fn certificate(
         Ok(r) => r,
         Err(e) => {
             let e = ApiError::from(e);
-            state.audit.record(
-                action,
-                &who.describe(),
-                None,
-                None,
-                "refused",
-                Some(&e.message),
-            );
+            if matches!(who, Caller::Admin | Caller::Workload(_)) {
+                state.audit.record(
+                    action,
+                    &who.describe(),
+                    None,
+                    None,
+                    "refused",
+                    Some(&e.message),
+                );
+            } else {
+                state.audit_refusal(action, &who.describe(), &refusal_key(&who), None, &e);
+            }
             state.metrics.issuance(e.code);
             return Err(e);
         }
     };
     let identity_text = r.identity_text();
+    // A caller proved (a verified certificate, a token whose secret the
+    // store checked) has every refusal audited; one not yet proved, whose
+    // refusals anyone can cause at will, has them throttled.
+    let proven =
+        std::sync::atomic::AtomicBool::new(matches!(who, Caller::Admin | Caller::Workload(_)));
     let refuse = |e: ApiError| {
-        state.audit.record(
-            action,
-            &who.describe(),
-            Some(&identity_text),
-            None,
-            "refused",
-            Some(&e.message),
-        );
+        if proven.load(std::sync::atomic::Ordering::Relaxed) {
+            state.audit.record(
+                action,
+                &who.describe(),
+                Some(&identity_text),
+                None,
+                "refused",
+                Some(&e.message),
+            );
+        } else {
+            state.audit_refusal(
+                action,
+                &who.describe(),
+                &refusal_key(&who),
+                Some(&identity_text),
+                &e,
+            );
+        }
         state.metrics.issuance(e.code);
         e
     };
@@ -232,20 +256,39 @@ async fn certificate(
                 ))));
             }
             check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
-            charge_identity(state, action, &who, &identity_text)?;
-            // The holder of this certificate renews into the new one.
-            if let Some(serial) = peer
+            let presented = peer
                 .identity()
-                .and_then(|p| p.serial.parse::<Serial>().ok())
-            {
+                .and_then(|p| p.serial.parse::<Serial>().ok());
+            // A certificate's first renewal past half its life is the one
+            // its agent makes on schedule: not charged to the identity, so
+            // that a sibling renewing in a loop cannot starve it.
+            let on_schedule = match &presented {
+                Some(serial) => match state.store.get_certificate(serial).await {
+                    Ok(rec) => state.renewed.first_on_schedule(
+                        &rec.serial.to_hex(),
+                        rec.not_before,
+                        rec.not_after,
+                        OffsetDateTime::now_utc(),
+                    ),
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            if !on_schedule {
+                charge_identity(state, action, &who, &identity_text)?;
+            }
+            // The holder of this certificate renews into the new one.
+            if let Some(serial) = presented {
                 req = req.renewing(serial);
             }
         }
         Caller::Token { id, secret } => {
             check_workload(&state.rules, &req).map_err(|e| refuse(e.into()))?;
-            // Before the store is asked: a token used in a loop (or guessed
-            // at) costs a lookup of memory, not a transaction.
-            if let Err(refused) = state.token_uses.take(id) {
+            // Before the store is asked: a token used in a loop costs a
+            // lookup of memory. Only uses that proved the secret are
+            // charged (below), so knowing a token's id is not enough to
+            // use up its rate.
+            if let Err(refused) = state.token_uses.peek(id) {
                 state.metrics.issuance("rate_limited");
                 return Err(state.limited(
                     refused,
@@ -263,19 +306,34 @@ async fn certificate(
             {
                 Ok(t) => t,
                 Err(why) => {
-                    state.audit.record(
-                        "token-use",
-                        &who.describe(),
-                        Some(&identity_text),
-                        None,
-                        "refused",
-                        Some(why.as_str()),
-                    );
+                    // An unknown token or a wrong secret proves nothing (the
+                    // id is the caller's claim): throttled; an expired or
+                    // used-up token was proved by its secret: every one.
+                    let unproven = matches!(why, TokenRefusal::Unknown | TokenRefusal::WrongSecret);
+                    if !unproven {
+                        proven.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let quiet = if unproven {
+                        state.limit_audit.admit_key("token-use", "token")
+                    } else {
+                        Some(0)
+                    };
+                    if let Some(quiet) = quiet {
+                        state.audit.record(
+                            "token-use",
+                            &who.describe(),
+                            Some(&identity_text),
+                            None,
+                            "refused",
+                            Some(&crate::limits::with_quiet(why.as_str(), quiet)),
+                        );
+                    }
                     return Err(refuse(ApiError::unauthenticated(
                         "the join token is unknown, expired or used up",
                     )));
                 }
             };
+            proven.store(true, std::sync::atomic::Ordering::Relaxed);
             if token.namespace != r.namespace || token.name != r.name {
                 refund(state, id).await;
                 return Err(refuse(ApiError::forbidden(format!(
@@ -283,10 +341,19 @@ async fn certificate(
                     token.namespace, token.name
                 ))));
             }
-            // Charged to the identity only once the token proved it.
-            if let Err(e) = charge_identity(state, action, &who, &identity_text) {
+            // A token's uses are bounded by the token itself (its uses, and
+            // this rate): they are not charged to its identity, so that a
+            // pod renewing in a loop cannot keep new pods from joining.
+            if let Err(refused) = state.token_uses.take(id) {
                 refund(state, id).await;
-                return Err(e);
+                state.metrics.issuance("rate_limited");
+                return Err(state.limited(
+                    refused,
+                    "token-use",
+                    &who.describe(),
+                    Some(&identity_text),
+                    "this join token is used too often",
+                ));
             }
             token_used = Some(id.clone());
         }
@@ -1110,6 +1177,7 @@ pub async fn events(
         }
         _ => None,
     };
+    let room = slot.as_ref().map(|s| s.closer());
     let sub = s.events.subscribe(
         last,
         filter.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
@@ -1143,13 +1211,26 @@ pub async fn events(
     // marks the cache at once; one it missed is read from the store within
     // PEER_CACHE_TTL), and the stream ends when the check fails.
     let (st, peer2, headers2) = (s.clone(), peer.clone(), headers.clone());
-    let ended = async move {
+    let reauth = async move {
         loop {
             tokio::time::sleep(STREAM_REAUTH).await;
             if let Err(e) = authenticate(&st, &peer2, &headers2).await {
                 tracing::info!(peer = %peer2.describe(), "closing an event stream: {}", e.message);
                 break;
             }
+        }
+    };
+    // Closed to make room for a newer stream of the same identity
+    // (`limits.event_streams_per_identity`): the client resumes.
+    let ended = async move {
+        match room {
+            Some(close) => {
+                tokio::select! {
+                    () = reauth => {}
+                    () = close.notified() => {}
+                }
+            }
+            None => reauth.await,
         }
     };
     Ok(Sse::new(past.chain(live).take_until(ended))

@@ -6,6 +6,24 @@ use std::path::Path;
 
 use serde::Serialize;
 
+/// The longest caller or identity written (a DNS name's 253, and room).
+const FIELD_MAX: usize = 300;
+/// The longest reason written.
+const REASON_MAX: usize = 1024;
+
+/// `text` cut to at most `max` bytes, on a character boundary, with `…`
+/// when cut.
+fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &text[..end]))
+}
+
 /// An append-only JSON-lines file.
 #[derive(Debug)]
 pub struct Audit {
@@ -17,11 +35,11 @@ pub struct Audit {
 struct Line<'a> {
     ts: String,
     action: &'a str,
-    caller: &'a str,
-    identity: Option<&'a str>,
+    caller: std::borrow::Cow<'a, str>,
+    identity: Option<std::borrow::Cow<'a, str>>,
     serial: Option<&'a str>,
     outcome: &'a str,
-    reason: Option<&'a str>,
+    reason: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl Audit {
@@ -47,14 +65,16 @@ impl Audit {
         outcome: &str,
         reason: Option<&str>,
     ) {
+        // A field is what the caller sent at worst (a name of 60,000
+        // characters): bounded, so that one line stays one line's size.
         let line = Line {
             ts: meshca_pki::rfc3339(time::OffsetDateTime::now_utc()),
             action,
-            caller,
-            identity,
+            caller: clip(caller, FIELD_MAX),
+            identity: identity.map(|i| clip(i, FIELD_MAX)),
             serial,
             outcome,
-            reason,
+            reason: reason.map(|r| clip(r, REASON_MAX)),
         };
         let mut text = match serde_json::to_vec(&line) {
             Ok(t) => t,
@@ -70,5 +90,19 @@ impl Audit {
         if let Err(e) = (&self.file).write_all(&text) {
             tracing::error!("cannot write the audit log: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn fields_are_clipped_on_a_character_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip(&"a".repeat(20), 10), format!("{}…", "a".repeat(10)));
+        // é is two bytes: never cut in half.
+        assert_eq!(clip("éééé", 3), "é…");
     }
 }

@@ -158,6 +158,9 @@ struct Rings {
     kept: std::collections::BTreeMap<u64, Option<(String, String)>>,
     /// The newest id taken from the store's log.
     last: u64,
+    /// Ids up to this may be of events this replica never had (the store
+    /// lost them: an embedded store's earlier process).
+    floor: u64,
 }
 
 impl Rings {
@@ -173,7 +176,10 @@ impl Rings {
                 .chain(self.by_identity.values())
                 .collect(),
         };
-        let missed = seen.iter().any(|r| r.missed_after(last));
+        // Ids below the floor are of events this replica never had: what
+        // came between them and the floor cannot be known, so it is said.
+        // (Id 0 is a client that never saw one: it has nothing stale.)
+        let missed = seen.iter().any(|r| r.missed_after(last)) || (last > 0 && last < self.floor);
         let mut backlog: Vec<Event> = seen
             .iter()
             .flat_map(|r| r.after(last))
@@ -249,9 +255,13 @@ impl Events {
     /// An empty view keeping `per_identity` events per identity and `shared`
     /// of the others.
     pub fn with_retention(store: Arc<dyn Store>, per_identity: usize, shared: usize) -> Self {
+        let floor = store.event_floor();
         Events {
             store,
-            rings: Mutex::new(Rings::default()),
+            rings: Mutex::new(Rings {
+                floor,
+                ..Rings::default()
+            }),
             tx: broadcast::channel(4096).0,
             per_identity,
             shared,
@@ -381,7 +391,9 @@ impl Events {
     /// `Last-Event-ID` ([`Events::subscribe`]) misses none of them (and
     /// may get a few from just before, still on their way to the ring).
     pub fn last_id(&self) -> u64 {
-        self.rings.lock().unwrap_or_else(|e| e.into_inner()).last
+        let rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        // Never below the floor: a client resuming from it missed nothing.
+        rings.last.max(rings.floor)
     }
 
     /// What a subscriber resuming from `last_id` gets (none: only new
@@ -464,8 +476,22 @@ mod tests {
         let (reset, backlog) = r.after(0, None);
         assert!(reset.is_some());
         assert_eq!(backlog.len(), 7);
-        // No id asked for: nothing to resume, nothing missed.
         assert_eq!(r.kept.len(), 7, "the index holds what the rings hold");
+    }
+
+    #[test]
+    fn an_id_from_before_the_floor_is_told() {
+        let mut r = rings_with([event(101, API)], 5);
+        r.floor = 100;
+        // From an earlier process's id: told, then what is kept.
+        let (reset, backlog) = r.after(42, API);
+        assert_eq!(reset.unwrap().reason.as_deref(), Some("ring"));
+        assert_eq!(backlog.len(), 1);
+        // From nothing: nothing stale.
+        assert!(r.after(0, API).0.is_none());
+        // From this process's ids: nothing missed.
+        assert!(r.after(100, API).0.is_none());
+        assert!(r.after(101, WEB).0.is_none());
     }
 
     #[test]

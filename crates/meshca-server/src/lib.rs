@@ -116,6 +116,8 @@ pub struct AppState {
     pub streams: Arc<limits::Streams>,
     /// Which limit refusals are audited.
     pub limit_audit: limits::AuditGate,
+    /// Certificates that renewed once on schedule.
+    pub renewed: limits::Renewed,
     /// The store-wide figures of `/metrics`, made at most every
     /// [`GAUGES_STALE`] and never while a scrape waits.
     gauges: std::sync::Mutex<GaugeCache>,
@@ -183,6 +185,7 @@ impl AppState {
             token_uses: limits::Rates::new(limits::Limit::TokenUsesPerSecond, 20, SECOND),
             streams: Arc::new(limits::Streams::new(&limits::Limits::default())),
             limit_audit: limits::AuditGate::default(),
+            renewed: limits::Renewed::default(),
             gauges: std::sync::Mutex::new(GaugeCache::default()),
             gauges_made: tokio::sync::watch::channel(0).0,
             ready: tokio::sync::Mutex::new(None),
@@ -229,12 +232,8 @@ impl AppState {
             refused.limit.setting()
         );
         self.metrics.limited(refused.limit);
-        if let Some(quiet) = self.limit_audit.admit(refused.limit, caller) {
-            let reason = if quiet > 0 {
-                format!("{message}; {quiet} more refused by this limit since the last line")
-            } else {
-                message.clone()
-            };
+        if let Some(quiet) = self.limit_audit.admit_key(refused.limit.key(), caller) {
+            let reason = limits::with_quiet(&message, quiet);
             self.audit
                 .record(action, caller, identity, None, "refused", Some(&reason));
         }
@@ -242,6 +241,24 @@ impl AppState {
             ApiError::unavailable_for(message, refused.retry_after)
         } else {
             ApiError::rate_limited(message, refused.retry_after)
+        }
+    }
+
+    /// Audits a refusal, at most once per error code and `key` (who the
+    /// refusal is throttled for) every [`limits::AUDIT_EVERY`], with how many
+    /// went unwritten since: a flood of bad requests does not fill the disk.
+    pub fn audit_refusal(
+        &self,
+        action: &str,
+        caller: &str,
+        key: &str,
+        identity: Option<&str>,
+        e: &ApiError,
+    ) {
+        if let Some(quiet) = self.limit_audit.admit_key(e.code, key) {
+            let reason = limits::with_quiet(&e.message, quiet);
+            self.audit
+                .record(action, caller, identity, None, "refused", Some(&reason));
         }
     }
 
@@ -542,33 +559,42 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
         .and_then(|v| v.parse::<usize>().ok());
     let reserve =
         req.extensions().get::<meshca_tls::Admission>() == Some(&meshca_tls::Admission::Reserve);
-    let response = if reserve && !matches!(req.uri().path(), "/healthz" | "/readyz") {
-        // Past the ordinary share of connections: only the admin (and the
-        // probes above) is served, so that it can still act on a flood.
+    let response = if reserve {
+        // Past the ordinary share of connections: only the admin is served
+        // as usual, so that it can still act on a flood; a health probe is
+        // answered once; anyone else is asked to come back. Either way the
+        // place is given back at once.
         let who = match req.extensions().get::<Peer>() {
             Some(peer) => auth::authenticate(&state, peer, req.headers()).await.ok(),
             None => None,
         };
+        let health = matches!(req.uri().path(), "/healthz" | "/readyz");
         if matches!(who, Some(auth::Caller::Admin)) {
             next.run(req).await
         } else {
-            let caller = who
-                .as_ref()
-                .map_or_else(|| "anonymous".to_owned(), |w| w.describe());
-            let refused = limits::Refused {
-                limit: limits::Limit::MaxConnections,
-                retry_after: Duration::from_secs(1),
+            let mut resp = if health {
+                next.run(req).await
+            } else {
+                // A verified certificate names its holder; anything else (a
+                // token's id is not verified here) is one caller.
+                let caller = match &who {
+                    Some(w @ auth::Caller::Workload(_)) => w.describe(),
+                    _ => "anonymous".to_owned(),
+                };
+                let refused = limits::Refused {
+                    limit: limits::Limit::MaxConnections,
+                    retry_after: Duration::from_secs(1),
+                };
+                state
+                    .limited(
+                        refused,
+                        "connect",
+                        &caller,
+                        None,
+                        "the API port is at its connection limit; only the admin and /healthz, /readyz are served until connections close",
+                    )
+                    .into_response()
             };
-            let mut resp = state
-                .limited(
-                    refused,
-                    "connect",
-                    &caller,
-                    None,
-                    "the API port is at its connection limit; only the admin and /healthz, /readyz are served until connections close",
-                )
-                .into_response();
-            // This connection holds a reserved place: give it back.
             resp.headers_mut().insert(
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),
@@ -1138,7 +1164,8 @@ pub async fn run(opts: ServeOptions, state: Arc<AppState>) -> Result<(), ServeEr
         tokio::spawn(meshca_tls::serve_redirect_with(
             plain,
             port,
-            meshca_tls::ConnLimits::default(),
+            // Out of the files the API's cap leaves: nothing is added.
+            meshca_tls::ConnLimits::small(),
         ));
     }
     tracing::info!("meshca serving on https://{}", opts.listen);

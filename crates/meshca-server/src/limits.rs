@@ -20,11 +20,12 @@
 //! Every table here is bounded: keys whose state is back to rest are
 //! dropped when a table grows past [`MAX_KEYS`].
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 /// A limit, as the 429, the audit line and the metrics name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -220,6 +221,28 @@ impl Rates {
         }
     }
 
+    /// Whether `key` has one left, taking nothing (a token's bucket is
+    /// charged only for uses that proved the secret, so that knowing a
+    /// token's id does not let anyone use up its rate).
+    pub fn peek(&self, key: &str) -> Result<(), Refused> {
+        let now = Instant::now();
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(b) = buckets.get(key) else {
+            return Ok(());
+        };
+        let tokens = (b.tokens
+            + now.saturating_duration_since(b.at).as_secs_f64() * self.per_second)
+            .min(self.burst);
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Refused {
+                limit: self.limit,
+                retry_after: Duration::from_secs_f64((1.0 - tokens) / self.per_second),
+            })
+        }
+    }
+
     /// Gives back one taken for `key` (the request failed before it cost
     /// anything: a refused token, a refused policy).
     pub fn give_back(&self, key: &str) {
@@ -227,6 +250,47 @@ impl Rates {
         if let Some(b) = buckets.get_mut(key) {
             b.tokens = (b.tokens + 1.0).min(self.burst);
         }
+    }
+}
+
+/// The certificates that have renewed once on schedule: the first renewal
+/// of a certificate past half its life is what every agent does once per
+/// lifetime, and is not charged to its identity's allowance (so that one
+/// pod renewing in a loop cannot starve its siblings' scheduled renewals);
+/// any further renewal from it is.
+#[derive(Debug, Default)]
+pub struct Renewed {
+    seen: Mutex<HashMap<String, time::OffsetDateTime>>,
+}
+
+impl Renewed {
+    /// Whether the renewal of `serial` (valid from `not_before` to
+    /// `not_after`) at `now` is its first on schedule; remembers it.
+    pub fn first_on_schedule(
+        &self,
+        serial: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+        now: time::OffsetDateTime,
+    ) -> bool {
+        let half = not_before + (not_after - not_before) / 2;
+        if now < half {
+            return false;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_KEYS {
+            // An expired certificate renews no more.
+            seen.retain(|_, until| *until > now);
+        }
+        if seen.contains_key(serial) {
+            return false;
+        }
+        // Past the bound even after the sweep: charged, never unbounded.
+        if seen.len() >= MAX_KEYS {
+            return false;
+        }
+        seen.insert(serial.to_owned(), not_after);
+        true
     }
 }
 
@@ -239,30 +303,62 @@ pub struct Refused {
     pub retry_after: Duration,
 }
 
-/// Open event streams per certificate and per identity.
+/// Open event streams per certificate and per identity. The bound per
+/// certificate refuses (a pod needs one stream); at the bound per identity
+/// the identity's oldest stream is closed to make room instead, so that one
+/// pod holding many certificates cannot keep its siblings from listening
+/// (a closed stream resumes from its `Last-Event-ID` and misses nothing).
 #[derive(Debug)]
 pub struct Streams {
     per_certificate: usize,
     per_identity: usize,
-    open: Mutex<HashMap<String, usize>>,
+    state: Mutex<StreamTable>,
 }
 
-/// One open stream, counted until dropped.
+#[derive(Debug, Default)]
+struct StreamTable {
+    next: u64,
+    per_certificate: HashMap<String, usize>,
+    /// Each identity's open streams, oldest first, with what closes each.
+    per_identity: HashMap<String, VecDeque<(u64, Arc<Notify>)>>,
+}
+
+/// One open stream, counted until dropped; [`StreamSlot::closed`] says when
+/// the server wants it ended (room for a newer stream of its identity).
 #[derive(Debug)]
 pub struct StreamSlot {
-    keys: [String; 2],
-    streams: std::sync::Arc<Streams>,
+    id: u64,
+    identity: String,
+    certificate: String,
+    close: Arc<Notify>,
+    streams: Arc<Streams>,
+}
+
+impl StreamSlot {
+    /// Resolves when the stream is to be closed to make room.
+    pub async fn closed(&self) {
+        self.close.notified().await;
+    }
+
+    /// What [`StreamSlot::closed`] waits on, to wait without the slot.
+    pub fn closer(&self) -> Arc<Notify> {
+        self.close.clone()
+    }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let mut open = self.streams.open.lock().unwrap_or_else(|e| e.into_inner());
-        for k in &self.keys {
-            if let Some(n) = open.get_mut(k) {
-                *n -= 1;
-                if *n == 0 {
-                    open.remove(k);
-                }
+        let mut t = self.streams.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = t.per_certificate.get_mut(&self.certificate) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_certificate.remove(&self.certificate);
+            }
+        }
+        if let Some(q) = t.per_identity.get_mut(&self.identity) {
+            q.retain(|(id, _)| *id != self.id);
+            if q.is_empty() {
+                t.per_identity.remove(&self.identity);
             }
         }
     }
@@ -278,63 +374,80 @@ impl Streams {
         Streams {
             per_certificate: limits.event_streams_per_certificate as usize,
             per_identity: limits.event_streams_per_identity as usize,
-            open: Mutex::new(HashMap::new()),
+            state: Mutex::new(StreamTable::default()),
         }
     }
 
-    /// Opens one for `certificate` (its serial) of `identity`, both counted,
-    /// or neither when either is at its limit.
+    /// Opens one for `certificate` (its serial) of `identity`: refused at
+    /// the bound per certificate; at the bound per identity, the identity's
+    /// oldest stream is told to close.
     pub fn open(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         identity: &str,
         certificate: &str,
     ) -> Result<StreamSlot, Refused> {
-        let keys = [format!("id {identity}"), format!("cert {certificate}")];
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let count = |k: &str| open.get(k).copied().unwrap_or(0);
-        let refused = if count(&keys[1]) >= self.per_certificate {
-            Some(Limit::EventStreamsPerCertificate)
-        } else if count(&keys[0]) >= self.per_identity {
-            Some(Limit::EventStreamsPerIdentity)
-        } else {
-            None
-        };
-        if let Some(limit) = refused {
+        let mut t = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if t.per_certificate.get(certificate).copied().unwrap_or(0) >= self.per_certificate {
             return Err(Refused {
-                limit,
+                limit: Limit::EventStreamsPerCertificate,
                 retry_after: STREAM_RETRY,
             });
         }
-        for k in &keys {
-            *open.entry(k.clone()).or_insert(0) += 1;
+        t.next += 1;
+        let id = t.next;
+        let close = Arc::new(Notify::new());
+        *t.per_certificate.entry(certificate.to_owned()).or_insert(0) += 1;
+        let q = t.per_identity.entry(identity.to_owned()).or_default();
+        while q.len() >= self.per_identity {
+            if let Some((_, oldest)) = q.pop_front() {
+                // Stored as a permit if the stream is not waiting yet.
+                oldest.notify_one();
+            }
         }
+        q.push_back((id, close.clone()));
         Ok(StreamSlot {
-            keys,
+            id,
+            identity: identity.to_owned(),
+            certificate: certificate.to_owned(),
+            close,
             streams: self.clone(),
         })
     }
 }
 
-/// Which refusals are audited: the first of each limit and caller per
-/// [`AUDIT_EVERY`].
+/// Which refusals are audited: the first of each kind (a limit's key, an
+/// error code) and caller per [`AUDIT_EVERY`].
 #[derive(Debug, Default)]
 pub struct AuditGate {
-    seen: Mutex<HashMap<(Limit, String), (Instant, u64)>>,
+    seen: Mutex<HashMap<(&'static str, String), Window>>,
+}
+
+/// When a kind and caller was last audited, and how many went unwritten
+/// since.
+type Window = (Instant, u64);
+
+/// `reason`, saying how many more went unwritten since the last line.
+pub fn with_quiet(reason: &str, quiet: u64) -> String {
+    if quiet > 0 {
+        format!("{reason}; {quiet} more refused alike since the last line")
+    } else {
+        reason.to_owned()
+    }
 }
 
 impl AuditGate {
     /// `Some(n)`: audit now, `n` refusals having gone unaudited since the
     /// last line; `None`: counted, not audited.
-    pub fn admit(&self, limit: Limit, caller: &str) -> Option<u64> {
-        self.admit_at(limit, caller, Instant::now())
+    pub fn admit_key(&self, kind: &'static str, caller: &str) -> Option<u64> {
+        self.admit_at(kind, caller, Instant::now())
     }
 
-    fn admit_at(&self, limit: Limit, caller: &str, now: Instant) -> Option<u64> {
+    fn admit_at(&self, kind: &'static str, caller: &str, now: Instant) -> Option<u64> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= MAX_KEYS {
             seen.retain(|_, (at, _)| now.duration_since(*at) < AUDIT_EVERY);
         }
-        match seen.get_mut(&(limit, caller.to_owned())) {
+        match seen.get_mut(&(kind, caller.to_owned())) {
             Some((at, quiet)) if now.duration_since(*at) < AUDIT_EVERY => {
                 *quiet += 1;
                 None
@@ -346,7 +459,7 @@ impl AuditGate {
                 Some(n)
             }
             None => {
-                seen.insert((limit, caller.to_owned()), (now, 0));
+                seen.insert((kind, caller.to_owned()), (now, 0));
                 Some(0)
             }
         }
@@ -357,7 +470,6 @@ impl AuditGate {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn a_burst_of_the_allowance_then_the_refill_rate() {
@@ -380,7 +492,27 @@ mod tests {
     }
 
     #[test]
-    fn streams_count_per_certificate_and_per_identity() {
+    fn only_the_first_renewal_past_half_life_is_on_schedule() {
+        let r = Renewed::default();
+        let t0 = time::OffsetDateTime::now_utc();
+        let end = t0 + time::Duration::hours(24);
+        assert!(!r.first_on_schedule("01", t0, end, t0 + time::Duration::hours(11)));
+        assert!(r.first_on_schedule("01", t0, end, t0 + time::Duration::hours(16)));
+        assert!(!r.first_on_schedule("01", t0, end, t0 + time::Duration::hours(16)));
+        assert!(r.first_on_schedule("02", t0, end, t0 + time::Duration::hours(12)));
+    }
+
+    #[test]
+    fn peeking_takes_nothing() {
+        let r = Rates::new(Limit::TokenUsesPerSecond, 1, Duration::from_secs(60));
+        r.peek("t").unwrap();
+        r.peek("t").unwrap();
+        r.take("t").unwrap();
+        assert_eq!(r.peek("t").unwrap_err().limit, Limit::TokenUsesPerSecond);
+    }
+
+    #[tokio::test]
+    async fn streams_are_refused_per_certificate_and_make_room_per_identity() {
         let limits = Limits {
             event_streams_per_certificate: 2,
             event_streams_per_identity: 3,
@@ -394,15 +526,21 @@ mod tests {
             Limit::EventStreamsPerCertificate
         );
         let _b1 = s.open("shop/web", "02").unwrap();
-        assert_eq!(
-            s.open("shop/web", "03").unwrap_err().limit,
-            Limit::EventStreamsPerIdentity
+        // The fourth of the identity: admitted, and the oldest (a1) is told.
+        let _c1 = s.open("shop/web", "03").unwrap();
+        tokio::time::timeout(Duration::from_secs(1), a1.closed())
+            .await
+            .unwrap();
+        // Another identity is not touched.
+        let d = s.open("shop/api", "04").unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), d.closed())
+                .await
+                .is_err()
         );
-        // Another identity is not touched; a refused open counted nothing.
-        let _c = s.open("shop/api", "04").unwrap();
         drop(a1);
         let _a3 = s.open("shop/web", "01").unwrap();
-        assert_eq!(s.open.lock().unwrap()["cert 01"], 2);
+        assert_eq!(s.state.lock().unwrap().per_certificate["01"], 2);
     }
 
     #[test]
@@ -410,22 +548,32 @@ mod tests {
         let g = AuditGate::default();
         let t0 = Instant::now();
         assert_eq!(
-            g.admit_at(Limit::TokenUsesPerSecond, "token a", t0),
-            Some(0)
-        );
-        assert_eq!(g.admit_at(Limit::TokenUsesPerSecond, "token a", t0), None);
-        assert_eq!(g.admit_at(Limit::TokenUsesPerSecond, "token a", t0), None);
-        assert_eq!(
-            g.admit_at(Limit::TokenUsesPerSecond, "token b", t0),
+            g.admit_at(Limit::TokenUsesPerSecond.key(), "token a", t0),
             Some(0)
         );
         assert_eq!(
-            g.admit_at(Limit::IssuancesPerMinute, "token a", t0),
+            g.admit_at(Limit::TokenUsesPerSecond.key(), "token a", t0),
+            None
+        );
+        assert_eq!(
+            g.admit_at(Limit::TokenUsesPerSecond.key(), "token a", t0),
+            None
+        );
+        assert_eq!(
+            g.admit_at(Limit::TokenUsesPerSecond.key(), "token b", t0),
             Some(0)
         );
         assert_eq!(
-            g.admit_at(Limit::TokenUsesPerSecond, "token a", t0 + AUDIT_EVERY),
+            g.admit_at(Limit::IssuancesPerMinute.key(), "token a", t0),
+            Some(0)
+        );
+        assert_eq!(
+            g.admit_at(Limit::TokenUsesPerSecond.key(), "token a", t0 + AUDIT_EVERY),
             Some(2)
+        );
+        assert_eq!(
+            with_quiet("x", 2),
+            "x; 2 more refused alike since the last line"
         );
     }
 

@@ -1049,6 +1049,26 @@ impl Store for EmbeddedStore {
     ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
         let id = id.to_owned();
         let hash = *secret_sha256;
+        // Decided first in a read snapshot (lock-free): an unknown token, a
+        // wrong secret, one expired or used up is refused without taking the
+        // write lock that issuance needs. A use that passes is decided again
+        // in the write transaction, where it is atomic.
+        let key = id.clone();
+        let precheck = self
+            .read(move |s| {
+                let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
+                let t = txn.open_table(TOKENS).map_err(|e| s.fail(e))?;
+                let current: Option<TokenRecord> =
+                    match t.get(key.as_str()).map_err(|e| s.fail(e))? {
+                        Some(v) => Some(decode(&key, v.value())?),
+                        None => None,
+                    };
+                Ok(decide::token_use(current, &hash, now)?.1)
+            })
+            .await?;
+        if let Err(refusal) = precheck {
+            return Ok(Err(refusal));
+        }
         self.blocking(move |s| {
             s.modify(TOKENS, &id, |rec: Option<TokenRecord>| {
                 decide::token_use(rec, &hash, now)
@@ -1081,6 +1101,10 @@ impl Store for EmbeddedStore {
 
     async fn append_event(&self, body: &[u8]) -> Result<u64, StoreError> {
         Ok(self.events.append(body))
+    }
+
+    fn event_floor(&self) -> u64 {
+        self.events.floor()
     }
 
     fn appends_events_in_memory(&self) -> bool {

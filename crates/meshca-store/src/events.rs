@@ -15,6 +15,8 @@ pub const RETENTION: usize = 10_000;
 pub(crate) struct MemoryLog {
     ring: Mutex<(u64, VecDeque<StoredEvent>)>,
     tx: broadcast::Sender<StoredEvent>,
+    /// The id before this process's first event.
+    start: u64,
 }
 
 impl MemoryLog {
@@ -25,7 +27,13 @@ impl MemoryLog {
         MemoryLog {
             ring: Mutex::new((start, VecDeque::new())),
             tx: broadcast::channel(4096).0,
+            start,
         }
+    }
+
+    /// Ids up to this may have been events of an earlier process.
+    pub(crate) fn floor(&self) -> u64 {
+        self.start
     }
 
     pub(crate) fn append(&self, body: &[u8]) -> u64 {

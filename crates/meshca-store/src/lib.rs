@@ -188,6 +188,14 @@ pub trait Store: std::fmt::Debug + Send + Sync {
     /// The events after id `after` still retained, then new ones.
     async fn watch_events(&self, after: u64) -> Result<EventFeed, StoreError>;
 
+    /// Ids at or below this may have been given to events this store no
+    /// longer holds (the embedded store's log lives in memory: after a
+    /// restart, the events of the process before are gone). A subscriber
+    /// resuming from below it may have missed some. 0: none were lost.
+    fn event_floor(&self) -> u64 {
+        0
+    }
+
     /// Starts campaigning for leadership as `candidate` (a replica's name):
     /// exactly one process of those sharing the store leads at a time, and
     /// another takes over when the leader stops renewing. The campaign runs

@@ -2,6 +2,7 @@
 //! listener that redirects to HTTPS.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -49,7 +50,7 @@ async fn next_admitted(listener: &TcpListener, gate: &Gate) -> (TcpStream, Socke
                 continue;
             }
         };
-        match gate.admit() {
+        match gate.admit(remote.ip()) {
             Some(slot) => return (tcp, remote, slot),
             None => {
                 tracing::debug!(%remote, "connection closed: the listener is at its connection limit");
@@ -80,6 +81,17 @@ pub async fn serve_with(
         }
         let acceptor = acceptor.clone();
         let app = app.clone();
+        // A reserved place turns over quickly: 2 s for the handshake, the
+        // request headers and between requests.
+        let limits = match slot.admission {
+            Admission::Normal => limits,
+            Admission::Reserve => ConnLimits {
+                handshake: limits.reserve_handshake,
+                header: limits.reserve_handshake,
+                idle: limits.reserve_handshake,
+                ..limits
+            },
+        };
         tokio::spawn(async move {
             let (conn, peer) = match acceptor.accept_within(tcp, limits.handshake).await {
                 Ok(x) => x,
@@ -112,8 +124,12 @@ async fn serve_connection<I>(
 {
     let activity = Activity::default();
     let tracker = activity.clone();
-    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+    let body_limit = limits.body;
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let in_flight = tracker.begin();
+        // The body has its own deadline: a request waiting for a body that
+        // never comes is in flight, and would hold the connection forever.
+        let mut req = req.map(|b| axum::body::Body::new(Deadline::new(b, body_limit)));
         req.extensions_mut().insert(peer.clone());
         req.extensions_mut().insert(admission);
         let answer = app.clone().oneshot(req);
@@ -200,6 +216,54 @@ impl Activity {
                 changed.await;
             }
         }
+    }
+}
+
+/// A request body that must arrive whole by a deadline.
+struct Deadline {
+    inner: Incoming,
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(inner: Incoming, limit: Duration) -> Self {
+        Deadline {
+            inner,
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+}
+
+impl http_body::Body for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the request body did not arrive within {:?}",
+                    this.limit
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

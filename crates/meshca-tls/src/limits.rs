@@ -11,27 +11,39 @@
 //! as [`Admission::Normal`]; the next `reserved` are admitted as
 //! [`Admission::Reserve`], which the application sees in each request's
 //! extensions and may serve only for callers that must always get through
-//! (meshca's API: the admin and the health probes); past `max` a connection
+//! (meshca's API: the admin and the health probes); one source address may
+//! hold at most half of the reserve, and a reserved connection has 2 s for
+//! its handshake and first request; past `max` a connection
 //! is closed at once, before any handshake, so that the process never runs
 //! out of files (an accept that fails for want of a file descriptor leaves
 //! the connection in the kernel's backlog, where it waits and retries).
 //! The default `max` follows the process's open-files limit, less what the
 //! process needs besides connections.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's body once its headers
+/// are in (bodies are small: 64 KiB at most on meshca's API).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The handshake and header limit of a connection in the reserve.
+pub const RESERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection may have no request in flight before it is closed
 /// (the first request included).
 pub const IDLE_TIMEOUT: Duration = HEADER_TIMEOUT;
 /// Files a process needs besides its connections (store, logs, etcd
-/// channels, certificate files being read): kept out of the default cap.
-const FILES_BESIDES_CONNECTIONS: usize = 64;
+/// channels, certificate files being read) and one side listener's
+/// [`ConnLimits::small`] cap: kept out of the default cap.
+const FILES_BESIDES_CONNECTIONS: usize = 64 + SMALL_MAX_CONNECTIONS;
+/// The connection cap of a side listener (health port, redirect).
+pub const SMALL_MAX_CONNECTIONS: usize = 64;
 /// The default cap when the open-files limit cannot be read or is huge.
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
@@ -42,6 +54,12 @@ pub struct ConnLimits {
     pub handshake: Duration,
     /// Time for a request's headers, from its first byte (HTTP/1).
     pub header: Duration,
+    /// Time for a request's whole body, from its headers: a request whose
+    /// body never comes is in flight, so the idle limit does not end it.
+    pub body: Duration,
+    /// The handshake and header limits of a connection admitted to the
+    /// reserve: it turns over quickly, so that a source cannot sit on it.
+    pub reserve_handshake: Duration,
     /// Time a connection may have no request in flight.
     pub idle: Duration,
     /// Connections open at once; past this a new one is closed at once.
@@ -56,6 +74,8 @@ impl Default for ConnLimits {
         ConnLimits {
             handshake: HANDSHAKE_TIMEOUT,
             header: HEADER_TIMEOUT,
+            body: BODY_TIMEOUT,
+            reserve_handshake: RESERVE_HANDSHAKE_TIMEOUT,
             idle: IDLE_TIMEOUT,
             max_connections: max,
             reserved: default_reserved(max),
@@ -98,12 +118,26 @@ impl ConnLimits {
         Ok(self)
     }
 
+    /// The limits of a side listener (a health port, the redirect): the same
+    /// timeouts, and a cap of [`SMALL_MAX_CONNECTIONS`] taken from the files
+    /// kept out of the default cap, so that it adds nothing to the process's
+    /// budget.
+    pub fn small() -> Self {
+        ConnLimits {
+            max_connections: SMALL_MAX_CONNECTIONS,
+            reserved: 0,
+            ..ConnLimits::default()
+        }
+    }
+
     /// A gate counting this listener's connections.
     pub fn gate(&self) -> Gate {
         Gate {
             open: Arc::new(AtomicUsize::new(0)),
             max: self.max_connections,
             normal: self.max_connections - self.reserved.min(self.max_connections),
+            per_source: (self.reserved / 2).max(1),
+            reserve_by_source: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 }
@@ -118,12 +152,18 @@ pub enum Admission {
     Reserve,
 }
 
-/// Counts one listener's open connections.
+/// Reserved places held, by source address.
+type BySource = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// Counts one listener's open connections, and the reserve's per source.
 #[derive(Debug, Clone)]
 pub struct Gate {
     open: Arc<AtomicUsize>,
     max: usize,
     normal: usize,
+    /// Reserved places one source address may hold at once.
+    per_source: usize,
+    reserve_by_source: BySource,
 }
 
 /// One admitted connection, until dropped.
@@ -132,31 +172,57 @@ pub struct Slot {
     open: Arc<AtomicUsize>,
     /// How it was admitted.
     pub admission: Admission,
+    /// The reserve's count for this source, when admitted to the reserve.
+    source: Option<(IpAddr, BySource)>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::SeqCst);
+        if let Some((ip, by_source)) = &self.source {
+            let mut m = by_source.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(ip);
+                }
+            }
+        }
     }
 }
 
 impl Gate {
-    /// Admits one more connection, or `None` at the cap.
-    pub fn admit(&self) -> Option<Slot> {
+    /// Admits one more connection from `source`, or `None`: at the cap, or
+    /// into the reserve when this source holds its share of it already (so
+    /// that one address cannot fill the reserve too).
+    pub fn admit(&self, source: IpAddr) -> Option<Slot> {
         let before = self
             .open
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < self.max).then_some(n + 1)
             })
             .ok()?;
-        Some(Slot {
+        let mut slot = Slot {
             open: self.open.clone(),
-            admission: if before < self.normal {
-                Admission::Normal
-            } else {
-                Admission::Reserve
-            },
-        })
+            admission: Admission::Normal,
+            source: None,
+        };
+        if before >= self.normal {
+            slot.admission = Admission::Reserve;
+            let mut m = self
+                .reserve_by_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let held = m.entry(source).or_insert(0);
+            if *held >= self.per_source {
+                // Dropping the slot gives the place back.
+                return None;
+            }
+            *held += 1;
+            drop(m);
+            slot.source = Some((source, self.reserve_by_source.clone()));
+        }
+        Some(slot)
     }
 
     /// Connections open now.
@@ -174,17 +240,34 @@ mod tests {
     fn the_reserve_comes_after_the_ordinary_share_and_the_cap_is_hard() {
         let limits = ConnLimits::default().with_connections(4, 1).unwrap();
         let gate = limits.gate();
-        let normal: Vec<Slot> = (0..3).map(|_| gate.admit().unwrap()).collect();
+        let normal: Vec<Slot> = (0..3).map(|_| gate.admit(A).unwrap()).collect();
         assert!(normal.iter().all(|s| s.admission == Admission::Normal));
-        let reserve = gate.admit().unwrap();
+        let reserve = gate.admit(A).unwrap();
         assert_eq!(reserve.admission, Admission::Reserve);
-        assert!(gate.admit().is_none(), "past the cap");
+        assert!(gate.admit(B).is_none(), "past the cap");
         assert_eq!(gate.open(), 4);
         drop(reserve);
-        assert_eq!(gate.admit().unwrap().admission, Admission::Reserve);
+        assert_eq!(gate.admit(B).unwrap().admission, Admission::Reserve);
         drop(normal);
         assert_eq!(gate.open(), 0);
-        assert_eq!(gate.admit().unwrap().admission, Admission::Normal);
+        assert_eq!(gate.admit(A).unwrap().admission, Admission::Normal);
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[test]
+    fn one_source_holds_at_most_half_of_the_reserve() {
+        let gate = ConnLimits::default().with_connections(8, 4).unwrap().gate();
+        let _normal: Vec<Slot> = (0..4).map(|_| gate.admit(A).unwrap()).collect();
+        let a: Vec<Slot> = (0..2).map(|_| gate.admit(A).unwrap()).collect();
+        assert!(a.iter().all(|s| s.admission == Admission::Reserve));
+        assert!(gate.admit(A).is_none(), "A holds its half of the reserve");
+        assert_eq!(gate.open(), 6, "a refused admission holds no place");
+        let b = gate.admit(B).unwrap();
+        assert_eq!(b.admission, Admission::Reserve);
+        drop(a);
+        assert!(gate.admit(A).is_some());
     }
 
     #[test]

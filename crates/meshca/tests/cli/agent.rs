@@ -413,9 +413,9 @@ fn an_agent_told_it_missed_events_fetches_again_and_renews() {
     let (tok, fp) = token(&srv, "web", "1");
     let out = tmp.path().join("web");
     let log = tmp.path().join("agent.log");
-    // 10 min lifetime: neither the schedule (about 6 min) nor a rotate's
-    // spread (a tenth, capped at 30 s) is what renews it below.
-    let args = ["--ttl", "10m"];
+    // 2 min lifetime: the schedule (68 s at the earliest) does not renew it
+    // below; the reset's spread is a tenth of it, 12 s.
+    let args = ["--ttl", "2m"];
     let mut agent = start_agent(
         agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(std::fs::File::create(&log).unwrap()),
     );
@@ -432,6 +432,44 @@ fn an_agent_told_it_missed_events_fetches_again_and_renews() {
     }
     // Restarted with its files, it resumes from its id: the ring dropped
     // events after it, so the server says `reset`, and the agent renews.
+    let _agent = start_agent(
+        agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(std::fs::File::create(&log).unwrap()),
+    );
+    wait_for("the renewal the reset asked for", 45, || {
+        serial_of(&out) != before
+    });
+    let said = log_of(&log);
+    keep_output("agent", said.as_bytes());
+    assert!(said.contains("missed events (reset: ring)"), "{said}");
+    verify(&out);
+}
+
+#[test]
+fn a_rotate_made_while_the_agent_was_down_reaches_it_across_a_server_restart() {
+    let tmp = scratch();
+    let data = tmp.path().join("data");
+    let mut srv = Server::start(&data, &[]);
+    let (tok, fp) = token(&srv, "web", "1");
+    let out = tmp.path().join("web");
+    let log = tmp.path().join("agent.log");
+    // 2 min lifetime: the schedule (68 s at the earliest) does not renew it
+    // below; the reset's spread is a tenth of it, 12 s.
+    let args = ["--ttl", "2m"];
+    let mut agent = start_agent(
+        agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(std::fs::File::create(&log).unwrap()),
+    );
+    wait_for("the first certificate", 10, || {
+        out.join("events-from").exists()
+    });
+    agent.end();
+    let before = serial_of(&out);
+    srv.cli_ok(&["rotate", "web"]);
+    // The embedded store's event log is memory: the restarted server has
+    // not the rotate, and says so to a client resuming from before it.
+    let port = srv.port;
+    srv.kill();
+    drop(srv);
+    let srv = Server::start_on(&data, port, &[]);
     let _agent = start_agent(
         agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(std::fs::File::create(&log).unwrap()),
     );

@@ -452,6 +452,50 @@ fn stalled_handshakes_and_slowloris_are_cut_off() {
 }
 
 #[test]
+fn requests_whose_bodies_never_come_are_cut_off() {
+    // A request is in flight from its headers on, so the idle limit does
+    // not end one whose body never comes: the body has its own 10 s.
+    let (_tmp, mut server) = start_server();
+    let port = server.port;
+    let admin = client_config(&server.dir, true);
+    let prober = Prober::start(port, &client_config(&server.dir, false));
+    let started = Instant::now();
+    let mut stalled: Vec<Tls> = (0..20)
+        .map(|_| {
+            let mut s = tls(port, &admin).unwrap();
+            s.write_all(
+                b"POST /v1/issue HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"name\":",
+            )
+            .unwrap();
+            s.flush().unwrap();
+            s
+        })
+        .collect();
+    for s in &mut stalled {
+        s.sock
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let answered = read_response(s);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(9) && took < Duration::from_secs(16),
+            "a request whose body never came was ended after {took:?}: {answered:?}"
+        );
+        if let Ok((status, body)) = answered {
+            assert!(
+                (400..500).contains(&status),
+                "a request whose body never came got {status}: {body}"
+            );
+        }
+    }
+    println!(
+        "hostile: 20 requests whose bodies never came: tried 20, cut off after the 10 s body limit, crashes 0"
+    );
+    prober.finish("requests whose bodies never come");
+    assert_alive(&mut server, "requests whose bodies never come");
+}
+
+#[test]
 fn ten_thousand_idle_tls_connections() {
     const N: usize = 10_000;
     // Both ends of every connection are in this machine: this process holds

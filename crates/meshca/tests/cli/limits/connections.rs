@@ -47,6 +47,17 @@ fn still_open(s: &TcpStream) -> bool {
     open
 }
 
+/// A connection to `port` from the loopback address `127.0.0.<source>`
+/// (all of 127/8 is this machine's: several sources on one host).
+fn connect_from(source: u8, port: u16) -> TcpStream {
+    let from = std::net::SocketAddr::from(([127, 0, 0, source], 0));
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
 #[test]
 fn past_the_connection_reserve_only_the_admin_and_health_checks_are_served_and_at_the_cap_none() {
     const MAX: usize = 24;
@@ -57,9 +68,9 @@ fn past_the_connection_reserve_only_the_admin_and_health_checks_are_served_and_a
     let (web, _) = workload(&srv, tmp.path(), "default", "web", "web");
     let connect = || TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
 
-    // Connections that say nothing. The server closes such a connection when
-    // its handshake time (10 s) is out: everything below is done within 8 s
-    // of opening the first.
+    // Connections that say nothing. The server closes one of the ordinary
+    // share when its handshake time (10 s) is out: everything below is done
+    // within 8 s of opening the first.
     let opened = Instant::now();
     let in_time = |what: &str| {
         assert!(
@@ -68,17 +79,17 @@ fn past_the_connection_reserve_only_the_admin_and_health_checks_are_served_and_a
             opened.elapsed()
         );
     };
-    // 15 open: a new one makes 16, not past 24 - 8, and anyone is served.
+    // 15 open: a new one makes 16, the whole ordinary share, and anyone is served.
     let mut idle: Vec<TcpStream> = (0..MAX - RESERVED - 1).map(|_| connect()).collect();
     let (code, body) = srv.curl("GET", "/v1/bundle", None, &[]);
     assert_eq!(
         code, 200,
         "anonymous, within max_connections - reserved_connections: {body}"
     );
-    // 17 open, past 24 - 8: anyone but the admin is answered 503 naming
-    // limits.max_connections, with Retry-After (the first call may come
-    // before the server has accepted all 17).
-    idle.extend((idle.len()..=MAX - RESERVED).map(|_| connect()));
+    // 16 open: a new one is in the reserve, where anyone but the admin is
+    // answered 503 naming limits.max_connections, with Retry-After (the
+    // first call may come before the server has accepted all 16).
+    idle.push(connect());
     let mut refused = None;
     eventually(
         "an anonymous call past max_connections - reserved_connections to be refused",
@@ -130,33 +141,72 @@ fn past_the_connection_reserve_only_the_admin_and_health_checks_are_served_and_a
     assert_eq!(code, 200, "the admin past the reserve: {body}");
     in_time("the reserve");
 
-    // At max_connections a new connection is closed at once: before any
-    // handshake, where one the server took waits 10 s for a ClientHello.
-    // A probe the server takes (it was not at the cap yet: it had not
-    // accepted all of these, or still counted a call of before) is kept,
-    // and another tried; so the server is at the cap when one is closed,
-    // and then exactly 24 of these are open.
-    idle.extend((idle.len()..MAX).map(|_| connect()));
+    // One source holds at most half of the reserve: 127.0.0.2 gets 4 of
+    // the 8 places, its fifth connection is closed at once, and the admin
+    // (from 127.0.0.1) is still served. A reserved place that says nothing
+    // is given back after 2 s: all this is done within that.
+    let second = Instant::now();
+    let mut from_two: Vec<TcpStream> = (0..RESERVED / 2)
+        .map(|_| connect_from(2, srv.port))
+        .collect();
+    let mut fifth = connect_from(2, srv.port);
+    assert!(
+        closed_at_once(&mut fifth),
+        "a source's connection past its half of the reserve was kept"
+    );
+    assert!(
+        from_two.iter().all(still_open),
+        "a connection within the source's half of the reserve was closed"
+    );
+    let (code, body) = srv.curl("GET", "/v1/ca", None, &srv.admin());
+    assert_eq!(
+        code, 200,
+        "the admin, another source holding its half: {body}"
+    );
+
+    // At max_connections a new connection is closed at once, whoever asks:
+    // 16 + 4 from 127.0.0.2 + 4 from 127.0.0.3 (less any the server has
+    // not taken yet: the probe retries).
+    from_two.extend((0..RESERVED / 2).map(|_| connect_from(3, srv.port)));
+    let mut sources = 4u8;
     eventually(
         "a connection past max_connections to be closed at once",
-        Duration::from_secs(4),
+        Duration::from_secs(1),
         || {
-            let mut probe = connect();
+            let mut probe = connect_from(sources, srv.port);
+            sources += 1;
             if closed_at_once(&mut probe) {
                 return true;
             }
-            idle.push(probe);
+            from_two.push(probe);
             false
         },
     );
-    let open = idle.iter().filter(|s| still_open(s)).count();
-    assert_eq!(
-        open, MAX,
+    let open = idle
+        .iter()
+        .chain(&from_two)
+        .filter(|s| still_open(s))
+        .count();
+    assert!(
+        (MAX - 1..=MAX).contains(&open),
         "a new connection was closed at once with {open} open"
     );
+    assert!(
+        second.elapsed() < Duration::from_secs(2),
+        "the cap was checked {:?} after the reserve was filled, past the 2 s a reserved place is held",
+        second.elapsed()
+    );
     in_time("the cap");
+    // And a reserved place that says nothing is given back within 2 s.
+    let mut held = from_two.swap_remove(0);
+    let closed = closed_after(&mut held, second, Duration::from_secs(4));
+    assert!(
+        closed.is_some_and(|t| t >= Duration::from_secs(2)),
+        "a silent connection in the reserve was closed after {closed:?}, not at 2 s"
+    );
 
     drop(idle);
+    drop(from_two);
     eventually(
         "anonymous calls served again once the connections are closed",
         Duration::from_secs(10),

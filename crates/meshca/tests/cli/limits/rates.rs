@@ -2,11 +2,13 @@
 //! table that is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::Path;
 use std::sync::Barrier;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::*;
 use crate::common::*;
+use crate::refusal::api_error;
 
 #[test]
 fn issuances_per_identity_are_limited_for_the_workload_and_not_the_admin() {
@@ -185,4 +187,140 @@ fn a_bad_limits_table_is_refused_at_start_naming_the_file_and_the_key() {
             &needles,
         );
     }
+}
+
+#[test]
+fn a_certificates_first_renewal_past_half_its_life_is_not_charged_to_its_identity() {
+    let tmp = scratch();
+    let d = data_dir(&tmp, "", "issuances_per_minute = 1\n");
+    let srv = Server::start(&d, &[]);
+    // A pod whose certificate (6 s) passes half its life in 3 s, and a
+    // sibling of the same identity that uses up the identity's allowance.
+    let (pod, _) = workload(&srv, tmp.path(), "shop", "api", "pod");
+    let (sibling, _) = workload(&srv, tmp.path(), "shop", "api", "sibling");
+    let short = tmp.path().join("short");
+    srv.cli_ok(&[
+        "issue",
+        "api",
+        "--namespace",
+        "shop",
+        "--ttl",
+        "6s",
+        "--out",
+        short.to_str().unwrap(),
+    ]);
+    let (csr, _key) = openssl_csr(tmp.path(), "api", &[]);
+    let renew = format!(r#"{{"name":"api","namespace":"shop","csr":{csr}}}"#);
+    let a = call(
+        &srv,
+        "POST",
+        "/v1/sign",
+        Some(&renew),
+        &cert_args(&sibling),
+        30,
+    );
+    assert_eq!(a.code, 200, "the sibling's renewal: {}", a.body);
+    let a = call(&srv, "POST", "/v1/sign", Some(&renew), &cert_args(&pod), 30);
+    assert_limited(
+        &a,
+        "issuances_per_minute",
+        "an early renewal, the allowance used up",
+    );
+    // Past half its life, the short certificate's renewal is the one its
+    // agent makes on schedule: served although the allowance is used up...
+    std::thread::sleep(Duration::from_millis(3500));
+    let a = call(
+        &srv,
+        "POST",
+        "/v1/sign",
+        Some(&renew),
+        &cert_args(&short),
+        30,
+    );
+    assert_eq!(a.code, 200, "a renewal on schedule: {}", a.body);
+    // ...once: a second renewal from the same certificate is charged.
+    let a = call(
+        &srv,
+        "POST",
+        "/v1/sign",
+        Some(&renew),
+        &cert_args(&short),
+        30,
+    );
+    assert_limited(
+        &a,
+        "issuances_per_minute",
+        "a second renewal from one certificate",
+    );
+}
+
+#[test]
+fn a_tokens_rate_is_charged_only_for_uses_that_prove_its_secret() {
+    let tmp = scratch();
+    let d = data_dir(&tmp, "", "token_uses_per_second = 1\n");
+    let srv = Server::start(&d, &[]);
+    let token = srv
+        .cli_ok(&["token", "create", "web", "--uses", "5"])
+        .trim()
+        .to_owned();
+    // Someone who knows the id (it is in listings and audit lines) and not
+    // the secret: refused as unknown, and the token's rate is untouched.
+    let (id, _) = token.rsplit_once('.').unwrap();
+    let guess = format!("{id}.{}", "0".repeat(64));
+    for _ in 0..5 {
+        let a = call(
+            &srv,
+            "POST",
+            "/v1/issue",
+            Some(r#"{"name":"web"}"#),
+            &bearer(&guess),
+            10,
+        );
+        assert_eq!(
+            api_error(&a.pair(), 401, "unauthenticated", "a guessed secret"),
+            "the join token is unknown, expired or used up"
+        );
+    }
+    let a = call(
+        &srv,
+        "POST",
+        "/v1/issue",
+        Some(r#"{"name":"web"}"#),
+        &bearer(&token),
+        10,
+    );
+    assert_eq!(a.code, 200, "the holder, after the guesses: {}", a.body);
+    // Anonymous and unknown-token refusals are audited once per 10 s, not
+    // once each: 20 more of them write at most one more line.
+    let audited = |d: &Path| {
+        std::fs::read_to_string(d.join("audit.log"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    // (Another id: this token's own rate was just used by its holder.)
+    let unknown = format!("mct_{}.{}", "0".repeat(16), "0".repeat(64));
+    let before = audited(&d);
+    for _ in 0..10 {
+        let a = call(
+            &srv,
+            "POST",
+            "/v1/issue",
+            Some(r#"{"name":"web"}"#),
+            &[],
+            10,
+        );
+        assert_eq!(a.code, 401, "{}", a.body);
+        let a = call(
+            &srv,
+            "POST",
+            "/v1/issue",
+            Some(r#"{"name":"web"}"#),
+            &bearer(&unknown),
+            10,
+        );
+        assert_eq!(a.code, 401, "{}", a.body);
+    }
+    let added = audited(&d) - before;
+    assert!(added <= 2, "{added} audit lines for 20 unproven refusals");
 }

@@ -196,3 +196,34 @@ fn one_identitys_flood_of_events_evicts_no_other_identitys_and_a_resume_past_its
         .collect();
     assert_eq!(kept, newest, "what shop/web got after the reset");
 }
+
+#[test]
+fn at_the_identitys_bound_the_oldest_stream_makes_room() {
+    let tmp = scratch();
+    let d = data_dir(
+        &tmp,
+        "",
+        "event_streams_per_certificate = 1\nevent_streams_per_identity = 2\n",
+    );
+    let srv = Server::start(&d, &[]);
+    let pods: Vec<_> = (0..3)
+        .map(|i| workload(&srv, tmp.path(), "default", "web", &format!("pod{i}")).0)
+        .collect();
+    rotate(&srv, "web");
+    let first = EventStream::open(&srv, &cert_args(&pods[0]), Some(0));
+    first.read_until(Duration::from_secs(15), rotate_of("web"));
+    let second = EventStream::open(&srv, &cert_args(&pods[1]), Some(0));
+    second.read_until(Duration::from_secs(15), rotate_of("web"));
+    // A third pod of the identity: admitted, and the oldest stream is
+    // closed to make room (its client resumes from its last id).
+    let third = EventStream::open(&srv, &cert_args(&pods[2]), Some(0));
+    third.read_until(Duration::from_secs(15), rotate_of("web"));
+    assert!(
+        first.ends_within(Duration::from_secs(5)),
+        "the identity's oldest stream was not closed"
+    );
+    // The others stay, and hear what comes next.
+    rotate(&srv, "web");
+    second.read_until(Duration::from_secs(15), rotate_of("web"));
+    third.read_until(Duration::from_secs(15), rotate_of("web"));
+}
