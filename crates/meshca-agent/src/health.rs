@@ -56,9 +56,10 @@ pub(crate) async fn serve(
         .with_state((held, renewals));
     match meshca_tls::TlsAcceptor::new(&meshca_tls::TlsConfig::default()) {
         Ok(acceptor) => {
-            let limits = meshca_tls::ConnLimits::small();
-            if let Err(e) = meshca_tls::serve_with(listener, Arc::new(acceptor), app, limits).await
-            {
+            // The agent's process has nothing else to spend its files on:
+            // the health port takes the default cap (the probe that restarts
+            // the pod must get through a flood of half-open connections).
+            if let Err(e) = meshca_tls::serve(listener, Arc::new(acceptor), app).await {
                 tracing::error!("the health listener stopped: {e}");
             }
         }

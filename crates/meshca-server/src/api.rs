@@ -151,6 +151,23 @@ fn charge_identity(
     })
 }
 
+/// The 429 of a join token used faster than `limits.token_uses_per_second`.
+fn token_limited(
+    state: &AppState,
+    refused: crate::limits::Refused,
+    who: &Caller,
+    identity: &str,
+) -> ApiError {
+    state.metrics.issuance("rate_limited");
+    state.limited(
+        refused,
+        "token-use",
+        &who.describe(),
+        Some(identity),
+        "this join token is used too often",
+    )
+}
+
 /// `POST /v1/sign` and `POST /v1/issue`.
 async fn certificate(
     state: &AppState,
@@ -289,14 +306,7 @@ async fn certificate(
             // charged (below), so knowing a token's id is not enough to
             // use up its rate.
             if let Err(refused) = state.token_uses.peek(id) {
-                state.metrics.issuance("rate_limited");
-                return Err(state.limited(
-                    refused,
-                    "token-use",
-                    &who.describe(),
-                    Some(&identity_text),
-                    "this join token is used too often",
-                ));
+                return Err(token_limited(state, refused, &who, &identity_text));
             }
             let hash = sha256(secret.as_bytes());
             let token = match state
@@ -346,14 +356,7 @@ async fn certificate(
             // pod renewing in a loop cannot keep new pods from joining.
             if let Err(refused) = state.token_uses.take(id) {
                 refund(state, id).await;
-                state.metrics.issuance("rate_limited");
-                return Err(state.limited(
-                    refused,
-                    "token-use",
-                    &who.describe(),
-                    Some(&identity_text),
-                    "this join token is used too often",
-                ));
+                return Err(token_limited(state, refused, &who, &identity_text));
             }
             token_used = Some(id.clone());
         }

@@ -41,9 +41,10 @@ pub const IDLE_TIMEOUT: Duration = HEADER_TIMEOUT;
 /// Files a process needs besides its connections (store, logs, etcd
 /// channels, certificate files being read) and one side listener's
 /// [`ConnLimits::small`] cap: kept out of the default cap.
-const FILES_BESIDES_CONNECTIONS: usize = 64 + SMALL_MAX_CONNECTIONS;
-/// The connection cap of a side listener (health port, redirect).
-pub const SMALL_MAX_CONNECTIONS: usize = 64;
+const FILES_BESIDES_CONNECTIONS: usize = 64;
+/// The most connections of a side listener (health port, redirect): an
+/// eighth of the open-files limit up to this.
+pub const SMALL_MAX_CONNECTIONS: usize = 256;
 /// The default cap when the open-files limit cannot be read or is huge.
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
@@ -86,13 +87,26 @@ impl Default for ConnLimits {
 /// The open-files soft limit, less what the process needs besides
 /// connections (at least 16), capped at a generous default.
 pub fn default_max_connections() -> usize {
-    match rlimit::Resource::NOFILE.get() {
-        Ok((soft, _)) => usize::try_from(soft)
-            .unwrap_or(usize::MAX)
-            .saturating_sub(FILES_BESIDES_CONNECTIONS)
+    match open_files() {
+        Some(soft) => soft
+            .saturating_sub(FILES_BESIDES_CONNECTIONS + small_max_connections())
             .clamp(16, DEFAULT_MAX_CONNECTIONS.max(16)),
-        Err(_) => DEFAULT_MAX_CONNECTIONS,
+        None => DEFAULT_MAX_CONNECTIONS,
     }
+}
+
+fn open_files() -> Option<usize> {
+    let (soft, _) = rlimit::Resource::NOFILE.get().ok()?;
+    Some(usize::try_from(soft).unwrap_or(usize::MAX))
+}
+
+/// A side listener's cap: an eighth of the open-files limit, between 8 and
+/// [`SMALL_MAX_CONNECTIONS`] (kept out of the default cap, so a side
+/// listener adds nothing to the process's budget).
+pub fn small_max_connections() -> usize {
+    open_files().map_or(SMALL_MAX_CONNECTIONS, |n| {
+        (n / 8).clamp(8, SMALL_MAX_CONNECTIONS)
+    })
 }
 
 /// The reserve kept out of `max`: a sixteenth, between 4 and 64.
@@ -119,12 +133,12 @@ impl ConnLimits {
     }
 
     /// The limits of a side listener (a health port, the redirect): the same
-    /// timeouts, and a cap of [`SMALL_MAX_CONNECTIONS`] taken from the files
+    /// timeouts, and a cap of [`small_max_connections`] taken from the files
     /// kept out of the default cap, so that it adds nothing to the process's
     /// budget.
     pub fn small() -> Self {
         ConnLimits {
-            max_connections: SMALL_MAX_CONNECTIONS,
+            max_connections: small_max_connections(),
             reserved: 0,
             ..ConnLimits::default()
         }
