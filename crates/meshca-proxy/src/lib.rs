@@ -175,16 +175,17 @@ pub async fn run(
     let tracker = Arc::new(Tracker::default());
     // One budget of files for every route (meshca-tls's limits): a proxied
     // connection holds two (the client's and the target's), so half the
-    // connection cap, shared, so that routes together cannot exceed it.
+    // connection cap, split evenly between the routes, so that routes
+    // together cannot exceed it and a flood of one leaves the others theirs.
     let limits = meshca_tls::ConnLimits::default();
+    let share = (limits.max_connections / 2 / ready.len().max(1)).max(2);
     let shared = limits
-        .with_connections((limits.max_connections / 2).max(2), 0)
+        .with_connections(share, 0)
         .map_err(|e| ProxyError::Listen {
             route: "all".into(),
             addr: String::new(),
             reason: e.to_string(),
         })?;
-    let gate = shared.gate();
     let mut loops = Vec::new();
     for (r, listener) in ready.iter().zip(listeners) {
         tracing::info!(
@@ -199,7 +200,7 @@ pub async fn run(
             listener,
             stop_rx.clone(),
             tracker.clone(),
-            (shared, gate.clone()),
+            (shared, shared.gate()),
         )));
     }
     shutdown.await;

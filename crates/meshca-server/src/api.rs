@@ -135,11 +135,12 @@ fn refusal_key(who: &Caller) -> String {
 /// once the caller is known to be entitled to it; the 429 otherwise.
 fn charge_identity(
     state: &AppState,
+    bucket: &crate::limits::Rates,
     action: &str,
     who: &Caller,
     identity: &str,
 ) -> Result<(), ApiError> {
-    state.issuances.take(identity).map_err(|refused| {
+    bucket.take(identity).map_err(|refused| {
         state.metrics.issuance("rate_limited");
         state.limited(
             refused,
@@ -182,7 +183,13 @@ async fn certificate(
     let who = match caller(state, peer, headers).await {
         Ok(w) => w,
         Err(e) => {
-            state.audit_refusal(action, "unauthenticated", "unauthenticated", None, &e);
+            // A presented certificate (revoked, expired, foreign) is named
+            // and throttled by its serial: its holder proved its key.
+            let key = peer.identity().map_or_else(
+                || "unauthenticated".to_owned(),
+                |p| format!("certificate {}", p.serial),
+            );
+            state.audit_refusal(action, &key, &key, None, &e);
             state.metrics.issuance(e.code);
             return Err(e);
         }
@@ -291,9 +298,15 @@ async fn certificate(
                 },
                 None => false,
             };
-            if !on_schedule {
-                charge_identity(state, action, &who, &identity_text)?;
-            }
+            // Scheduled renewals have an allowance of their own, as large:
+            // a chain of short certificates renewing "on schedule" is
+            // bounded too (at most twice the limit in all).
+            let bucket = if on_schedule {
+                &state.scheduled
+            } else {
+                &state.issuances
+            };
+            charge_identity(state, bucket, action, &who, &identity_text)?;
             // The holder of this certificate renews into the new one.
             if let Some(serial) = presented {
                 req = req.renewing(serial);
@@ -321,7 +334,14 @@ async fn certificate(
                     // used-up token was proved by its secret: every one.
                     let unproven = matches!(why, TokenRefusal::Unknown | TokenRefusal::WrongSecret);
                     if !unproven {
+                        // The secret matched: the use counts against the
+                        // token's rate, so a leaked spent token replayed in
+                        // a loop meets it (and its audit lines are bounded
+                        // by it: each such refusal is written).
                         proven.store(true, std::sync::atomic::Ordering::Relaxed);
+                        if let Err(refused) = state.token_uses.take(id) {
+                            return Err(token_limited(state, refused, &who, &identity_text));
+                        }
                     }
                     let quiet = if unproven {
                         state.limit_audit.admit_key("token-use", "token")
@@ -345,6 +365,9 @@ async fn certificate(
             };
             proven.store(true, std::sync::atomic::Ordering::Relaxed);
             if token.namespace != r.namespace || token.name != r.name {
+                // Counted against the token's rate: each such request costs
+                // a use and its refund.
+                let _ = state.token_uses.take(id);
                 refund(state, id).await;
                 return Err(refuse(ApiError::forbidden(format!(
                     "this join token is for {}/{}, not {identity_text}",

@@ -118,6 +118,9 @@ pub struct AppState {
     pub limit_audit: limits::AuditGate,
     /// Certificates that renewed once on schedule.
     pub renewed: limits::Renewed,
+    /// Scheduled renewals per identity (an allowance as large as
+    /// `issuances`, of their own).
+    pub scheduled: limits::Rates,
     /// The store-wide figures of `/metrics`, made at most every
     /// [`GAUGES_STALE`] and never while a scrape waits.
     gauges: std::sync::Mutex<GaugeCache>,
@@ -186,6 +189,7 @@ impl AppState {
             streams: Arc::new(limits::Streams::new(&limits::Limits::default())),
             limit_audit: limits::AuditGate::default(),
             renewed: limits::Renewed::default(),
+            scheduled: limits::Rates::new(limits::Limit::IssuancesPerMinute, 120, MINUTE),
             gauges: std::sync::Mutex::new(GaugeCache::default()),
             gauges_made: tokio::sync::watch::channel(0).0,
             ready: tokio::sync::Mutex::new(None),
@@ -195,6 +199,11 @@ impl AppState {
 
     /// Sets the `[limits]` (before serving: the event rings are made anew).
     pub fn with_limits(mut self, l: limits::Limits) -> Self {
+        self.scheduled = limits::Rates::new(
+            limits::Limit::IssuancesPerMinute,
+            l.issuances_per_minute,
+            MINUTE,
+        );
         self.issuances = limits::Rates::new(
             limits::Limit::IssuancesPerMinute,
             l.issuances_per_minute,
@@ -569,6 +578,10 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
             None => None,
         };
         let health = matches!(req.uri().path(), "/healthz" | "/readyz");
+        let close = req
+            .extensions()
+            .get::<meshca_tls::CloseConnection>()
+            .cloned();
         if matches!(who, Some(auth::Caller::Admin)) {
             next.run(req).await
         } else {
@@ -599,6 +612,10 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),
             );
+            // HTTP/2 ignores that header: the connection is ended too.
+            if let Some(close) = &close {
+                close.close();
+            }
             resp
         }
     } else if plaintext {

@@ -125,6 +125,10 @@ async fn serve_connection<I>(
     let activity = Activity::default();
     let tracker = activity.clone();
     let body_limit = limits.body;
+    // What the application may use to end this connection after its
+    // answer, whatever the protocol (HTTP/2 ignores `Connection: close`).
+    let close_tx = CloseConnection(Arc::new(Notify::new()));
+    let closing = close_tx.0.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let in_flight = tracker.begin();
         // The body has its own deadline: a request waiting for a body that
@@ -132,6 +136,7 @@ async fn serve_connection<I>(
         let mut req = req.map(|b| axum::body::Body::new(Deadline::new(b, body_limit)));
         req.extensions_mut().insert(peer.clone());
         req.extensions_mut().insert(admission);
+        req.extensions_mut().insert(close_tx.clone());
         let answer = app.clone().oneshot(req);
         async move {
             let resp = answer.await?;
@@ -153,6 +158,15 @@ async fn serve_connection<I>(
     tokio::pin!(conn);
     let ended = tokio::select! {
         r = conn.as_mut() => r,
+        () = closing.notified() => {
+            // Asked by the application: the answer in flight is finished
+            // (graceful), nothing more is taken.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(Duration::from_secs(2), conn).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
         () = activity.idle_for(limits.idle) => {
             // HTTP/1: closed now. HTTP/2: GOAWAY and a PING; a client
             // that never answers the PING is not waited for long
@@ -166,6 +180,19 @@ async fn serve_connection<I>(
     };
     if let Err(e) = ended {
         tracing::debug!(%remote, "connection ended: {e}");
+    }
+}
+
+/// In each request's extensions: ends the connection once the answers in
+/// flight are sent (a GOAWAY on HTTP/2), for an application that wants a
+/// caller gone (meshca's API, past its connection share).
+#[derive(Debug, Clone)]
+pub struct CloseConnection(Arc<Notify>);
+
+impl CloseConnection {
+    /// Ends the connection after the answers in flight.
+    pub fn close(&self) {
+        self.0.notify_one();
     }
 }
 

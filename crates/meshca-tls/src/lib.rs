@@ -47,7 +47,9 @@ pub use client::{TlsConnector, client_config};
 pub use config::{PeerMatcher, Revocation, TlsConfig, TlsMode, TlsVersion};
 pub use creds::{CertPaths, CertSet};
 pub use error::{HandshakeFailure, TlsError};
-pub use http::{redirect_location, serve, serve_redirect, serve_redirect_with, serve_with};
+pub use http::{
+    CloseConnection, redirect_location, serve, serve_redirect, serve_redirect_with, serve_with,
+};
 pub use identity::{NoPeerIdentity, Peer, PeerIdentity};
 pub use limits::{
     Admission, ConnLimits, Gate, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, Slot,

@@ -324,3 +324,33 @@ fn a_tokens_rate_is_charged_only_for_uses_that_prove_its_secret() {
     let added = audited(&d) - before;
     assert!(added <= 2, "{added} audit lines for 20 unproven refusals");
 }
+
+#[test]
+fn a_spent_token_replayed_in_a_loop_meets_its_rate() {
+    let tmp = scratch();
+    let d = data_dir(&tmp, "", "token_uses_per_second = 1\n");
+    let srv = Server::start(&d, &[]);
+    let token = srv
+        .cli_ok(&["token", "create", "web", "--uses", "1"])
+        .trim()
+        .to_owned();
+    let issue = |auth: &[String]| {
+        call(
+            &srv,
+            "POST",
+            "/v1/issue",
+            Some(r#"{"name":"web"}"#),
+            auth,
+            10,
+        )
+    };
+    assert_eq!(issue(&bearer(&token)).code, 200);
+    // Spent, and replayed: its secret matches, so each try counts against
+    // its rate; past it, 429 without the store.
+    let codes: Vec<u16> = (0..6).map(|_| issue(&bearer(&token)).code).collect();
+    assert!(codes.iter().all(|c| *c == 401 || *c == 429), "{codes:?}");
+    assert!(
+        codes.iter().filter(|c| **c == 429).count() >= 4,
+        "a spent token replayed 6 times at once was limited {codes:?}"
+    );
+}
