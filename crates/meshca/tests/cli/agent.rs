@@ -453,35 +453,6 @@ fn an_agent_told_it_missed_events_fetches_again_and_renews() {
 }
 
 #[test]
-fn a_rotate_made_while_the_agent_was_down_reaches_it_across_a_server_restart() {
-    let tmp = scratch();
-    let data = tmp.path().join("data");
-    let mut srv = Server::start(&data, &[]);
-    let (tok, fp) = token(&srv, "web", "1");
-    let out = tmp.path().join("web");
-    let log = tmp.path().join("agent.log");
-    // 2 min lifetime: the schedule (68 s at the earliest) does not renew it
-    // below; the reset's spread is a tenth of it, 12 s.
-    let args = ["--ttl", "2m"];
-    let mut agent = start_agent(
-        agent_cmd(&srv, "web", &tok, &fp, &out, &args).stderr(std::fs::File::create(&log).unwrap()),
-    );
-    wait_for("the first certificate", 10, || {
-        out.join("events-from").exists()
-    });
-    agent.end();
-    let before = serial_of(&out);
-    srv.cli_ok(&["rotate", "web"]);
-    // The embedded store's event log is memory: the restarted server has
-    // not the rotate, and says so to a client resuming from before it.
-    let port = srv.port;
-    srv.kill();
-    drop(srv);
-    let srv = Server::start_on(&data, port, &[]);
-    restart_until_reset(&srv, &tok, &fp, &out, &log, &before);
-}
-
-#[test]
 fn a_meshca_tls_service_keeps_serving_across_five_renewals() {
     let tmp = scratch();
     let srv = Server::start(&tmp.path().join("data"), &[]);
