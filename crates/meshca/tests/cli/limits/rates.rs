@@ -254,6 +254,18 @@ fn a_certificates_first_renewal_past_half_its_life_is_not_charged_to_its_identit
     );
 }
 
+/// `POST /v1/issue` for `default/web` with `auth` (curl arguments).
+fn issue_web(srv: &Server, auth: &[String]) -> Answer {
+    call(
+        srv,
+        "POST",
+        "/v1/issue",
+        Some(r#"{"name":"web"}"#),
+        auth,
+        10,
+    )
+}
+
 #[test]
 fn a_tokens_rate_is_charged_only_for_uses_that_prove_its_secret() {
     let tmp = scratch();
@@ -268,27 +280,13 @@ fn a_tokens_rate_is_charged_only_for_uses_that_prove_its_secret() {
     let (id, _) = token.rsplit_once('.').unwrap();
     let guess = format!("{id}.{}", "0".repeat(64));
     for _ in 0..5 {
-        let a = call(
-            &srv,
-            "POST",
-            "/v1/issue",
-            Some(r#"{"name":"web"}"#),
-            &bearer(&guess),
-            10,
-        );
+        let a = issue_web(&srv, &bearer(&guess));
         assert_eq!(
             api_error(&a.pair(), 401, "unauthenticated", "a guessed secret"),
             "the join token is unknown, expired or used up"
         );
     }
-    let a = call(
-        &srv,
-        "POST",
-        "/v1/issue",
-        Some(r#"{"name":"web"}"#),
-        &bearer(&token),
-        10,
-    );
+    let a = issue_web(&srv, &bearer(&token));
     assert_eq!(a.code, 200, "the holder, after the guesses: {}", a.body);
     // Anonymous and unknown-token refusals are audited once per 10 s, not
     // once each: 20 more of them write at most one more line.
@@ -302,23 +300,9 @@ fn a_tokens_rate_is_charged_only_for_uses_that_prove_its_secret() {
     let unknown = format!("mct_{}.{}", "0".repeat(16), "0".repeat(64));
     let before = audited(&d);
     for _ in 0..10 {
-        let a = call(
-            &srv,
-            "POST",
-            "/v1/issue",
-            Some(r#"{"name":"web"}"#),
-            &[],
-            10,
-        );
+        let a = issue_web(&srv, &[]);
         assert_eq!(a.code, 401, "{}", a.body);
-        let a = call(
-            &srv,
-            "POST",
-            "/v1/issue",
-            Some(r#"{"name":"web"}"#),
-            &bearer(&unknown),
-            10,
-        );
+        let a = issue_web(&srv, &bearer(&unknown));
         assert_eq!(a.code, 401, "{}", a.body);
     }
     let added = audited(&d) - before;
@@ -334,20 +318,12 @@ fn a_spent_token_replayed_in_a_loop_meets_its_rate() {
         .cli_ok(&["token", "create", "web", "--uses", "1"])
         .trim()
         .to_owned();
-    let issue = |auth: &[String]| {
-        call(
-            &srv,
-            "POST",
-            "/v1/issue",
-            Some(r#"{"name":"web"}"#),
-            auth,
-            10,
-        )
-    };
-    assert_eq!(issue(&bearer(&token)).code, 200);
+    assert_eq!(issue_web(&srv, &bearer(&token)).code, 200);
     // Spent, and replayed: its secret matches, so each try counts against
     // its rate; past it, 429 without the store.
-    let codes: Vec<u16> = (0..6).map(|_| issue(&bearer(&token)).code).collect();
+    let codes: Vec<u16> = (0..6)
+        .map(|_| issue_web(&srv, &bearer(&token)).code)
+        .collect();
     assert!(codes.iter().all(|c| *c == 401 || *c == 429), "{codes:?}");
     assert!(
         codes.iter().filter(|c| **c == 429).count() >= 4,
